@@ -1,0 +1,148 @@
+"""`meson install` puts every file where Python, D-Bus activation and systemd look.
+
+Configures the checkout into a temporary build dir with ``--prefix=/usr``,
+installs into a temporary DESTDIR and checks the installed tree: the package,
+the launcher (which must run), the activation file, the systemd user unit and
+the introspection XML. Fails, never skips, when meson is missing:
+tools/bootstrap installs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BUS_NAME = "org.freedesktop.DBus.Containers1"
+
+
+def meson_command() -> list[str]:
+    """meson from the test's venv, else PATH, else an importable mesonbuild."""
+    venv_meson = Path(sys.executable).parent / "meson"
+    if venv_meson.is_file() and os.access(venv_meson, os.X_OK):
+        return [str(venv_meson)]
+    found = shutil.which("meson")
+    if found:
+        return [found]
+    if importlib.util.find_spec("mesonbuild") is None:
+        pytest.fail("meson not found on PATH nor in this Python: run tools/bootstrap")
+    return [sys.executable, "-m", "mesonbuild.mesonmain"]
+
+
+def run(
+    cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
+    assert proc.returncode == 0, (
+        f"{cmd} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    )
+    return proc
+
+
+def under(destdir: Path, installed: str) -> Path:
+    return destdir / Path(installed).relative_to("/")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """(DESTDIR, {source or build file: absolute install path})."""
+    tmp = tmp_path_factory.mktemp("meson")
+    build, destdir = tmp / "build", tmp / "dest"
+    meson = meson_command()
+    # The launcher's interpreter is this one, so it can run here with the
+    # dependencies (dbus-fast, ...) of the test environment.
+    run([*meson, "setup", str(build), str(ROOT), "--prefix=/usr", f"-Dpython={sys.executable}"])
+    run([*meson, "install", "-C", str(build), "--destdir", str(destdir)])
+    listing = run([*meson, "introspect", "--installed", str(build)]).stdout
+    return destdir, json.loads(listing)
+
+
+def installed_path(installed: tuple[Path, dict[str, str]], suffix: str) -> Path:
+    destdir, mapping = installed
+    hits = [dst for dst in mapping.values() if dst.endswith(suffix)]
+    assert len(hits) == 1, f"expected one installed file ending in {suffix}, got {hits}"
+    return under(destdir, hits[0])
+
+
+def purelib(installed: tuple[Path, dict[str, str]]) -> Path:
+    return installed_path(installed, "/xdg_containers/__init__.py").parent.parent
+
+
+def test_every_listed_file_is_installed(installed: tuple[Path, dict[str, str]]) -> None:
+    destdir, mapping = installed
+    missing = [dst for dst in mapping.values() if not under(destdir, dst).is_file()]
+    assert not missing
+
+
+def test_package_installed_under_purelib(installed: tuple[Path, dict[str, str]]) -> None:
+    lib = purelib(installed)
+    assert (lib / "xdg_containers" / "__init__.py").is_file()
+    assert (lib / "xdg_containers" / "cli.py").is_file()
+    # Every module of the checkout, subpackages included, and no bytecode.
+    src = ROOT / "xdg_containers"
+    for path in src.rglob("*.py"):
+        if "__pycache__" in path.parts:
+            continue
+        rel = path.relative_to(ROOT)
+        assert (lib / rel).is_file(), f"{rel} not installed"
+    assert not list((lib / "xdg_containers").rglob("__pycache__"))
+
+
+def test_launcher_is_executable(installed: tuple[Path, dict[str, str]]) -> None:
+    destdir, _ = installed
+    launcher = destdir / "usr" / "bin" / "xdg-containers"
+    assert launcher.is_file()
+    assert os.access(launcher, os.X_OK)
+    assert launcher.read_text().startswith(f"#!{sys.executable}\n")
+
+
+def test_activation_file(installed: tuple[Path, dict[str, str]]) -> None:
+    destdir, _ = installed
+    service = destdir / "usr" / "share" / "dbus-1" / "services" / f"{BUS_NAME}.service"
+    lines = service.read_text().splitlines()
+    assert lines[0] == "[D-BUS Service]"
+    assert f"Name={BUS_NAME}" in lines
+    assert "Exec=/usr/bin/xdg-containers serve --session" in lines
+    assert "SystemdService=xdg-containers.service" in lines
+    assert "@" not in service.read_text()
+
+
+def test_systemd_user_unit(installed: tuple[Path, dict[str, str]]) -> None:
+    destdir, _ = installed
+    unit = destdir / "usr" / "lib" / "systemd" / "user" / "xdg-containers.service"
+    text = unit.read_text()
+    lines = text.splitlines()
+    assert "Type=dbus" in lines
+    assert f"BusName={BUS_NAME}" in lines
+    assert any(line.startswith("ExecStart=/usr/bin/xdg-containers ") for line in lines)
+    assert "@" not in text
+
+
+def test_interface_xml(installed: tuple[Path, dict[str, str]]) -> None:
+    destdir, _ = installed
+    name = f"{BUS_NAME}.xml"
+    xml = destdir / "usr" / "share" / "dbus-1" / "interfaces" / name
+    assert xml.read_bytes() == (ROOT / "data" / "dbus-1" / "interfaces" / name).read_bytes()
+
+
+def test_installed_launcher_runs(installed: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    destdir, _ = installed
+    lib = purelib(installed)
+    env = {**os.environ, "PYTHONPATH": str(lib)}
+    # Run outside the checkout so that nothing imports its copy of the package.
+    where = run(
+        [sys.executable, "-c", "import xdg_containers; print(xdg_containers.__file__)"],
+        env=env,
+        cwd=tmp_path,
+    ).stdout.strip()
+    assert Path(where).is_relative_to(lib), where
+    launcher = destdir / "usr" / "bin" / "xdg-containers"
+    proc = run([str(launcher), "--help"], env=env, cwd=tmp_path)
+    assert "serve" in proc.stdout

@@ -1,0 +1,141 @@
+"""``xdg-containers``: serve, run, and the admin views (list, info, identify, stop)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from dbus_fast import BusType
+
+from .config import ConfigError, load_config
+from .wire.address import session_bus_address
+
+log = logging.getLogger("xdg_containers")
+
+
+def _parse_limit(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line grammar (SPEC §8)."""
+    parser = argparse.ArgumentParser(
+        prog="xdg-containers",
+        description="org.freedesktop.DBus.Containers1 service: per-app-instance D-Bus sockets.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the service")
+    where = serve.add_mutually_exclusive_group()
+    where.add_argument("--session", action="store_true", help="use the session bus (default)")
+    where.add_argument("--system", action="store_true", help="use the system bus")
+    where.add_argument("--address", metavar="ADDR", help="use the bus at this D-Bus address")
+    where.add_argument(
+        "--private", action="store_true", help="start a private dbus-daemon and serve on it"
+    )
+    serve.add_argument("--config", metavar="FILE", help="limits config file (INI, [limits])")
+    serve.add_argument(
+        "--limit",
+        metavar="NAME=VALUE",
+        action="append",
+        type=_parse_limit,
+        default=[],
+        help="override one limit, e.g. --limit max_servers=16 (repeatable)",
+    )
+    serve.add_argument(
+        "--ready-fd", type=int, metavar="N", help="write READY=1 to fd N once serving"
+    )
+
+    from .launcher import add_run_parser
+    from .admin import add_admin_parsers
+
+    add_run_parser(sub)
+    add_admin_parsers(sub)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s xdg-containers[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the service until signalled; start a private bus when asked or when none exists."""
+    from .daemon import ServiceError, serve
+    from .filtering import make_policy_filter
+    from .privatebus import PrivateBus
+
+    try:
+        limits = load_config(args.config, dict(args.limit))
+    except ConfigError as exc:
+        print(f"xdg-containers: {exc}", file=sys.stderr)
+        return 2
+    private: PrivateBus | None = None
+    bus_type = BusType.SESSION
+    address: str | None = None
+    if args.system:
+        bus_type = BusType.SYSTEM
+    elif args.address:
+        address = args.address
+    elif args.private or (not args.session and session_bus_address() is None):
+        if not os.environ.get("XDG_RUNTIME_DIR"):
+            print("xdg-containers: XDG_RUNTIME_DIR is not set", file=sys.stderr)
+            return 2
+        private = PrivateBus()
+        try:
+            address = private.start()
+        except RuntimeError as exc:
+            print(f"xdg-containers: {exc}", file=sys.stderr)
+            return 1
+        print(f"DBUS_SESSION_BUS_ADDRESS={address}", flush=True)
+        print(
+            f"xdg-containers: no session bus here; started a private one at {address}",
+            file=sys.stderr,
+        )
+        os.environ["DBUS_SESSION_BUS_ADDRESS"] = address
+    elif args.session:
+        address = session_bus_address()
+        if address is None:
+            print(
+                "xdg-containers: no session bus (DBUS_SESSION_BUS_ADDRESS unset and no "
+                "$XDG_RUNTIME_DIR/bus); use --private to start one",
+                file=sys.stderr,
+            )
+            return 2
+    try:
+        return asyncio.run(serve(address, bus_type, limits, args.ready_fd, make_policy_filter))
+    except ServiceError as exc:
+        print(f"xdg-containers: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if private is not None:
+            private.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``xdg-containers`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    if args.command == "serve":
+        return cmd_serve(args)
+    handler = args.handler
+    result: int = handler(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Composition root of ``xdg-containers serve``: bus connection, name, objects, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType, RequestNameReply
+from dbus_fast.aio import MessageBus
+from dbus_fast.constants import NameFlag
+
+from .config import Limits
+from .proxy.session import MessageFilter, Session
+from .servers.registry import ServerRegistry
+from .servers.server import ContainerServer, FilterSettings, runtime_socket_dir
+from .service import (
+    NAME,
+    PATH,
+    ManagerInterface,
+    ServerObject,
+    ServiceContext,
+    install_dispatch_hooks,
+)
+
+log = logging.getLogger(__name__)
+
+EXIT_NAME_TAKEN = 3
+EXIT_BUS_LOST = 4
+
+
+class ServiceError(Exception):
+    """The service cannot start or keep running; the message says why."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        """``exit_code`` is what the process should exit with."""
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def remove_stale_sockets() -> int:
+    """Unlink sockets in our runtime dir that nobody listens on (a killed earlier run)."""
+    try:
+        directory = runtime_socket_dir()
+    except OSError:
+        return 0
+    removed = 0
+    for entry in os.scandir(directory):
+        if not entry.name.startswith("dbus-") or not entry.is_socket():
+            continue
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(entry.path)
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except OSError:
+                    pass
+        finally:
+            probe.close()
+    if removed:
+        log.info("removed %d stale socket(s) from %s", removed, directory)
+    return removed
+
+
+class Service:
+    """A running Containers1 service on one bus."""
+
+    def __init__(
+        self,
+        bus_address: str | None,
+        bus_type: BusType,
+        limits: Limits,
+        filter_factory: Callable[[Session, FilterSettings], MessageFilter] | None = None,
+    ) -> None:
+        """Configure; ``start()`` connects."""
+        self.bus_address = bus_address
+        self.bus_type = bus_type
+        self.limits = limits
+        self.registry = ServerRegistry(limits)
+        self.filter_factory = filter_factory
+        self.bus: MessageBus | None = None
+        self.ctx: ServiceContext | None = None
+        self.manager: ManagerInterface | None = None
+
+    async def start(self) -> None:
+        """Connect, export the manager, subscribe to owner changes, claim the name."""
+        bus = MessageBus(
+            bus_address=self.bus_address, bus_type=self.bus_type, negotiate_unix_fd=True
+        )
+        try:
+            await bus.connect()
+        except Exception as exc:
+            raise ServiceError(f"cannot connect to the bus: {exc}") from exc
+        self.bus = bus
+        address = self.bus_address or _address_of(bus)
+        ctx = ServiceContext(bus, self.registry, address, self.filter_factory)
+        self.ctx = ctx
+        manager = ManagerInterface(ctx)
+        self.manager = manager
+        install_dispatch_hooks(ctx, manager)
+        bus.add_message_handler(self._on_bus_message)
+        bus.export(PATH, manager)
+        self.registry.on_removed.append(self._server_removed)
+        self.registry.on_connections_changed.append(self._connections_changed)
+        self.registry.on_listening_changed.append(self._listening_changed)
+        await ctx.bus_call(
+            "AddMatch",
+            "s",
+            [
+                "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',"
+                "interface='org.freedesktop.DBus',member='NameOwnerChanged'"
+            ],
+        )
+        remove_stale_sockets()
+        reply = await bus.request_name(NAME, NameFlag.DO_NOT_QUEUE)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            bus.disconnect()
+            raise ServiceError(
+                f"the name {NAME} is already owned on this bus; is another "
+                "xdg-containers (or a dbus-daemon with Containers1) running?",
+                EXIT_NAME_TAKEN,
+            )
+        log.info("serving %s on %s as %s", NAME, address, bus.unique_name)
+
+    def _on_bus_message(self, msg: Message) -> None:
+        if (
+            msg.message_type == MessageType.SIGNAL
+            and msg.member == "NameOwnerChanged"
+            and msg.sender == "org.freedesktop.DBus"
+            and msg.signature == "sss"
+        ):
+            name, _old, new = msg.body
+            if name.startswith(":") and not new and self.ctx is not None:
+                self.ctx.peer_left(name)
+        return None
+
+    def _server_removed(self, server: ContainerServer) -> None:
+        assert self.bus is not None and self.manager is not None and self.ctx is not None
+        log.info("%s: removed", server.path)
+        self.manager.ServerRemoved(server.path)
+        self.ctx.server_objects.pop(server.path, None)
+        self.bus.unexport(server.path)
+
+    def _connections_changed(self, server: ContainerServer) -> None:
+        obj = self._object(server)
+        if obj is not None:
+            obj.emit_properties_changed({"Connections": server.connection_names()})
+
+    def _listening_changed(self, server: ContainerServer) -> None:
+        obj = self._object(server)
+        if obj is not None:
+            obj.emit_properties_changed({"Listening": server.listening})
+
+    def _object(self, server: ContainerServer) -> ServerObject | None:
+        if self.ctx is None or server.finished:
+            return None
+        return self.ctx.server_objects.get(server.path)
+
+    def shutdown(self) -> None:
+        """Stop every server (unlinking its socket) and leave the bus."""
+        for server in self.registry:
+            server.stop()
+        if self.bus is not None and self.bus.connected:
+            self.bus.disconnect()
+
+    async def wait_for_disconnect(self) -> Any:
+        """Return when the bus connection ends."""
+        assert self.bus is not None
+        return await self.bus.wait_for_disconnect()
+
+
+def _address_of(bus: MessageBus) -> str:
+    addr: Any = getattr(bus, "_bus_address", None)
+    if isinstance(addr, list):
+        parts = []
+        for transport, options in addr:
+            opts = ",".join(f"{k}={v}" for k, v in options.items())
+            parts.append(f"{transport}:{opts}")
+        return ";".join(parts)
+    return str(addr)
+
+
+async def serve(
+    bus_address: str | None,
+    bus_type: BusType,
+    limits: Limits,
+    ready_fd: int | None = None,
+    filter_factory: Callable[[Session, FilterSettings], MessageFilter] | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or until the bus goes away (non-zero)."""
+    service = Service(bus_address, bus_type, limits, filter_factory)
+    await service.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, b"READY=1\n")
+            os.close(ready_fd)
+        except OSError as exc:
+            log.warning("cannot write to --ready-fd %d: %s", ready_fd, exc)
+    stop_task = asyncio.ensure_future(stop.wait())
+    bus_task = asyncio.ensure_future(service.wait_for_disconnect())
+    done, _pending = await asyncio.wait({stop_task, bus_task}, return_when=asyncio.FIRST_COMPLETED)
+    for t in (stop_task, bus_task):
+        if t not in done:
+            t.cancel()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    if stop_task in done:
+        log.info("stopping on signal; removing sockets")
+        service.shutdown()
+        return 0
+    log.error("the bus connection was lost; exiting")
+    for server in service.registry:
+        server.stop()
+    return EXIT_BUS_LOST

@@ -1,0 +1,89 @@
+"""What a filter may decide about one message, and the rules that hold even without Filter."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from ..wire.header import METHOD_CALL, Header
+from ..wire.matchrule import rule_requests_eavesdrop
+from ..wire.types import SignatureError, read_string
+
+BUS_NAME = "org.freedesktop.DBus"
+ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"
+NAME_HAS_NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"
+
+#: Members of our own service a confined connection may never call (no nesting).
+MANAGER_ONLY_MEMBERS = frozenset({"AddServer", "StopServer", "StopListening", "Stop", "SetPolicy"})
+#: Bus-driver members never allowed through the proxy.
+FORBIDDEN_DRIVER_MEMBERS = frozenset({"BecomeMonitor", "UpdateActivationEnvironment"})
+
+
+class Verdict(enum.Enum):
+    """The outcomes for one message."""
+
+    PASS = 0
+    DROP = 1  # silently (signals, unsolicited replies, no-reply calls)
+    DENY = 2  # a call that gets an error reply
+    REPLACE = 3  # forward other bytes instead (filtered bus-driver replies)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A verdict plus what it needs: the error for DENY, the bytes for REPLACE."""
+
+    verdict: Verdict
+    error_name: str = ""
+    text: str = ""
+    data: bytes = b""
+    reason: str = ""
+
+
+def deny(error_name: str, text: str) -> Decision:
+    """A denied call; the client gets ``error_name`` in order with its other replies."""
+    return Decision(Verdict.DENY, error_name, text, reason=text)
+
+
+def drop(reason: str) -> Decision:
+    """A message that vanishes (and is counted and logged)."""
+    return Decision(Verdict.DROP, reason=reason)
+
+
+def first_string_arg(hdr: Header, data: bytes) -> str | None:
+    """The first body argument when it is a string, else None."""
+    if not hdr.signature or hdr.signature[0] not in "so":
+        return None
+    try:
+        return read_string(data, hdr.body_offset, hdr.little_endian)[0]
+    except SignatureError:
+        return None
+
+
+def always_forbidden(
+    hdr: Header, data: bytes, service_names: Collection[str]
+) -> Decision | None:
+    """Rules that hold for every confined connection, filtered or not.
+
+    No nesting (manager methods of our own service), no monitors, no
+    eavesdropping match rules, no changing the activation environment.
+    """
+    if hdr.message_type != METHOD_CALL:
+        return None
+    dest = hdr.destination
+    if dest == BUS_NAME:
+        member = hdr.member
+        if member in FORBIDDEN_DRIVER_MEMBERS:
+            return deny(ACCESS_DENIED, f"{member} is not allowed from inside a container")
+        if member == "AddMatch":
+            rule = first_string_arg(hdr, data)
+            if rule is not None and rule_requests_eavesdrop(rule):
+                return deny(ACCESS_DENIED, "eavesdropping is not allowed from inside a container")
+        return None
+    if dest is not None and dest in service_names and hdr.member in MANAGER_ONLY_MEMBERS:
+        return deny(
+            ACCESS_DENIED,
+            f"{hdr.member} cannot be called from inside a container (no nesting)",
+        )
+    return None

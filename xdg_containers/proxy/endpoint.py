@@ -1,0 +1,239 @@
+"""One non-blocking stream socket: reads with fds into a callback, writes a queue.
+
+asyncio's transports cannot carry unix fds, so the proxy drives sockets with
+``add_reader``/``add_writer`` itself. Writes are batched: everything queued
+while a read is processed goes out in as few ``sendmsg`` calls as possible,
+each message's fds riding with its first byte.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 256 * 1024
+_FD_SIZE = array.array("i").itemsize
+#: Room for the fds of several messages in one read.
+_ANC_SPACE = socket.CMSG_SPACE(512 * _FD_SIZE)
+_MAX_BATCH_BUFFERS = 256
+_MAX_BATCH_BYTES = 4 * 1024 * 1024
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close fds we hold a copy of, ignoring ones already gone."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _fds_from_ancillary(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % _FD_SIZE)])
+            fds.extend(arr)
+    return fds
+
+
+class Endpoint:
+    """A socket we proxy to or from."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        on_data: Callable[[bytes, list[int]], None],
+        on_closed: Callable[[str], None],
+        on_eof: Callable[[], None],
+    ) -> None:
+        """``on_data`` gets every chunk read; ``on_eof`` a half-close; ``on_closed`` errors."""
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.on_data = on_data
+        self.on_closed = on_closed
+        self.on_eof = on_eof
+        self.eof = False
+        self.on_drained: Callable[[], None] | None = None
+        self.receive_fds = False
+        self.closed = False
+        self._reading = False
+        self._writing = False
+        self._queue: deque[list[object]] = deque()  # [memoryview, fds | None]
+        self.pending_bytes = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- reading -----------------------------------------------------------------
+
+    def start_reading(self) -> None:
+        """Watch the socket for incoming data."""
+        if not self._reading and not self.closed:
+            self._reading = True
+            self.loop.add_reader(self.fd, self._on_readable)
+
+    def pause_reading(self) -> None:
+        """Stop reading (backpressure); the kernel buffer then fills and the peer waits."""
+        if self._reading:
+            self._reading = False
+            self.loop.remove_reader(self.fd)
+
+    @property
+    def reading(self) -> bool:
+        """Whether the socket is being read."""
+        return self._reading
+
+    def _on_readable(self) -> None:
+        try:
+            if self.receive_fds:
+                data, anc, flags, _addr = self.sock.recvmsg(
+                    READ_CHUNK, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC
+                )
+                fds = _fds_from_ancillary(anc) if anc else []
+                if flags & socket.MSG_CTRUNC:
+                    close_fds(fds)
+                    self._fail("too many unix fds in one read (control data truncated)")
+                    return
+            else:
+                data = self.sock.recv(READ_CHUNK)
+                fds = []
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(f"read failed: {exc.strerror or exc}")
+            return
+        if not data:
+            close_fds(fds)
+            self.pause_reading()
+            self.eof = True
+            self.on_eof()
+            return
+        self.bytes_in += len(data)
+        self.on_data(data, fds)
+
+    # -- writing -----------------------------------------------------------------
+
+    def queue(self, data: bytes | memoryview, fds: list[int] | None = None) -> None:
+        """Append one message (and the fds that travel with it) to the output."""
+        if self.closed:
+            if fds:
+                close_fds(fds)
+            return
+        self._queue.append([memoryview(data), fds or None])
+        self.pending_bytes += len(data)
+
+    def flush(self) -> None:
+        """Write as much of the queue as the socket takes now; wait for the rest."""
+        if self.closed or self._writing:
+            return
+        self._write_some()
+        if self._queue and not self.closed:
+            self._writing = True
+            self.loop.add_writer(self.fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        self._write_some()
+        if not self._queue and self._writing and not self.closed:
+            self._writing = False
+            self.loop.remove_writer(self.fd)
+
+    def _write_some(self) -> None:
+        q = self._queue
+        while q:
+            head = q[0]
+            head_fds = head[1]
+            buffers: list[memoryview] = []
+            total = 0
+            for item in q:
+                if item[1] is not None and buffers:
+                    break  # the next fds must ride with that message's first byte
+                view = item[0]
+                assert isinstance(view, memoryview)
+                buffers.append(view)
+                total += len(view)
+                if len(buffers) >= _MAX_BATCH_BUFFERS or total >= _MAX_BATCH_BYTES:
+                    break
+            try:
+                if head_fds is not None:
+                    assert isinstance(head_fds, list)
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", head_fds))]
+                    sent = self.sock.sendmsg(buffers, anc)
+                elif len(buffers) == 1:
+                    sent = self.sock.send(buffers[0])
+                else:
+                    sent = self.sock.sendmsg(buffers)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(f"write failed: {exc.strerror or exc}")
+                return
+            if head_fds is not None:
+                assert isinstance(head_fds, list)
+                close_fds(head_fds)
+                head[1] = None
+            self.bytes_out += sent
+            self.pending_bytes -= sent
+            partial = sent < total
+            while sent:
+                view = q[0][0]
+                assert isinstance(view, memoryview)
+                n = len(view)
+                if sent >= n:
+                    q.popleft()
+                    sent -= n
+                else:
+                    q[0][0] = view[sent:]
+                    sent = 0
+            if partial:
+                break
+        if self.on_drained is not None:
+            self.on_drained()
+
+    @property
+    def write_idle(self) -> bool:
+        """Nothing left to write."""
+        return not self._queue
+
+    # -- closing -----------------------------------------------------------------
+
+    def _fail(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.close()
+        self.on_closed(reason)
+
+    def shutdown_write(self) -> None:
+        """Half-close: tell the peer we will send nothing more."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Stop watching the socket, drop queued output (closing its fds), close it."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._reading:
+            self.loop.remove_reader(self.fd)
+            self._reading = False
+        if self._writing:
+            self.loop.remove_writer(self.fd)
+            self._writing = False
+        while self._queue:
+            item = self._queue.popleft()
+            fds = item[1]
+            if isinstance(fds, list):
+                close_fds(fds)
+        self.pending_bytes = 0
+        self.sock.close()

@@ -1,0 +1,452 @@
+"""One confined connection: the client socket, its own connection to the real bus, the pumps.
+
+Life of a session: authenticate the client ourselves (server-side SASL) while
+opening and authenticating our own connection to the bus (client-side SASL);
+after both sides began, forward whole messages each way, judged by the
+server's filter. The client's Hello goes through, so it keeps its own unique
+name on the bus; nothing after Hello is forwarded until the bus has answered
+it, so the name is known before any peer can ask about it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from ..sasl.client import SaslClient
+from ..sasl.server import SaslError, SaslServer
+from ..wire.address import AddressError, parse_address
+from ..wire.build import bus_call, error_reply
+from ..wire.framing import MessageReader
+from ..wire.header import (
+    ERROR,
+    METHOD_CALL,
+    METHOD_RETURN,
+    SIGNAL,
+    Header,
+    MessageError,
+    parse_header,
+)
+from ..wire.types import SignatureError, read_string
+from .decision import BUS_NAME, Decision, Verdict
+from .endpoint import Endpoint, close_fds
+from .peercred import PeerCredentials
+
+if TYPE_CHECKING:
+    from ..servers.server import ContainerServer
+
+log = logging.getLogger(__name__)
+
+#: A client that has not finished the handshake by then is dropped (as dbus-daemon does).
+HANDSHAKE_TIMEOUT = 30.0
+#: After a client half-closes, replies it still waits for are delivered for this long.
+HALF_CLOSE_GRACE = 25.0
+_TYPE_NAMES = {METHOD_CALL: "call", METHOD_RETURN: "return", ERROR: "error", SIGNAL: "signal"}
+
+
+class MessageFilter(Protocol):
+    """Judges each message of one session; see ``decision.py`` for the verdicts."""
+
+    def from_client(self, hdr: Header, data: bytes) -> Decision | None:
+        """Client -> bus. None means pass unchanged."""
+
+    def from_bus(self, hdr: Header, data: bytes) -> Decision | None:
+        """Bus -> client. None means pass unchanged."""
+
+    def hello_done(self, unique_name: str) -> None:
+        """The client's unique name is known."""
+
+
+class Session:
+    """A proxied connection from one confined client to the real bus."""
+
+    def __init__(
+        self,
+        server: ContainerServer,
+        sock: socket.socket,
+        creds: PeerCredentials,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """Take ownership of an accepted, credential-checked socket."""
+        self.server = server
+        self.creds = creds
+        self.loop = loop
+        self.unique_name: str | None = None
+        self.accepted_at = time.monotonic()
+        self.closed = False
+        self.filter: MessageFilter = server.make_filter(self)
+        limits = server.limits
+        self._max_pending = limits.max_pending_bytes_per_connection
+        self._client = Endpoint(loop, sock, self._client_data, self._client_error, self._client_eof)
+        self._bus: Endpoint | None = None
+        self._sasl = SaslServer(creds.uid, server.guid, unix_fd_possible=True)
+        self._sasl_client = SaslClient(os.getuid())
+        self._client_reader = MessageReader(limits.max_message_bytes)
+        self._bus_reader = MessageReader(limits.max_message_bytes)
+        self._client_began = False
+        self._hello_serial: int | None = None
+        self._hold_client = True  # until both handshakes finished
+        self._outstanding: dict[int, int] = {}  # client call serial -> count
+        self._denied_pings: dict[int, tuple[str, str]] = {}  # serial -> (error, text)
+        self._error_serial = 0
+        self._closing_after_flush = False
+        self._timers: list[asyncio.TimerHandle] = []
+        self._connect_task: asyncio.Task[None] | None = None
+
+    # -- start and stop ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin the handshake with the client and the connection to the bus."""
+        self._client.start_reading()
+        self._timers.append(self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout))
+        self._connect_task = self.loop.create_task(self._connect_bus())
+
+    def _handshake_timeout(self) -> None:
+        if self._hold_client and self._hello_serial is None and not self.closed:
+            self.close("handshake not finished in time")
+
+    def close(self, reason: str | None = None) -> None:
+        """Tear the session down: both sockets, held fds, the pidfd; tell the server."""
+        if self.closed:
+            return
+        self.closed = True
+        if reason:
+            log.info(
+                "%s: closing connection of pid %d (%s): %s",
+                self.server.path,
+                self.creds.pid,
+                self.unique_name or "no unique name yet",
+                reason,
+            )
+        for t in self._timers:
+            t.cancel()
+        if self._connect_task is not None and not self._connect_task.done():
+            self._connect_task.cancel()
+        self._client.close()
+        if self._bus is not None:
+            self._bus.close()
+        self._client_reader.close()
+        self._bus_reader.close()
+        self.creds.close()
+        self.server.session_closed(self)
+
+    def close_when_flushed(self) -> None:
+        """Close once everything queued toward the client has been written."""
+        if self._client.write_idle:
+            self.close()
+        else:
+            self._closing_after_flush = True
+            self._client.flush()
+
+    def replace_filter(self, new_filter: MessageFilter) -> None:
+        """Swap the filter (SetPolicy); the new one learns the unique name if known."""
+        self.filter = new_filter
+        if self.unique_name is not None:
+            new_filter.hello_done(self.unique_name)
+
+    # -- the bus side ------------------------------------------------------------------
+
+    async def _connect_bus(self) -> None:
+        try:
+            entries = parse_address(self.server.bus_address)
+        except AddressError as exc:
+            self.close(f"bad bus address: {exc}")
+            return
+        last_error: Exception | None = None
+        for entry in entries:
+            try:
+                family, addr = entry.sockaddr()
+                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                sock.setblocking(False)
+                try:
+                    await self.loop.sock_connect(sock, addr)
+                except BaseException:
+                    sock.close()
+                    raise
+            except (OSError, AddressError) as exc:
+                last_error = exc
+                continue
+            break
+        else:
+            self.close(f"cannot connect to the bus: {last_error}")
+            return
+        if self.closed:
+            sock.close()
+            return
+        self._bus = Endpoint(self.loop, sock, self._bus_data, self._bus_error, self._bus_eof)
+        self._bus.receive_fds = sock.family == socket.AF_UNIX
+        self._bus.queue(self._sasl_client.start())
+        if self._client_began:
+            self._bus.queue(self._sasl_client.begin(self._sasl.negotiated_unix_fd))
+        self._bus.flush()
+        self._bus.start_reading()
+
+    def _bus_error(self, reason: str) -> None:
+        self.close(f"bus connection: {reason}")
+
+    def _bus_eof(self) -> None:
+        log.debug("%s: bus closed the connection of %s", self.server.path, self.unique_name)
+        self._client_reader.close()
+        self.close_when_flushed()
+
+    def _bus_data(self, data: bytes, fds: list[int]) -> None:
+        if self.closed:
+            close_fds(fds)
+            return
+        if not self._sasl_client.done:
+            close_fds(fds)
+            try:
+                self._sasl_client.feed(data)
+            except SaslError as exc:
+                self.close(f"bus handshake failed: {exc}")
+                return
+            if not self._sasl_client.done:
+                return
+            if self._sasl.negotiated_unix_fd and not self._sasl_client.unix_fd_agreed:
+                self.close("the bus refused unix fd passing that the client negotiated")
+                return
+            data = self._sasl_client.leftover
+            self._hold_client = False
+            self._pump_client()
+            if not data:
+                return
+        try:
+            self._bus_reader.feed(data, fds)
+            self._pump_bus()
+        except (MessageError, SignatureError) as exc:
+            self.close(f"malformed message from the bus: {exc}")
+
+    def _pump_bus(self) -> None:
+        reader = self._bus_reader
+        client = self._client
+        server = self.server
+        while not self.closed:
+            item = reader.next_message()
+            if item is None:
+                break
+            data = item[0]
+            hdr = parse_header(data)
+            fds = reader.take_fds(hdr.unix_fds) if hdr.unix_fds else None
+            rs = hdr.reply_serial
+            if rs is not None and hdr.message_type in (METHOD_RETURN, ERROR):
+                if hdr.sender == BUS_NAME and rs in self._denied_pings:
+                    error_name, text = self._denied_pings.pop(rs)
+                    self._error_serial = (self._error_serial % 0x7FFFFFFF) + 1
+                    data = error_reply(self._error_serial, rs, self.unique_name, error_name, text)
+                    self._reply_seen(rs)
+                    client.queue(data)
+                    continue
+                if rs == self._hello_serial:
+                    self._hello_answered(hdr, data)
+                self._reply_seen(rs)
+            decision = self.filter.from_bus(hdr, data)
+            if decision is not None:
+                if decision.verdict is Verdict.REPLACE:
+                    data = decision.data
+                else:
+                    if fds:
+                        close_fds(fds)
+                    server.count_denied()
+                    self._log_message("in", hdr, decision)
+                    continue
+            server.count_forwarded()
+            if server.log_messages:
+                self._log_message("in", hdr, None)
+            client.queue(data, fds)
+        if self.closed:
+            return
+        reader.check_no_stray_fds()
+        client.flush()
+        if client.pending_bytes > self._max_pending and self._bus is not None:
+            self._bus.pause_reading()
+            client.on_drained = self._client_drained
+        if self._client.eof and not self._outstanding:
+            self.close_when_flushed()
+
+    def _client_drained(self) -> None:
+        if self._closing_after_flush and self._client.write_idle:
+            self.close()
+            return
+        bus = self._bus
+        if bus is not None and not bus.reading and not bus.eof and (
+            self._client.pending_bytes <= self._max_pending // 2
+        ):
+            self._client.on_drained = None
+            bus.start_reading()
+
+    def _hello_answered(self, hdr: Header, data: bytes) -> None:
+        self._hello_serial = None
+        if hdr.message_type == METHOD_RETURN and hdr.signature == "s":
+            try:
+                name = read_string(data, hdr.body_offset, hdr.little_endian)[0]
+            except SignatureError:
+                name = ""
+            if name.startswith(":"):
+                self.unique_name = name
+                self.filter.hello_done(name)
+                self.server.session_named(self)
+        self._hold_client = False
+        self.loop.call_soon(self._pump_client)
+
+    def _reply_seen(self, serial: int) -> None:
+        n = self._outstanding.get(serial)
+        if n is None:
+            return
+        if n <= 1:
+            del self._outstanding[serial]
+        else:
+            self._outstanding[serial] = n - 1
+
+    # -- the client side ---------------------------------------------------------------
+
+    def _client_error(self, reason: str) -> None:
+        self.close(f"client connection: {reason}")
+
+    def _client_eof(self) -> None:
+        if not self._outstanding or self._bus is None:
+            self.close_when_flushed()
+            return
+        # Half-closed: keep delivering the replies the client still waits for.
+        self._timers.append(self.loop.call_later(HALF_CLOSE_GRACE, self.close_when_flushed))
+
+    def _client_data(self, data: bytes, fds: list[int]) -> None:
+        if self.closed:
+            close_fds(fds)
+            return
+        if not self._sasl.done:
+            if fds:
+                close_fds(fds)
+                self.close("unix fds sent during the handshake")
+                return
+            try:
+                reply = self._sasl.feed(data)
+            except SaslError as exc:
+                self.close(f"client handshake failed: {exc}")
+                return
+            if reply:
+                self._client.queue(reply)
+                self._client.flush()
+            if not self._sasl.done:
+                return
+            self._client_began = True
+            self._client.receive_fds = self._sasl.negotiated_unix_fd
+            if self._bus is not None:
+                self._bus.queue(self._sasl_client.begin(self._sasl.negotiated_unix_fd))
+                self._bus.flush()
+                if self._sasl_client.done:
+                    # The bus said OK already and no fd answer is awaited.
+                    self._hold_client = False
+            data = self._sasl.leftover
+            if not data:
+                return
+        try:
+            self._client_reader.feed(data, fds)
+        except MessageError as exc:
+            self.close(f"malformed data from the client: {exc}")
+            return
+        self._pump_client()
+
+    def _pump_client(self) -> None:
+        if self._hold_client or self.closed:
+            return
+        bus = self._bus
+        assert bus is not None
+        reader = self._client_reader
+        server = self.server
+        try:
+            while not self._hold_client:
+                item = reader.next_message()
+                if item is None:
+                    reader.check_no_stray_fds()
+                    break
+                data = item[0]
+                hdr = parse_header(data)
+                fds = reader.take_fds(hdr.unix_fds) if hdr.unix_fds else None
+                if fds and not self._sasl.negotiated_unix_fd:
+                    close_fds(fds)
+                    self.close("unix fds sent without negotiating them")
+                    return
+                decision = self.filter.from_client(hdr, data)
+                if decision is not None:
+                    if fds:
+                        close_fds(fds)
+                    server.count_denied()
+                    self._log_message("out", hdr, decision)
+                    if decision.verdict is Verdict.DENY and hdr.expects_reply:
+                        # Replace the call by a Ping with the client's own serial;
+                        # its reply is swapped for the error, so order holds.
+                        self._denied_pings[hdr.serial] = (decision.error_name, decision.text)
+                        self._note_call(hdr.serial)
+                        bus.queue(bus_call(hdr.serial, "Ping", "org.freedesktop.DBus.Peer"))
+                    elif decision.verdict is Verdict.REPLACE:
+                        bus.queue(decision.data)
+                    continue
+                if hdr.message_type == METHOD_CALL:
+                    if hdr.expects_reply:
+                        self._note_call(hdr.serial)
+                    if hdr.member == "Hello" and self.unique_name is None and (
+                        hdr.destination == BUS_NAME
+                    ):
+                        self._hello_serial = hdr.serial
+                        self._hold_client = True
+                server.count_forwarded()
+                if server.log_messages:
+                    self._log_message("out", hdr, None)
+                bus.queue(data, fds)
+        except (MessageError, SignatureError) as exc:
+            bus.flush()
+            self.close(f"malformed message from the client: {exc}")
+            return
+        bus.flush()
+        if bus.pending_bytes > self._max_pending:
+            self._client.pause_reading()
+            bus.on_drained = self._bus_drained
+
+    def _bus_drained(self) -> None:
+        bus = self._bus
+        if bus is None or bus.pending_bytes > self._max_pending // 2:
+            return
+        bus.on_drained = None
+        if not self._client.eof and not self.closed:
+            self._client.start_reading()
+
+    def _note_call(self, serial: int) -> None:
+        self._outstanding[serial] = self._outstanding.get(serial, 0) + 1
+        if len(self._outstanding) > 65536:
+            # A client that never waits for replies: forget the oldest.
+            self._outstanding.pop(next(iter(self._outstanding)))
+
+    # -- logging -------------------------------------------------------------------------
+
+    def _log_message(self, direction: str, hdr: Header, decision: Decision | None) -> None:
+        if decision is None:
+            verdict = "pass"
+        else:
+            verdict = decision.verdict.name.lower()
+        if decision is not None:
+            self.server.log_denial(self, direction, hdr, verdict, decision.reason)
+            if not self.server.log_messages:
+                return
+        if not self.server.log_messages:
+            return
+        log.info(
+            "%s %s %s %s serial=%d reply_serial=%s sender=%s dest=%s path=%s member=%s.%s "
+            "verdict=%s%s",
+            self.server.path,
+            self.unique_name or "-",
+            "C->B" if direction == "out" else "B->C",
+            _TYPE_NAMES.get(hdr.message_type, "?"),
+            hdr.serial,
+            hdr.reply_serial,
+            hdr.sender,
+            hdr.destination,
+            hdr.path,
+            hdr.interface,
+            hdr.member or hdr.error_name,
+            verdict,
+            f" ({decision.reason})" if decision is not None and decision.reason else "",
+        )

@@ -1,0 +1,121 @@
+"""Bookkeeping of live servers and confined connections; no I/O.
+
+Answers "is this unique name one of ours, and whose?", enforces the server
+limits, and hands out never-reused object paths. Changes are reported to
+listeners (the D-Bus service) so that one place emits signals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from ..config import Limits
+
+if TYPE_CHECKING:
+    from ..proxy.session import Session
+    from .server import ContainerServer
+
+SERVER_PATH_PREFIX = "/org/freedesktop/DBus/Containers1/c"
+
+
+class LimitError(Exception):
+    """A configured limit would be exceeded."""
+
+
+class ServerRegistry:
+    """All servers of this service instance, by path, creator uid and connection name."""
+
+    def __init__(self, limits: Limits) -> None:
+        """Start empty; paths count from c0."""
+        self.limits = limits
+        self._next = 0
+        self._servers: dict[str, ContainerServer] = {}
+        self._per_uid: dict[int, int] = {}
+        self._sessions: dict[str, Session] = {}
+        self.on_removed: list[Callable[[ContainerServer], None]] = []
+        self.on_connections_changed: list[Callable[[ContainerServer], None]] = []
+        self.on_listening_changed: list[Callable[[ContainerServer], None]] = []
+
+    def check_can_add(self, uid: int) -> None:
+        """Raise LimitError if one more server for ``uid`` is over a limit."""
+        if len(self._servers) >= self.limits.max_servers:
+            raise LimitError(
+                f"the service already has {len(self._servers)} servers "
+                f"(max_servers={self.limits.max_servers})"
+            )
+        n = self._per_uid.get(uid, 0)
+        if n >= self.limits.max_servers_per_uid:
+            raise LimitError(
+                f"uid {uid} already has {n} servers "
+                f"(max_servers_per_uid={self.limits.max_servers_per_uid})"
+            )
+
+    def allocate_path(self) -> str:
+        """A fresh server object path; never reused while the service runs."""
+        path = f"{SERVER_PATH_PREFIX}{self._next}"
+        self._next += 1
+        return path
+
+    def add(self, server: ContainerServer) -> None:
+        """Register a server that has started listening."""
+        self.check_can_add(server.creator_uid)
+        self._servers[server.path] = server
+        self._per_uid[server.creator_uid] = self._per_uid.get(server.creator_uid, 0) + 1
+
+    def get(self, path: str) -> ContainerServer | None:
+        """The live server at ``path``."""
+        return self._servers.get(path)
+
+    def __iter__(self) -> Iterator[ContainerServer]:
+        return iter(list(self._servers.values()))
+
+    def __len__(self) -> int:
+        return len(self._servers)
+
+    def servers_created_by(self, unique_name: str) -> list[ContainerServer]:
+        """Servers whose AddServer caller had this unique name."""
+        return [s for s in self._servers.values() if s.creator_name == unique_name]
+
+    # -- events from servers ---------------------------------------------------------
+
+    def server_finished(self, server: ContainerServer) -> None:
+        """A server is neither listening nor has connections: forget it, tell listeners."""
+        if self._servers.pop(server.path, None) is None:
+            return
+        n = self._per_uid.get(server.creator_uid, 1) - 1
+        if n:
+            self._per_uid[server.creator_uid] = n
+        else:
+            self._per_uid.pop(server.creator_uid, None)
+        for cb in self.on_removed:
+            cb(server)
+
+    def session_named(self, session: Session) -> None:
+        """A confined connection got its unique name from the bus."""
+        assert session.unique_name is not None
+        self._sessions[session.unique_name] = session
+        for cb in self.on_connections_changed:
+            cb(session.server)
+
+    def session_closed(self, session: Session) -> None:
+        """A confined connection went away."""
+        if session.unique_name is not None and self._sessions.get(session.unique_name) is session:
+            del self._sessions[session.unique_name]
+            for cb in self.on_connections_changed:
+                cb(session.server)
+
+    def listening_changed(self, server: ContainerServer) -> None:
+        """A server stopped listening."""
+        for cb in self.on_listening_changed:
+            cb(server)
+
+    # -- queries ---------------------------------------------------------------------
+
+    def session_for(self, unique_name: str) -> Session | None:
+        """The confined connection with this unique name, if it is ours."""
+        return self._sessions.get(unique_name)
+
+    def is_confined(self, unique_name: str | None) -> bool:
+        """Whether a bus peer is one of our confined connections."""
+        return unique_name is not None and unique_name in self._sessions

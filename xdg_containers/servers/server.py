@@ -1,0 +1,358 @@
+"""One container server: its listening socket, its confined connections, its lifetime.
+
+A server is created by AddServer, listens on a socket minted for one app
+instance (or one the launcher handed in), and is removed once it no longer
+listens and its last connection is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..config import Limits
+from ..proxy.basic_filter import BasicFilter
+from ..proxy.peercred import read_peer_credentials
+from ..proxy.session import MessageFilter, Session
+from ..wire.address import escape_value
+from ..wire.header import Header
+
+if TYPE_CHECKING:
+    from ..policy import Policy
+    from .registry import ServerRegistry
+
+log = logging.getLogger(__name__)
+
+#: Denial log lines allowed per server per window before they are summarised.
+DENIAL_LOG_BURST = 20
+DENIAL_LOG_WINDOW = 10.0
+
+
+@dataclass
+class FilterSettings:
+    """Whether and how a server's traffic is filtered (replaced as a whole by SetPolicy)."""
+
+    enabled: bool = False
+    policy: Policy | None = None
+
+
+@dataclass
+class ServerSpec:
+    """Everything AddServer decided, before any socket exists."""
+
+    container_type: str
+    app_id: str
+    instance_id: str
+    metadata: dict[str, Any]
+    creator: dict[str, Any]
+    creator_uid: int
+    creator_name: str
+    bus_address: str
+    stop_on_disconnect: bool = True
+    log_messages: bool = False
+    filter: FilterSettings = field(default_factory=FilterSettings)
+
+
+def runtime_socket_dir() -> str:
+    """``$XDG_RUNTIME_DIR/dbus-1/containers``, created 0700 on demand."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if not runtime:
+        raise OSError("XDG_RUNTIME_DIR is not set; cannot mint sockets")
+    path = runtime
+    for part in ("dbus-1", "containers"):
+        path = os.path.join(path, part)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+        if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.getuid():
+            raise OSError(f"{path} is not a directory owned by us")
+        if st.st_mode & 0o077:
+            os.chmod(path, 0o700)
+    return path
+
+
+class ContainerServer:
+    """A live server: listening socket plus the sessions accepted on it."""
+
+    def __init__(
+        self,
+        spec: ServerSpec,
+        path: str,
+        registry: ServerRegistry,
+        service_names: Callable[[], frozenset[str]],
+        filter_factory: Callable[[Session, FilterSettings], MessageFilter] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """Prepare a server; call ``listen_new`` or ``listen_on`` to start it."""
+        self.spec = spec
+        self.path = path
+        self.registry = registry
+        self.limits: Limits = registry.limits
+        self.loop = loop or asyncio.get_running_loop()
+        self.guid = secrets.token_hex(16)
+        self.socket_path: str | None = None
+        self.listening = False
+        self.sessions: set[Session] = set()
+        self.messages_forwarded = 0
+        self.messages_denied = 0
+        self._service_names = service_names
+        self._filter_factory = filter_factory
+        self._listen_sock: socket.socket | None = None
+        self._notify_fd: int | None = None
+        self._finished = False
+        self._denial_window_start = 0.0
+        self._denials_in_window = 0
+        self._denials_suppressed = 0
+
+    # -- identity --------------------------------------------------------------------
+
+    @property
+    def app_id(self) -> str:
+        """The app id given to AddServer."""
+        return self.spec.app_id
+
+    @property
+    def creator_uid(self) -> int:
+        """Uid of the AddServer caller; the only uid allowed to connect."""
+        return self.spec.creator_uid
+
+    @property
+    def creator_name(self) -> str:
+        """Unique name of the AddServer caller."""
+        return self.spec.creator_name
+
+    @property
+    def bus_address(self) -> str:
+        """Where this server's connections are proxied to."""
+        return self.spec.bus_address
+
+    @property
+    def log_messages(self) -> bool:
+        """Whether every message is logged (the Log named argument)."""
+        return self.spec.log_messages
+
+    @property
+    def address(self) -> str:
+        """The D-Bus address of the minted socket ('' for a caller-provided fd)."""
+        if self.socket_path is None:
+            return ""
+        return f"unix:path={escape_value(self.socket_path)},guid={self.guid}"
+
+    @property
+    def service_names(self) -> frozenset[str]:
+        """Our own bus names (well-known and unique), for the no-nesting rule."""
+        return self._service_names()
+
+    def connection_names(self) -> list[str]:
+        """Unique names of the live, named connections."""
+        return sorted(s.unique_name for s in self.sessions if s.unique_name)
+
+    # -- listening -------------------------------------------------------------------
+
+    def listen_new(self) -> None:
+        """Mint a filesystem socket in the runtime directory and listen on it."""
+        directory = runtime_socket_dir()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        for _ in range(10):
+            candidate = os.path.join(directory, "dbus-" + secrets.token_hex(8))
+            try:
+                sock.bind(candidate)
+            except FileExistsError:
+                continue
+            except OSError:
+                sock.close()
+                raise
+            self.socket_path = candidate
+            break
+        else:
+            sock.close()
+            raise OSError("could not find a free socket name")
+        sock.listen(64)
+        self._start(sock)
+
+    def listen_on(self, sock: socket.socket) -> None:
+        """Serve on a socket the launcher bound and made listen itself (ListenFD)."""
+        self._start(sock)
+
+    def _start(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._listen_sock = sock
+        self.listening = True
+        self.loop.add_reader(sock.fileno(), self._on_accept)
+
+    def watch_notify_fd(self, fd: int) -> None:
+        """StopOnNotify: stop listening once ``fd`` is readable or hung up."""
+        self._notify_fd = fd
+        self.loop.add_reader(fd, self._notified)
+
+    def _notified(self) -> None:
+        log.info("%s: StopOnNotify fd became readable; stopping listening", self.path)
+        self.stop_listening()
+
+    def _on_accept(self) -> None:
+        sock = self._listen_sock
+        if sock is None:
+            return
+        for _ in range(32):
+            try:
+                conn, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("%s: accept failed: %s", self.path, exc)
+                return
+            self._accepted(conn)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        if len(self.sessions) >= self.limits.max_connections_per_server:
+            log.warning(
+                "%s (%s): refusing connection: max_connections_per_server=%d reached",
+                self.path,
+                self.app_id,
+                self.limits.max_connections_per_server,
+            )
+            conn.close()
+            return
+        try:
+            creds = read_peer_credentials(conn)
+        except OSError as exc:
+            log.warning("%s: cannot read peer credentials: %s", self.path, exc)
+            conn.close()
+            return
+        if creds.uid != self.creator_uid:
+            log.warning(
+                "%s (%s): refusing connection from uid %d pid %d: only uid %d may connect",
+                self.path,
+                self.app_id,
+                creds.uid,
+                creds.pid,
+                self.creator_uid,
+            )
+            creds.close()
+            conn.close()
+            return
+        conn.setblocking(False)
+        session = Session(self, conn, creds, self.loop)
+        self.sessions.add(session)
+        session.start()
+
+    def stop_listening(self) -> None:
+        """Close and unlink the listening socket; existing connections carry on."""
+        if self._notify_fd is not None:
+            self.loop.remove_reader(self._notify_fd)
+            try:
+                os.close(self._notify_fd)
+            except OSError:
+                pass
+            self._notify_fd = None
+        if self.listening:
+            self.listening = False
+            sock = self._listen_sock
+            self._listen_sock = None
+            if sock is not None:
+                self.loop.remove_reader(sock.fileno())
+                sock.close()
+            if self.socket_path is not None:
+                try:
+                    os.unlink(self.socket_path)
+                except OSError:
+                    pass
+            self.registry.listening_changed(self)
+        self._maybe_finished()
+
+    def stop(self) -> None:
+        """Stop listening and disconnect every confined connection."""
+        for session in list(self.sessions):
+            session.close("server stopped")
+        self.stop_listening()
+
+    def _maybe_finished(self) -> None:
+        if not self.listening and not self.sessions and not self._finished:
+            self._finished = True
+            self.registry.server_finished(self)
+
+    @property
+    def finished(self) -> bool:
+        """True once the server was removed."""
+        return self._finished
+
+    # -- callbacks from sessions -----------------------------------------------------------
+
+    def make_filter(self, session: Session) -> MessageFilter:
+        """The filter for a new session, following the current settings."""
+        if self.spec.filter.enabled and self._filter_factory is not None:
+            return self._filter_factory(session, self.spec.filter)
+        return BasicFilter(self.service_names)
+
+    def set_filter(self, settings: FilterSettings) -> None:
+        """SetPolicy: new filter settings for future and live connections, at once."""
+        self.spec.filter = settings
+        for session in list(self.sessions):
+            current = session.filter
+            update = getattr(current, "update_policy", None)
+            if settings.enabled and update is not None:
+                update(settings.policy)
+            else:
+                session.replace_filter(self.make_filter(session))
+
+    def session_named(self, session: Session) -> None:
+        """A session learned its unique name."""
+        self.registry.session_named(session)
+
+    def session_closed(self, session: Session) -> None:
+        """A session ended."""
+        self.sessions.discard(session)
+        self.registry.session_closed(session)
+        self._maybe_finished()
+
+    def count_forwarded(self) -> None:
+        """One more message forwarded."""
+        self.messages_forwarded += 1
+
+    def count_denied(self) -> None:
+        """One more message denied or dropped."""
+        self.messages_denied += 1
+
+    def log_denial(
+        self, session: Session, direction: str, hdr: Header, verdict: str, reason: str
+    ) -> None:
+        """Log a denial at info level, rate-limited so a client cannot flood the journal."""
+        now = time.monotonic()
+        if now - self._denial_window_start > DENIAL_LOG_WINDOW:
+            if self._denials_suppressed:
+                log.info(
+                    "%s (%s): %d more denials not logged",
+                    self.path,
+                    self.app_id,
+                    self._denials_suppressed,
+                )
+            self._denial_window_start = now
+            self._denials_in_window = 0
+            self._denials_suppressed = 0
+        self._denials_in_window += 1
+        if self._denials_in_window > DENIAL_LOG_BURST:
+            self._denials_suppressed += 1
+            return
+        log.info(
+            "%s (%s) %s: %s %s %s dest=%s path=%s %s.%s: %s",
+            self.path,
+            self.app_id,
+            session.unique_name or "-",
+            verdict,
+            "C->B" if direction == "out" else "B->C",
+            hdr.serial,
+            hdr.destination,
+            hdr.path,
+            hdr.interface,
+            hdr.member or hdr.error_name,
+            reason,
+        )

@@ -1,0 +1,115 @@
+"""Split a byte stream (plus received unix fds) into whole D-Bus messages.
+
+Sans-I/O: the caller feeds what ``recvmsg`` returned and takes complete
+messages out. Memory grows only with bytes really received, never with the
+length a header claims.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterable
+
+from .header import FIXED_HEADER_LEN, MessageError, message_length
+
+#: At most this many received-but-unclaimed fds are held per stream.
+MAX_QUEUED_FDS = 1024
+#: The D-Bus specification's limit on fds in one message (dbus-daemon uses 253... or 16*4).
+MAX_FDS_PER_MESSAGE = 253
+
+
+class FramingError(MessageError):
+    """The stream violates framing rules; the connection must be closed."""
+
+
+class MessageReader:
+    """Accumulates stream bytes and yields whole messages with their fds."""
+
+    __slots__ = ("_buf", "_fds", "_next_len", "_pos", "max_message_bytes")
+
+    def __init__(self, max_message_bytes: int) -> None:
+        """``max_message_bytes``: a header claiming more closes the stream."""
+        self.max_message_bytes = max_message_bytes
+        self._buf = bytearray()
+        self._pos = 0
+        self._fds: deque[int] = deque()
+        self._next_len = 0
+
+    def feed(self, data: bytes | bytearray | memoryview, fds: Iterable[int] = ()) -> None:
+        """Append received bytes, and the fds that arrived with them."""
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        self._buf += data
+        for fd in fds:
+            self._fds.append(fd)
+        if len(self._fds) > MAX_QUEUED_FDS:
+            raise FramingError("too many unix fds queued without a message to carry them")
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet handed out as messages."""
+        return len(self._buf) - self._pos
+
+    def wanted(self) -> int:
+        """Bytes that would complete the current message (0 when unknown)."""
+        if self._next_len:
+            return self._next_len - self.buffered
+        return 0
+
+    def next_message(self) -> tuple[bytes, list[int]] | None:
+        """Return the next complete message and its fds, or None if more bytes are needed."""
+        avail = len(self._buf) - self._pos
+        if avail < FIXED_HEADER_LEN:
+            self._compact()
+            return None
+        n = self._next_len
+        if not n:
+            n = message_length(self._buf, self._pos)
+            if n > self.max_message_bytes:
+                raise FramingError(
+                    f"message of {n} bytes exceeds the limit of {self.max_message_bytes}"
+                )
+            if n < FIXED_HEADER_LEN:
+                raise FramingError("message shorter than its fixed header")
+            self._next_len = n
+        if avail < n:
+            self._compact()
+            return None
+        start = self._pos
+        with memoryview(self._buf) as view:
+            data = view[start : start + n].tobytes()
+        self._pos = start + n
+        self._next_len = 0
+        return data, []
+
+    def take_fds(self, count: int) -> list[int]:
+        """Claim ``count`` received fds for the message just returned."""
+        if count > MAX_FDS_PER_MESSAGE:
+            raise FramingError(f"message declares {count} unix fds, more than allowed")
+        if count > len(self._fds):
+            raise FramingError(
+                f"message declares {count} unix fds but only {len(self._fds)} arrived"
+            )
+        return [self._fds.popleft() for _ in range(count)]
+
+    def check_no_stray_fds(self) -> None:
+        """Fds left over with no partial message to claim them are a protocol error."""
+        if self._fds and self._pos == len(self._buf):
+            raise FramingError(f"{len(self._fds)} unix fds arrived with no message declaring them")
+
+    def _compact(self) -> None:
+        if self._pos > 65536 and self._pos * 2 > len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
+
+    def close(self) -> None:
+        """Close every fd still held (the stream is going away)."""
+        while self._fds:
+            try:
+                os.close(self._fds.popleft())
+            except OSError:
+                pass
+        self._buf = bytearray()
+        self._pos = 0
