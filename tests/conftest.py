@@ -100,7 +100,10 @@ class ServiceProcess:
 
 
 def start_service(
-    bus_address: str, runtime_dir: str, extra_args: list[str] | None = None, env: dict[str, str] | None = None
+    bus_address: str,
+    runtime_dir: str,
+    extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> ServiceProcess:
     """Start the service on ``bus_address`` and wait for its READY=1."""
     log_fd, log_path = tempfile.mkstemp(prefix="xdgc-service-", suffix=".log")

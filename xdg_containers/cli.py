@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-fd", type=int, metavar="N", help="write READY=1 to fd N once serving"
     )
 
-    from .launcher import add_run_parser
     from .admin import add_admin_parsers
+    from .launcher import add_run_parser
 
     add_run_parser(sub)
     add_admin_parsers(sub)
@@ -73,7 +73,6 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the service until signalled; start a private bus when asked or when none exists."""
     from .daemon import ServiceError, serve
-    from .filtering import make_policy_filter
     from .privatebus import PrivateBus
 
     try:
@@ -114,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
             return 2
     try:
-        return asyncio.run(serve(address, bus_type, limits, args.ready_fd, make_policy_filter))
+        return asyncio.run(serve(address, bus_type, limits, args.ready_fd))
     except ServiceError as exc:
         print(f"xdg-containers: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,8 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
 from .config import Limits
+from .filtering import PolicyFilterFactory
+from .policy.tracker import NameTracker
 from .proxy.session import MessageFilter, Session
 from .servers.registry import ServerRegistry
 from .servers.server import ContainerServer, FilterSettings, runtime_socket_dir
@@ -51,7 +54,7 @@ def remove_stale_sockets() -> int:
         return 0
     removed = 0
     for entry in os.scandir(directory):
-        if not entry.name.startswith("dbus-") or not entry.is_socket():
+        if not entry.name.startswith("dbus-") or not stat.S_ISSOCK(entry.stat().st_mode):
             continue
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -85,7 +88,8 @@ class Service:
         self.bus_type = bus_type
         self.limits = limits
         self.registry = ServerRegistry(limits)
-        self.filter_factory = filter_factory
+        self.tracker = NameTracker()
+        self.filter_factory = filter_factory or PolicyFilterFactory(self.tracker)
         self.bus: MessageBus | None = None
         self.ctx: ServiceContext | None = None
         self.manager: ManagerInterface | None = None
@@ -119,6 +123,7 @@ class Service:
                 "interface='org.freedesktop.DBus',member='NameOwnerChanged'"
             ],
         )
+        await self._sync_names(ctx)
         remove_stale_sockets()
         reply = await bus.request_name(NAME, NameFlag.DO_NOT_QUEUE)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
@@ -130,6 +135,18 @@ class Service:
             )
         log.info("serving %s on %s as %s", NAME, address, bus.unique_name)
 
+    async def _sync_names(self, ctx: ServiceContext) -> None:
+        """Learn the current owner of every well-known name (the tracker's start state)."""
+        reply = await ctx.bus_call("ListNames", "", [])
+        for name in reply.body[0]:
+            if name.startswith(":") or name == "org.freedesktop.DBus":
+                continue
+            try:
+                owner = await ctx.bus_call("GetNameOwner", "s", [name])
+            except Exception:
+                continue  # released meanwhile
+            self.tracker.learn_owner(name, str(owner.body[0]))
+
     def _on_bus_message(self, msg: Message) -> None:
         if (
             msg.message_type == MessageType.SIGNAL
@@ -137,7 +154,8 @@ class Service:
             and msg.sender == "org.freedesktop.DBus"
             and msg.signature == "sss"
         ):
-            name, _old, new = msg.body
+            name, old, new = msg.body
+            self.tracker.name_owner_changed(name, old, new)
             if name.startswith(":") and not new and self.ctx is not None:
                 self.ctx.peer_left(name)
         return None
@@ -174,7 +192,7 @@ class Service:
     async def wait_for_disconnect(self) -> Any:
         """Return when the bus connection ends."""
         assert self.bus is not None
-        return await self.bus.wait_for_disconnect()
+        return await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
 
 
 def _address_of(bus: MessageBus) -> str:

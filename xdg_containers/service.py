@@ -19,7 +19,13 @@ from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast._private.marshaller import Marshaller
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusSignature
-from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbus_property, dbus_signal
+from dbus_fast.constants import PropertyAccess
+from dbus_fast.service import (
+    ServiceInterface,
+    dbus_method,
+    dbus_property,
+    dbus_signal,
+)
 
 from . import errors
 from .proxy.peercred import PeerCredentials
@@ -82,7 +88,7 @@ class ServiceContext:
         self.bus_address = bus_address
         self.filter_factory = filter_factory
         self.gone: OrderedDict[str, None] = OrderedDict()
-        self.server_objects: dict[str, "ServerObject"] = {}
+        self.server_objects: dict[str, ServerObject] = {}
         self._fd_replies: dict[int, Message] = {}
 
     def service_names(self) -> frozenset[str]:
@@ -106,7 +112,8 @@ class ServiceContext:
         )
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
-            raise DBusError(reply.error_name or errors.FAILED, str(reply.body[0]) if reply.body else "")
+            text = str(reply.body[0]) if reply.body else ""
+            raise DBusError(reply.error_name or errors.FAILED, text)
         return reply
 
     async def caller_uid(self, sender: str) -> int:
@@ -233,7 +240,7 @@ class ManagerInterface(ServiceInterface):
         self.ctx = ctx
 
     @dbus_method()
-    async def AddServer(  # noqa: N802
+    async def AddServer(
         self,
         container_type: Annotated[str, DBusSignature("s")],
         app_id: Annotated[str, DBusSignature("s")],
@@ -243,7 +250,6 @@ class ManagerInterface(ServiceInterface):
     ) -> Annotated[tuple[str, dict[str, Variant]], DBusSignature("oa{sv}")]:
         """Create a server for one app instance; return its path and address."""
         msg = current_message()
-        ctx = self.ctx
         # Take our own copies of the fds now, before any await: dbus-fast
         # closes nothing and the pre-dispatch handler closes the originals.
         fds = {k: v for k, v in named_arguments.items() if v.signature == "h"}
@@ -391,21 +397,21 @@ class ManagerInterface(ServiceInterface):
         return bus
 
     @dbus_method()
-    async def StopServer(self, server_path: Annotated[str, DBusSignature("o")]) -> None:  # noqa: N802
+    async def StopServer(self, server_path: Annotated[str, DBusSignature("o")]) -> None:
         """Stop listening and disconnect every connection of the server."""
         msg = current_message()
         server = await self.ctx.check_may_stop(msg.sender, server_path)
         server.stop()
 
     @dbus_method()
-    async def StopListening(self, server_path: Annotated[str, DBusSignature("o")]) -> None:  # noqa: N802
+    async def StopListening(self, server_path: Annotated[str, DBusSignature("o")]) -> None:
         """Stop listening; existing connections carry on."""
         msg = current_message()
         server = await self.ctx.check_may_stop(msg.sender, server_path)
         server.stop_listening()
 
     @dbus_method()
-    async def GetConnectionInfo(  # noqa: N802
+    async def GetConnectionInfo(
         self, bus_name: Annotated[str, DBusSignature("s")]
     ) -> Annotated[list[Any], DBusSignature("oa{sv}sssa{sv}")]:
         """Which server (and so which app instance) a connection came through."""
@@ -415,7 +421,7 @@ class ManagerInterface(ServiceInterface):
         return [session.server.path, *server_info_tuple(session.server)]
 
     @dbus_method()
-    def GetServerInfo(  # noqa: N802
+    def GetServerInfo(
         self, server_path: Annotated[str, DBusSignature("o")]
     ) -> Annotated[list[Any], DBusSignature("a{sv}sssa{sv}")]:
         """Metadata of a live server."""
@@ -423,7 +429,7 @@ class ManagerInterface(ServiceInterface):
         return server_info_tuple(self.ctx.server_by_path(server_path, msg.sender))
 
     @dbus_method()
-    async def GetConnectionCredentials(  # noqa: N802
+    async def GetConnectionCredentials(
         self, bus_name: Annotated[str, DBusSignature("s")]
     ) -> Annotated[dict[str, Variant], DBusSignature("a{sv}")]:
         """The real client behind a proxied connection, as our socket saw it.
@@ -439,17 +445,17 @@ class ManagerInterface(ServiceInterface):
         return credentials_dict(session.creds, session.server)
 
     @dbus_method()
-    def ListServers(self) -> Annotated[list[str], DBusSignature("ao")]:  # noqa: N802
+    def ListServers(self) -> Annotated[list[str], DBusSignature("ao")]:
         """Every live server."""
         return [s.path for s in self.ctx.registry]
 
     @dbus_property(access=PropertyAccess.READ)
-    def SupportedArguments(self) -> Annotated[list[str], DBusSignature("as")]:  # noqa: N802
+    def SupportedArguments(self) -> Annotated[list[str], DBusSignature("as")]:
         """Every named argument AddServer accepts."""
         return list(SUPPORTED_ARGUMENTS)
 
     @dbus_signal()
-    def ServerRemoved(  # noqa: N802
+    def ServerRemoved(
         self, server_path: str
     ) -> Annotated[str, DBusSignature("o")]:
         """A server stopped listening and lost its last connection."""
@@ -474,77 +480,77 @@ class ServerObject(ServiceInterface):
         return obj
 
     @dbus_property(access=PropertyAccess.READ)
-    def ContainerType(self) -> Annotated[str, DBusSignature("s")]:  # noqa: N802
+    def ContainerType(self) -> Annotated[str, DBusSignature("s")]:
         """The container type given to AddServer."""
         return self.server.spec.container_type
 
     @dbus_property(access=PropertyAccess.READ)
-    def AppID(self) -> Annotated[str, DBusSignature("s")]:  # noqa: N802
+    def AppID(self) -> Annotated[str, DBusSignature("s")]:
         """The app id given to AddServer."""
         return self.server.spec.app_id
 
     @dbus_property(access=PropertyAccess.READ)
-    def InstanceID(self) -> Annotated[str, DBusSignature("s")]:  # noqa: N802
+    def InstanceID(self) -> Annotated[str, DBusSignature("s")]:
         """The instance id given to AddServer."""
         return self.server.spec.instance_id
 
     @dbus_property(access=PropertyAccess.READ)
-    def Metadata(self) -> Annotated[dict[str, Variant], DBusSignature("a{sv}")]:  # noqa: N802
+    def Metadata(self) -> Annotated[dict[str, Variant], DBusSignature("a{sv}")]:
         """The metadata given to AddServer."""
         return self.server.spec.metadata
 
     @dbus_property(access=PropertyAccess.READ)
-    def Creator(self) -> Annotated[dict[str, Variant], DBusSignature("a{sv}")]:  # noqa: N802
+    def Creator(self) -> Annotated[dict[str, Variant], DBusSignature("a{sv}")]:
         """The AddServer caller's credentials, as the bus reported them."""
         return self.server.spec.creator
 
     @dbus_property(access=PropertyAccess.READ)
-    def Address(self) -> Annotated[str, DBusSignature("s")]:  # noqa: N802
+    def Address(self) -> Annotated[str, DBusSignature("s")]:
         """The minted socket's address ('' for a launcher-provided socket)."""
         return self.server.address
 
     @dbus_property(access=PropertyAccess.READ)
-    def SocketPath(self) -> Annotated[bytes, DBusSignature("ay")]:  # noqa: N802
+    def SocketPath(self) -> Annotated[bytes, DBusSignature("ay")]:
         """The minted socket's path with a trailing NUL (empty for ListenFD)."""
         p = self.server.socket_path
         return os.fsencode(p) + b"\0" if p else b""
 
     @dbus_property(access=PropertyAccess.READ)
-    def Listening(self) -> Annotated[bool, DBusSignature("b")]:  # noqa: N802
+    def Listening(self) -> Annotated[bool, DBusSignature("b")]:
         """Whether the server still accepts connections."""
         return self.server.listening
 
     @dbus_property(access=PropertyAccess.READ)
-    def Connections(self) -> Annotated[list[str], DBusSignature("as")]:  # noqa: N802
+    def Connections(self) -> Annotated[list[str], DBusSignature("as")]:
         """Unique names of the live confined connections."""
         return self.server.connection_names()
 
     @dbus_property(access=PropertyAccess.READ)
-    def MessagesForwarded(self) -> Annotated[int, DBusSignature("t")]:  # noqa: N802
+    def MessagesForwarded(self) -> Annotated[int, DBusSignature("t")]:
         """Messages that crossed the proxy."""
         return self.server.messages_forwarded
 
     @dbus_property(access=PropertyAccess.READ)
-    def MessagesDenied(self) -> Annotated[int, DBusSignature("t")]:  # noqa: N802
+    def MessagesDenied(self) -> Annotated[int, DBusSignature("t")]:
         """Messages denied or dropped by the filter."""
         return self.server.messages_denied
 
     @dbus_method()
-    async def Stop(self) -> None:  # noqa: N802
+    async def Stop(self) -> None:
         """Same as the manager's StopServer for this server."""
         msg = current_message()
         server = await self.ctx.check_may_stop(msg.sender, self.server.path)
         server.stop()
 
     @dbus_method()
-    async def StopListening(self) -> None:  # noqa: N802
+    async def StopListening(self) -> None:
         """Same as the manager's StopListening for this server."""
         msg = current_message()
         server = await self.ctx.check_may_stop(msg.sender, self.server.path)
         server.stop_listening()
 
     @dbus_method()
-    async def SetPolicy(self, named_arguments: ASV) -> None:  # noqa: N802
+    async def SetPolicy(self, named_arguments: ASV) -> None:
         """Replace Filter/Policy/Call/Broadcast for live and future connections."""
         msg = current_message()
         server = await self.ctx.check_may_stop(msg.sender, self.server.path)

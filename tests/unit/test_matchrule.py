@@ -296,6 +296,7 @@ def test_error_messages_say_what_is_wrong() -> None:
 
 # --- matching ---------------------------------------------------------------------------
 
+
 def _matches_example(rule: MatchRule) -> bool:
     """Match `rule` against one broadcast signal from :1.7, which owns org.example.Service."""
     return signal_matches(
@@ -448,7 +449,7 @@ def test_bus_driver_signals_match_its_name() -> None:
 
 # --- properties -------------------------------------------------------------------------
 
-_rule_chars = st.sampled_from(list("eavsdroptrufl=',\\ \t\n\r\v:.;/_-0123456789xXé") + ["arg"])
+_rule_chars = st.sampled_from([*"eavsdroptrufl=',\\ \t\n\r\v:.;/_-0123456789xXé", "arg"])
 
 
 @given(st.text(max_size=80) | st.lists(_rule_chars, max_size=40).map("".join))
@@ -464,7 +465,7 @@ def test_parse_only_raises_match_rule_error(text: str) -> None:
 
 
 _value = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=12
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\0"), max_size=12
 )
 _names = st.sampled_from(["org.foo", "org.foo.Bar", ":1.2", "a.b"])
 

@@ -159,12 +159,13 @@ def test_exact_name_does_not_cover_children() -> None:
 
 def test_levels_add_up_highest_wins() -> None:
     policy = make_policy(
-        {"org.foo": "see", "org.foo.*": "talk", "org.*": "see", "org.foo.bar.*": "own"}
+        {"org.foo": "see", "org.foo.*": "talk", "org.foo.bar.*": "own", "org.foo.see": "see"}
     )
     assert policy.level("org.foo") is Level.TALK
+    assert policy.level("org.foo.see") is Level.TALK
+    assert policy.level("org.foo.bar") is Level.OWN
     assert policy.level("org.foo.bar.baz") is Level.OWN
-    assert policy.level("org.other") is Level.SEE
-    assert policy.level("org") is Level.SEE  # "org.*" matches org itself
+    assert policy.level("org") is Level.NONE
 
 
 def test_rules_make_a_name_visible_but_grant_nothing_else() -> None:
@@ -337,7 +338,7 @@ def test_invalid_keys_are_refused_naming_the_argument(key: str, argument: str) -
 
 
 def test_unique_name_key_explains_itself() -> None:
-    with pytest.raises(PolicyError, match="unique name ':1.2' cannot be a policy key"):
+    with pytest.raises(PolicyError, match=r"unique name ':1\.2' cannot be a policy key"):
         make_policy({":1.2": "talk"})
 
 

@@ -23,5 +23,9 @@ class BasicFilter:
         """Bus -> client: everything passes."""
         return None
 
-    def hello_done(self, unique_name: str) -> None:
+    def hello_done(self, unique_name: str) -> list[bytes]:
         """Nothing to set up."""
+        return []
+
+    def reply_delivered(self, serial: int) -> None:
+        """Nothing tracked."""

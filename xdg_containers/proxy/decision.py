@@ -28,6 +28,7 @@ class Verdict(enum.Enum):
     DROP = 1  # silently (signals, unsolicited replies, no-reply calls)
     DENY = 2  # a call that gets an error reply
     REPLACE = 3  # forward other bytes instead (filtered bus-driver replies)
+    ANSWER = 4  # a call answered by the proxy with a method return (hidden names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +40,22 @@ class Decision:
     text: str = ""
     data: bytes = b""
     reason: str = ""
+    reply_signature: str = ""
 
 
 def deny(error_name: str, text: str) -> Decision:
     """A denied call; the client gets ``error_name`` in order with its other replies."""
     return Decision(Verdict.DENY, error_name, text, reason=text)
+
+
+def answer(signature: str, body: bytes, reason: str) -> Decision:
+    """A call the proxy answers itself, as the bus would for a name nobody owns."""
+    return Decision(Verdict.ANSWER, data=body, reason=reason, reply_signature=signature)
+
+
+def replace(data: bytes) -> Decision:
+    """Forward ``data`` instead of the message (a filtered bus-driver reply)."""
+    return Decision(Verdict.REPLACE, data=data)
 
 
 def drop(reason: str) -> Decision:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..sasl.client import SaslClient
 from ..sasl.server import SaslError, SaslServer
 from ..wire.address import AddressError, parse_address
-from ..wire.build import bus_call, error_reply
+from ..wire.build import bus_call, error_reply, method_return
 from ..wire.framing import MessageReader
 from ..wire.header import (
     ERROR,
@@ -57,8 +57,11 @@ class MessageFilter(Protocol):
     def from_bus(self, hdr: Header, data: bytes) -> Decision | None:
         """Bus -> client. None means pass unchanged."""
 
-    def hello_done(self, unique_name: str) -> None:
-        """The client's unique name is known."""
+    def hello_done(self, unique_name: str) -> list[bytes]:
+        """The client's unique name is known; return messages to send to the bus."""
+
+    def reply_delivered(self, serial: int) -> None:
+        """The proxy answered the client's call ``serial`` itself."""
 
 
 class Session:
@@ -91,7 +94,7 @@ class Session:
         self._hello_serial: int | None = None
         self._hold_client = True  # until both handshakes finished
         self._outstanding: dict[int, int] = {}  # client call serial -> count
-        self._denied_pings: dict[int, tuple[str, str]] = {}  # serial -> (error, text)
+        self._denied_pings: dict[int, Decision] = {}  # serial -> what answers it
         self._error_serial = 0
         self._closing_after_flush = False
         self._timers: list[asyncio.TimerHandle] = []
@@ -146,7 +149,7 @@ class Session:
         """Swap the filter (SetPolicy); the new one learns the unique name if known."""
         self.filter = new_filter
         if self.unique_name is not None:
-            new_filter.hello_done(self.unique_name)
+            self._inject(new_filter.hello_done(self.unique_name))
 
     # -- the bus side ------------------------------------------------------------------
 
@@ -234,10 +237,20 @@ class Session:
             rs = hdr.reply_serial
             if rs is not None and hdr.message_type in (METHOD_RETURN, ERROR):
                 if hdr.sender == BUS_NAME and rs in self._denied_pings:
-                    error_name, text = self._denied_pings.pop(rs)
+                    denied = self._denied_pings.pop(rs)
                     self._error_serial = (self._error_serial % 0x7FFFFFFF) + 1
-                    data = error_reply(self._error_serial, rs, self.unique_name, error_name, text)
+                    if denied.verdict is Verdict.ANSWER:
+                        data = method_return(
+                            self._error_serial, rs, BUS_NAME, self.unique_name,
+                            denied.reply_signature, denied.data,
+                        )
+                    else:
+                        data = error_reply(
+                            self._error_serial, rs, self.unique_name,
+                            denied.error_name, denied.text,
+                        )
                     self._reply_seen(rs)
+                    self.filter.reply_delivered(rs)
                     client.queue(data)
                     continue
                 if rs == self._hello_serial:
@@ -287,10 +300,17 @@ class Session:
                 name = ""
             if name.startswith(":"):
                 self.unique_name = name
-                self.filter.hello_done(name)
+                self._inject(self.filter.hello_done(name))
                 self.server.session_named(self)
         self._hold_client = False
         self.loop.call_soon(self._pump_client)
+
+    def _inject(self, messages: list[bytes]) -> None:
+        """Send the proxy's own messages to the bus (never expecting replies)."""
+        if messages and self._bus is not None:
+            for m in messages:
+                self._bus.queue(m)
+            self._bus.flush()
 
     def _reply_seen(self, serial: int) -> None:
         n = self._outstanding.get(serial)
@@ -376,10 +396,10 @@ class Session:
                         close_fds(fds)
                     server.count_denied()
                     self._log_message("out", hdr, decision)
-                    if decision.verdict is Verdict.DENY and hdr.expects_reply:
+                    if decision.verdict in (Verdict.DENY, Verdict.ANSWER) and hdr.expects_reply:
                         # Replace the call by a Ping with the client's own serial;
-                        # its reply is swapped for the error, so order holds.
-                        self._denied_pings[hdr.serial] = (decision.error_name, decision.text)
+                        # its reply is swapped for our answer, so order holds.
+                        self._denied_pings[hdr.serial] = decision
                         self._note_call(hdr.serial)
                         bus.queue(bus_call(hdr.serial, "Ping", "org.freedesktop.DBus.Peer"))
                     elif decision.verdict is Verdict.REPLACE:
@@ -423,10 +443,7 @@ class Session:
     # -- logging -------------------------------------------------------------------------
 
     def _log_message(self, direction: str, hdr: Header, decision: Decision | None) -> None:
-        if decision is None:
-            verdict = "pass"
-        else:
-            verdict = decision.verdict.name.lower()
+        verdict = "pass" if decision is None else decision.verdict.name.lower()
         if decision is not None:
             self.server.log_denial(self, direction, hdr, verdict, decision.reason)
             if not self.server.log_messages:

@@ -1,0 +1,419 @@
+"""The filter of a server with ``Filter=true``: xdg-dbus-proxy's semantics, minus its bugs.
+
+Judges every message of one connection against the server's Policy and the
+service-wide NameTracker. Decisions only; the session does the I/O. See
+docs/policy.md for the rules and where we deliberately differ upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from ..policy import Level, Policy
+from ..policy.tracker import NameTracker
+from ..wire.build import build_message
+from ..wire.header import (
+    ERROR,
+    FIELD_DESTINATION,
+    FIELD_INTERFACE,
+    FIELD_MEMBER,
+    FIELD_PATH,
+    FIELD_REPLY_SERIAL,
+    FIELD_SENDER,
+    FIELD_SIGNATURE,
+    METHOD_CALL,
+    METHOD_RETURN,
+    NO_AUTO_START,
+    NO_REPLY_EXPECTED,
+    SIGNAL,
+    Header,
+)
+from ..wire.types import BodyWriter, SignatureError, read_string, read_string_array
+from .decision import (
+    ACCESS_DENIED,
+    BUS_NAME,
+    NAME_HAS_NO_OWNER,
+    SERVICE_UNKNOWN,
+    Decision,
+    always_forbidden,
+    answer,
+    deny,
+    drop,
+    first_string_arg,
+    replace,
+)
+
+DRIVER_IFACE = "org.freedesktop.DBus"
+PEER_IFACE = "org.freedesktop.DBus.Peer"
+INTROSPECT_IFACE = "org.freedesktop.DBus.Introspectable"
+
+#: Bus-driver calls that reveal nothing about other names.
+_DRIVER_SAFE = frozenset({"Hello", "AddMatch", "RemoveMatch", "GetId"})
+#: Bus-driver calls whose first argument names a peer that must be visible.
+_DRIVER_NAME_QUERIES = frozenset(
+    {
+        "GetConnectionUnixUser",
+        "GetConnectionUnixProcessID",
+        "GetConnectionCredentials",
+        "GetAdtAuditSessionData",
+        "GetConnectionSELinuxSecurityContext",
+        "GetConnectionAppArmorSecurityContext",
+    }
+)
+#: Calls to our own service a confined connection may make whatever the policy says.
+_SELF_QUERIES = frozenset({"GetConnectionInfo", "GetServerInfo", "GetConnectionCredentials"})
+_OWN_METHODS = frozenset({"RequestName", "ReleaseName", "ListQueuedOwners"})
+#: Bounds on per-connection bookkeeping (memory per connection is bounded).
+_MAX_EXPECTED_REPLIES = 16384
+_MAX_SEEN_PEERS = 4096
+#: Our own AddMatch calls carry NO_REPLY_EXPECTED, so their serial never gets a reply.
+INTERNAL_SERIAL = 0xFFFFFFFF
+
+
+def _name_owner_changed_rule(arg: str) -> str:
+    return (
+        "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+        f"member='NameOwnerChanged',{arg}"
+    )
+
+
+def _add_match(rule: str) -> bytes:
+    body = BodyWriter()
+    body.string(rule)
+    return build_message(
+        METHOD_CALL,
+        INTERNAL_SERIAL,
+        {
+            FIELD_PATH: "/org/freedesktop/DBus",
+            FIELD_INTERFACE: DRIVER_IFACE,
+            FIELD_MEMBER: "AddMatch",
+            FIELD_DESTINATION: BUS_NAME,
+            FIELD_SIGNATURE: "s",
+        },
+        body.bytes(),
+        flags=NO_REPLY_EXPECTED,
+    )
+
+
+class PolicyFilter:
+    """Per-connection filter state: expected replies, peers seen, cached levels."""
+
+    def __init__(
+        self, policy: Policy, tracker: NameTracker, service_names: Collection[str]
+    ) -> None:
+        """One per confined connection of a filtered server."""
+        self.policy = policy
+        self.tracker = tracker
+        self.service_names = service_names
+        self.own_name: str | None = None
+        # Calls the client made: serial -> (destination, what to do with the reply).
+        self._client_calls: dict[int, str] = {}
+        # Calls peers made to the client: (peer, serial) awaiting the client's reply.
+        self._expected: dict[tuple[str, int], None] = {}
+        self._seen_peers: dict[str, None] = {}
+        self._level_cache: dict[str, tuple[int, Level]] = {}
+
+    # -- set-up and policy changes ------------------------------------------------------
+
+    def hello_done(self, unique_name: str) -> list[bytes]:
+        """Learn our name; subscribe (invisibly) to owner changes of policy names."""
+        self.own_name = unique_name
+        return self._subscriptions()
+
+    def _subscriptions(self) -> list[bytes]:
+        rules = [_name_owner_changed_rule(f"arg0='{n}'") for n in sorted(self.policy.names_exact)]
+        rules += [
+            _name_owner_changed_rule(f"arg0namespace='{p}'")
+            for p in sorted(self.policy.wildcard_prefixes)
+        ]
+        return [_add_match(r) for r in rules]
+
+    def update_policy(self, policy: Policy | None) -> None:
+        """SetPolicy: judge the next message by the new policy."""
+        if policy is None:
+            policy = Policy({}, {}, {})
+        self.policy = policy
+        self._level_cache.clear()
+
+    def reply_delivered(self, serial: int) -> None:
+        """The proxy answered the client's call itself."""
+        self._client_calls.pop(serial, None)
+
+    # -- levels ---------------------------------------------------------------------------
+
+    def level_of(self, name: str) -> Level:
+        """The client's level for a bus name (well-known or unique)."""
+        if not name.startswith(":"):
+            return self.policy.level(name)
+        if name == self.own_name:
+            return Level.TALK
+        gen = self.tracker.history_size(name)
+        cached = self._level_cache.get(name)
+        if cached is not None and cached[0] == gen:
+            return cached[1]
+        level = Level.NONE
+        for owned in self.tracker.names_of(name):
+            lv = self.policy.level(owned)
+            if lv > level:
+                level = lv
+        if level < Level.SEE and name in self._seen_peers:
+            level = Level.SEE
+        if len(self._level_cache) > 4096:
+            self._level_cache.clear()
+        self._level_cache[name] = (gen, level)
+        return level
+
+    def _visible(self, name: str) -> bool:
+        return self.level_of(name) >= Level.SEE
+
+    def _call_allowed(self, dest: str, hdr: Header) -> bool:
+        if not dest.startswith(":"):
+            return self.policy.call_allowed(dest, hdr.interface, hdr.member, hdr.path)
+        if self.level_of(dest) >= Level.TALK:
+            return True
+        return self.policy.any_call_allowed(
+            self.tracker.names_of(dest), hdr.interface, hdr.member, hdr.path
+        )
+
+    def _broadcast_allowed(self, sender: str, hdr: Header) -> bool:
+        if self.level_of(sender) >= Level.TALK:
+            return True
+        return self.policy.any_broadcast_allowed(
+            self.tracker.names_of(sender), hdr.interface, hdr.member, hdr.path
+        )
+
+    def _is_ours(self, dest: str) -> bool:
+        """Whether a destination is the client itself (its unique name or a name it owns)."""
+        if dest == self.own_name:
+            return True
+        return self.own_name is not None and self.tracker.owner_of(dest) == self.own_name
+
+    def _hidden(self, hdr: Header, dest: str) -> Decision:
+        """The error for a call to a name the client may not see (as if unowned)."""
+        if dest.startswith(":") or hdr.flags & NO_AUTO_START:
+            return deny(NAME_HAS_NO_OWNER, f"The name {dest} is not owned by anyone")
+        return deny(SERVICE_UNKNOWN, f"The name {dest} was not provided by any .service files")
+
+    # -- client -> bus ---------------------------------------------------------------------
+
+    def from_client(self, hdr: Header, data: bytes) -> Decision | None:
+        """Judge a message the client sends."""
+        t = hdr.message_type
+        if t == METHOD_CALL:
+            forbidden = always_forbidden(hdr, data, self.service_names)
+            if forbidden is not None:
+                return forbidden
+            decision = self._client_call(hdr, data)
+            if decision is None and hdr.expects_reply:
+                self._note_client_call(hdr.serial, hdr.destination or "")
+            if decision is not None and not hdr.expects_reply:
+                return drop(decision.reason)
+            return decision
+        if t in (METHOD_RETURN, ERROR):
+            return self._client_reply(hdr)
+        if t == SIGNAL:
+            dest = hdr.destination
+            if dest is None:
+                return None  # the client's own broadcasts
+            if dest == BUS_NAME:
+                return drop("signal to the bus driver")
+            if self._call_allowed(dest, hdr):
+                return None
+            return drop(f"unicast signal to {dest} not allowed")
+        return drop("unknown message type")
+
+    def _note_client_call(self, serial: int, dest: str) -> None:
+        calls = self._client_calls
+        calls[serial] = dest
+        if len(calls) > _MAX_EXPECTED_REPLIES:
+            calls.pop(next(iter(calls)))
+
+    def _client_reply(self, hdr: Header) -> Decision | None:
+        dest = hdr.destination
+        rs = hdr.reply_serial
+        if dest is None or rs is None:
+            return drop("reply without destination")
+        key = (dest, rs)
+        if key in self._expected:
+            del self._expected[key]
+            return None
+        return drop(f"reply to {dest} serial {rs}, which did not call the client")
+
+    def _client_call(self, hdr: Header, data: bytes) -> Decision | None:
+        dest = hdr.destination
+        if dest is None:
+            return deny(ACCESS_DENIED, "method calls need a destination")
+        if dest == BUS_NAME:
+            return self._driver_call(hdr, data)
+        if dest in self.service_names and hdr.member in _SELF_QUERIES:
+            return None
+        if self._call_allowed(dest, hdr):
+            return None
+        if self._visible(dest):
+            return deny(
+                ACCESS_DENIED,
+                f"{hdr.interface}.{hdr.member} on {dest} at {hdr.path} is not allowed "
+                "by this container's policy",
+            )
+        return self._hidden(hdr, dest)
+
+    def _driver_call(self, hdr: Header, data: bytes) -> Decision | None:
+        iface = hdr.interface
+        member = hdr.member or ""
+        if iface == PEER_IFACE:
+            if member in ("Ping", "GetMachineId"):
+                return None
+            return deny(ACCESS_DENIED, f"{iface}.{member} is not allowed")
+        if iface == INTROSPECT_IFACE:
+            if member == "Introspect":
+                return None
+            return deny(ACCESS_DENIED, f"{iface}.{member} is not allowed")
+        if iface not in (None, DRIVER_IFACE):
+            return deny(
+                ACCESS_DENIED, f"{iface}.{member} on the bus driver is not allowed in a container"
+            )
+        if member in _DRIVER_SAFE:
+            return None
+        if member in ("ListNames", "ListActivatableNames"):
+            return None  # the reply is filtered
+        if member in ("NameHasOwner", "GetNameOwner") or member in _DRIVER_NAME_QUERIES:
+            name = first_string_arg(hdr, data)
+            if name is None:
+                return None  # wrong signature: the bus answers InvalidArgs
+            if self._visible(name):
+                return None
+            if member == "NameHasOwner":
+                body = BodyWriter()
+                body.uint32(0)
+                return answer("b", body.bytes(), f"NameHasOwner({name}): hidden name")
+            if member == "GetNameOwner":
+                return deny(
+                    NAME_HAS_NO_OWNER,
+                    f"Could not get owner of name '{name}': no such name",
+                )
+            return deny(SERVICE_UNKNOWN, f"The name {name} is not visible from this container")
+        if member in _OWN_METHODS or member == "StartServiceByName":
+            name = first_string_arg(hdr, data)
+            if name is None:
+                return None
+            if member == "StartServiceByName":
+                if self.policy.start_service_allowed(name):
+                    return None
+            elif self.level_of(name) >= Level.OWN and not name.startswith(":"):
+                return None
+            if not self._visible(name):
+                return deny(SERVICE_UNKNOWN, f"The name {name} is not visible from this container")
+            return deny(
+                ACCESS_DENIED, f"{member}({name}) is not allowed by this container's policy"
+            )
+        return deny(
+            ACCESS_DENIED, f"org.freedesktop.DBus.{member} is not allowed from inside a container"
+        )
+
+    # -- bus -> client ---------------------------------------------------------------------
+
+    def from_bus(self, hdr: Header, data: bytes) -> Decision | None:
+        """Judge a message on its way to the client."""
+        t = hdr.message_type
+        if t in (METHOD_RETURN, ERROR):
+            return self._bus_reply(hdr, data)
+        if t == SIGNAL:
+            return self._bus_signal(hdr, data)
+        if t == METHOD_CALL:
+            dest = hdr.destination
+            sender = hdr.sender
+            if dest is None or not self._is_ours(dest) or sender is None:
+                return drop(f"call to {dest}, which is not this client")
+            self._mark_seen(sender)
+            if hdr.expects_reply:
+                expected = self._expected
+                expected[(sender, hdr.serial)] = None
+                if len(expected) > _MAX_EXPECTED_REPLIES:
+                    expected.pop(next(iter(expected)))
+            return None
+        return drop("unknown message type")
+
+    def _mark_seen(self, peer: str) -> None:
+        if peer.startswith(":") and peer not in self._seen_peers:
+            self._seen_peers[peer] = None
+            self._level_cache.pop(peer, None)
+            if len(self._seen_peers) > _MAX_SEEN_PEERS:
+                self._seen_peers.pop(next(iter(self._seen_peers)))
+
+    def forget_peer(self, unique_name: str) -> None:
+        """A peer left the bus: drop what we kept about it."""
+        self._seen_peers.pop(unique_name, None)
+        self._level_cache.pop(unique_name, None)
+
+    def _bus_reply(self, hdr: Header, data: bytes) -> Decision | None:
+        rs = hdr.reply_serial
+        assert rs is not None
+        dest = self._client_calls.pop(rs, None)
+        if dest is None:
+            return drop(f"reply serial {rs} answers no outstanding call of the client")
+        if hdr.sender != BUS_NAME or dest != BUS_NAME or hdr.message_type != METHOD_RETURN:
+            if hdr.sender is not None and hdr.sender.startswith(":"):
+                self._mark_seen(hdr.sender)
+            return None
+        return self._driver_reply(hdr, data)
+
+    def _driver_reply(self, hdr: Header, data: bytes) -> Decision | None:
+        sig = hdr.signature
+        if sig == "as":
+            try:
+                names, _ = read_string_array(data, hdr.body_offset, hdr.little_endian)
+            except SignatureError:
+                return None
+            # ListNames and ListActivatableNames are the only driver calls answering 'as'
+            # (ListQueuedOwners needs own, whose owners are visible anyway).
+            kept = [n for n in names if self._visible(n)]
+            if len(kept) == len(names):
+                return None
+            body = BodyWriter()
+            body.string_array(kept)
+            fields: dict[int, str | int] = {FIELD_REPLY_SERIAL: hdr.reply_serial or 0}
+            fields[FIELD_SENDER] = BUS_NAME
+            if hdr.destination:
+                fields[FIELD_DESTINATION] = hdr.destination
+            fields[FIELD_SIGNATURE] = "as"
+            return replace(build_message(METHOD_RETURN, hdr.serial, fields, body.bytes()))
+        return None
+
+    def _bus_signal(self, hdr: Header, data: bytes) -> Decision | None:
+        sender = hdr.sender
+        dest = hdr.destination
+        if sender == BUS_NAME:
+            if hdr.member == "NameOwnerChanged" and hdr.signature == "sss":
+                return self._name_owner_changed(hdr, data)
+            if hdr.member in ("NameAcquired", "NameLost") and hdr.signature == "s":
+                name = first_string_arg(hdr, data)
+                if name is not None and self.own_name is not None and hdr.member == "NameAcquired":
+                    self.tracker.learn_owner(name, self.own_name)
+                return None
+            return None
+        if sender is None:
+            return drop("signal without sender")
+        if dest is not None:
+            if self._is_ours(dest):
+                self._mark_seen(sender)
+                return None
+            return drop(f"unicast signal to {dest}, which is not this client")
+        if self._broadcast_allowed(sender, hdr):
+            return None
+        return drop(f"broadcast {hdr.interface}.{hdr.member} from {sender} not allowed")
+
+    def _name_owner_changed(self, hdr: Header, data: bytes) -> Decision | None:
+        try:
+            name, pos = read_string(data, hdr.body_offset, hdr.little_endian)
+            old, pos = read_string(data, pos, hdr.little_endian)
+            new, _ = read_string(data, pos, hdr.little_endian)
+        except SignatureError:
+            return drop("malformed NameOwnerChanged")
+        self.tracker.name_owner_changed(name, old, new)
+        if name.startswith(":") and not new:
+            visible = self._visible(name)
+            self.forget_peer(name)
+            return None if visible else drop(f"NameOwnerChanged for hidden {name}")
+        if self._visible(name):
+            return None
+        return drop(f"NameOwnerChanged for hidden {name}")
