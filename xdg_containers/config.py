@@ -48,7 +48,7 @@ def load_config(path: str | Path | None, overrides: dict[str, str] | None = None
     """Read ``[limits]`` from an INI file, then apply command-line overrides."""
     limits = Limits()
     if path is not None:
-        parser = configparser.ConfigParser()
+        parser = configparser.ConfigParser(interpolation=None)
         try:
             with open(path, encoding="utf-8") as fh:
                 parser.read_file(fh)
@@ -56,6 +56,8 @@ def load_config(path: str | Path | None, overrides: dict[str, str] | None = None
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         except configparser.Error as exc:
             raise ConfigError(f"config file {path}: {exc}") from exc
+        if parser.defaults():
+            raise ConfigError(f"config file {path}: put limits under [limits], not [DEFAULT]")
         for section in parser.sections():
             if section != "limits":
                 raise ConfigError(f"config file {path}: unknown section [{section}]")

@@ -315,6 +315,12 @@ class ManagerInterface(ServiceInterface):
             if uid_var is None:
                 raise errors.failed("the bus did not report the caller's uid")
             uid = int(uid_var.value)
+            if uid != os.getuid():
+                # A server proxies with our credentials: only our own uid may have one.
+                raise errors.access_denied(
+                    f"uid {uid} may not create servers: this service runs as uid "
+                    f"{os.getuid()} and would proxy with its credentials"
+                )
             try:
                 ctx.registry.check_can_add(uid)
             except LimitError as exc:
@@ -331,6 +337,7 @@ class ManagerInterface(ServiceInterface):
                 stop_on_disconnect=parsed.stop_on_disconnect,
                 log_messages=parsed.log,
                 filter=FilterSettings(parsed.filter, parsed.policy),
+                on_service_bus=bus_address == ctx.bus_address,
             )
             server = ContainerServer(
                 spec,

@@ -92,16 +92,26 @@ class ServerRegistry:
             cb(server)
 
     def session_named(self, session: Session) -> None:
-        """A confined connection got its unique name from the bus."""
+        """A confined connection got its unique name from the bus.
+
+        Only connections proxied to the service's own bus enter the name table:
+        unique names are unique per bus, so one from another bus must never
+        shadow (or be taken for) a peer of ours.
+        """
         assert session.unique_name is not None
-        self._sessions[session.unique_name] = session
+        if session.server.on_service_bus:
+            self._sessions[session.unique_name] = session
         for cb in self.on_connections_changed:
             cb(session.server)
 
     def session_closed(self, session: Session) -> None:
         """A confined connection went away."""
-        if session.unique_name is not None and self._sessions.get(session.unique_name) is session:
+        if session.unique_name is None:
+            return
+        removed = self._sessions.get(session.unique_name) is session
+        if removed:
             del self._sessions[session.unique_name]
+        if removed or not session.server.on_service_bus:
             for cb in self.on_connections_changed:
                 cb(session.server)
 

@@ -58,6 +58,8 @@ class ServerSpec:
     stop_on_disconnect: bool = True
     log_messages: bool = False
     filter: FilterSettings = field(default_factory=FilterSettings)
+    #: False when ``bus_address`` is another bus than the service's own.
+    on_service_bus: bool = True
 
 
 def runtime_socket_dir() -> str:
@@ -134,6 +136,11 @@ class ContainerServer:
     def bus_address(self) -> str:
         """Where this server's connections are proxied to."""
         return self.spec.bus_address
+
+    @property
+    def on_service_bus(self) -> bool:
+        """Whether connections are proxied to the bus the service itself is on."""
+        return self.spec.on_service_bus
 
     @property
     def log_messages(self) -> bool:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
+
+
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 class AddressError(ValueError):
@@ -25,7 +29,7 @@ class Address:
             if "path" in self.params:
                 return socket.AF_UNIX, self.params["path"]
             if "abstract" in self.params:
-                return socket.AF_UNIX, b"\0" + self.params["abstract"].encode()
+                return socket.AF_UNIX, b"\0" + os.fsencode(self.params["abstract"])
             raise AddressError("unix address needs path= or abstract=")
         if self.transport == "tcp":
             host = self.params.get("host", "localhost")
@@ -53,6 +57,8 @@ def parse_address(text: str) -> list[Address]:
             key, eq, value = kv.partition("=")
             if not eq:
                 raise AddressError(f"address parameter {kv!r} has no '='")
+            if _BAD_ESCAPE.search(value):
+                raise AddressError(f"address value {value!r} has a malformed %-escape")
             params[key] = unquote_to_bytes(value).decode("utf-8", "surrogateescape")
         out.append(Address(transport, params))
     if not out:

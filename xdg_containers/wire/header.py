@@ -147,6 +147,7 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
         raise MessageError("message length does not match its header")
     hdr = Header(little, mtype, flags, serial, body_len, body_offset)
     pos = FIXED_HEADER_LEN
+    seen = 0
     while pos < end:
         pos += -pos & 7
         if pos >= end:
@@ -159,6 +160,8 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
             raise MessageError("truncated header field signature")
         sig = bytes(data[sig_start:sig_end]).decode("ascii", "replace")
         pos = sig_end + 1
+        if code == 0:
+            raise MessageError("header field code 0 is invalid")
         expected = _EXPECTED_SIG.get(code)
         if expected is None:
             try:
@@ -166,6 +169,9 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
             except SignatureError as exc:
                 raise MessageError(f"bad unknown header field {code}: {exc}") from exc
             continue
+        if seen & (1 << code):
+            raise MessageError(f"header field {code} appears twice")
+        seen |= 1 << code
         if sig != expected:
             raise MessageError(f"header field {code} has type {sig!r}, expected {expected!r}")
         if expected == "u":

@@ -1,0 +1,371 @@
+"""Tests for xdg_containers.wire.framing.MessageReader: splitting a byte stream into messages."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+import tracemalloc
+from collections.abc import Iterator
+
+import pytest
+from dbus_fast import Message
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xdg_containers.wire.build import build_message, bus_call
+from xdg_containers.wire.framing import (
+    MAX_FDS_PER_MESSAGE,
+    MAX_QUEUED_FDS,
+    FramingError,
+    MessageReader,
+)
+from xdg_containers.wire.header import (
+    FIELD_MEMBER,
+    FIELD_PATH,
+    FIELD_SIGNATURE,
+    FIELD_UNIX_FDS,
+    METHOD_CALL,
+    MessageError,
+    parse_header,
+)
+
+LIMIT = 128 * 1024 * 1024
+
+
+def be_message(serial: int, member: str, payload: bytes = b"", unix_fds: int = 0) -> bytes:
+    """A big-endian method call with an ``ay`` body, marshalled by hand."""
+    fa = bytearray()
+
+    def field(code: int, sig: bytes, value: bytes, align: int) -> None:
+        fa.extend(b"\0" * (-(16 + len(fa)) % 8))
+        fa.extend(bytes([code, len(sig)]) + sig + b"\0")
+        fa.extend(b"\0" * (-(16 + len(fa)) % align))
+        fa.extend(value)
+
+    field(1, b"o", struct.pack(">I", 2) + b"/p\0", 4)
+    field(3, b"s", struct.pack(">I", len(member)) + member.encode() + b"\0", 4)
+    field(8, b"g", b"\x02ay\0", 1)
+    if unix_fds:
+        field(9, b"u", struct.pack(">I", unix_fds), 4)
+    body = struct.pack(">I", len(payload)) + payload
+    head = struct.pack(">BBBBIII", ord("B"), 1, 0, 1, len(body), serial, len(fa)) + fa
+    head += b"\0" * (-len(head) % 8)
+    return bytes(head) + body
+
+
+def le_message(serial: int, payload: bytes = b"", unix_fds: int = 0) -> bytes:
+    fields: dict[int, str | int] = {FIELD_PATH: "/q", FIELD_MEMBER: "Le", FIELD_SIGNATURE: "ay"}
+    if unix_fds:
+        fields[FIELD_UNIX_FDS] = unix_fds
+    return build_message(METHOD_CALL, serial, fields, struct.pack("<I", len(payload)) + payload)
+
+
+def test_be_helper_is_valid() -> None:
+    raw = be_message(7, "Big", b"xyz", unix_fds=2)
+    hdr = parse_header(raw)
+    assert (hdr.little_endian, hdr.member, hdr.unix_fds, hdr.signature) == (False, "Big", 2, "ay")
+    assert raw[hdr.body_offset :] == b"\0\0\0\x03xyz"
+
+
+STREAM_MESSAGES = [
+    le_message(1, b"first"),
+    be_message(2, "Second", b"\xff" * 37),
+    bytes(
+        Message(path="/x", member="Third", signature="s", body=["\r\n" * 9], serial=3)._marshall(
+            False
+        )
+    ),
+    bus_call(4, "Hello"),
+    be_message(5, "Fifth"),
+]
+STREAM = b"".join(STREAM_MESSAGES)
+
+
+def drain(reader: MessageReader) -> Iterator[bytes]:
+    while (item := reader.next_message()) is not None:
+        data, fds = item
+        assert fds == []
+        yield data
+
+
+def test_single_message() -> None:
+    reader = MessageReader(LIMIT)
+    msg = le_message(1, b"abc")
+    reader.feed(msg)
+    assert reader.buffered == len(msg)
+    assert reader.next_message() == (msg, [])
+    assert reader.next_message() is None
+    assert reader.buffered == 0
+
+
+def test_concatenated_messages_in_one_feed() -> None:
+    reader = MessageReader(LIMIT)
+    reader.feed(STREAM)
+    assert list(drain(reader)) == STREAM_MESSAGES
+    assert reader.buffered == 0
+    assert reader.wanted() == 0
+
+
+def test_accepts_bytearray_and_memoryview() -> None:
+    reader = MessageReader(LIMIT)
+    reader.feed(bytearray(STREAM[:50]))
+    reader.feed(memoryview(STREAM)[50:])
+    assert list(drain(reader)) == STREAM_MESSAGES
+
+
+def test_every_split_point() -> None:
+    for i in range(len(STREAM) + 1):
+        reader = MessageReader(LIMIT)
+        reader.feed(STREAM[:i])
+        got = list(drain(reader))
+        reader.feed(STREAM[i:])
+        got += drain(reader)
+        assert got == STREAM_MESSAGES, f"split at {i}"
+        assert reader.buffered == 0
+
+
+def test_one_byte_at_a_time() -> None:
+    reader = MessageReader(LIMIT)
+    got: list[bytes] = []
+    for i in range(len(STREAM)):
+        reader.feed(STREAM[i : i + 1])
+        got += drain(reader)
+    assert got == STREAM_MESSAGES
+
+
+@settings(max_examples=80, deadline=None)
+@given(cuts=st.lists(st.integers(0, len(STREAM)), max_size=12))
+def test_random_splits(cuts: list[int]) -> None:
+    points = [0, *sorted(cuts), len(STREAM)]
+    reader = MessageReader(LIMIT)
+    got: list[bytes] = []
+    for a, b in itertools.pairwise(points):
+        reader.feed(STREAM[a:b])
+        got += drain(reader)
+    assert got == STREAM_MESSAGES
+    assert reader.buffered == 0
+
+
+def test_wanted_counts_missing_bytes() -> None:
+    msg = be_message(9, "Wanted", b"w" * 100)
+    reader = MessageReader(LIMIT)
+    reader.feed(msg[:10])
+    assert reader.next_message() is None
+    assert reader.wanted() == 0  # length unknown before 16 bytes
+    reader.feed(msg[10:20])
+    assert reader.next_message() is None
+    assert reader.wanted() == len(msg) - 20
+    reader.feed(msg[20:])
+    assert reader.next_message() == (msg, [])
+    assert reader.wanted() == 0
+
+
+def test_long_stream_keeps_buffer_bounded() -> None:
+    """A partial message always pending: consumed bytes must still be released."""
+    msgs = [le_message(i + 1, bytes([i % 256]) * 1000) for i in range(400)]
+    stream = b"".join(msgs)
+    reader = MessageReader(LIMIT)
+    got: list[bytes] = []
+    biggest = 0
+    for i in range(0, len(stream), 7001):
+        reader.feed(stream[i : i + 7001])
+        got += drain(reader)
+        biggest = max(biggest, len(reader._buf))
+    assert got == msgs
+    assert reader.buffered == 0
+    assert biggest < 200_000, biggest
+
+
+# -- size limits -------------------------------------------------------------------------
+
+
+def huge_header(body_len: int, little: bool = True) -> bytes:
+    e = "<" if little else ">"
+    return struct.pack(e + "BBBBIII", ord("l" if little else "B"), 1, 0, 1, body_len, 1, 0)
+
+
+@pytest.mark.parametrize("little", [True, False])
+def test_claimed_size_is_not_allocated(little: bool) -> None:
+    """16 bytes of a message claiming 127 MiB: nothing is reserved for the rest."""
+    reader = MessageReader(LIMIT)
+    tracemalloc.start()
+    try:
+        reader.feed(huge_header(127 * 1024 * 1024, little))
+        assert reader.next_message() is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reader.buffered == 16
+    assert reader.wanted() == 127 * 1024 * 1024
+    assert peak < 64 * 1024
+
+
+@pytest.mark.parametrize("little", [True, False])
+def test_header_claiming_more_than_the_limit(little: bool) -> None:
+    reader = MessageReader(1024 * 1024)
+    reader.feed(huge_header(127 * 1024 * 1024, little))
+    with pytest.raises(FramingError, match=r"133169168 bytes exceeds the limit of 1048576"):
+        reader.next_message()
+    assert reader.buffered == 16
+
+
+def test_header_claiming_more_than_the_spec_limit() -> None:
+    reader = MessageReader(LIMIT)
+    reader.feed(huge_header(LIMIT))
+    with pytest.raises(FramingError, match="exceeds the limit"):
+        reader.next_message()
+
+
+def test_limit_is_inclusive() -> None:
+    msg = le_message(1, b"x" * 50)
+    at_limit = MessageReader(len(msg))
+    at_limit.feed(msg)
+    assert at_limit.next_message() == (msg, [])
+    over = MessageReader(len(msg) - 1)
+    over.feed(msg[:16])
+    with pytest.raises(FramingError):
+        over.next_message()
+
+
+def test_limit_checked_for_later_messages_too() -> None:
+    small = le_message(1)
+    reader = MessageReader(len(small) + 8)
+    reader.feed(small + huge_header(1000))
+    assert reader.next_message() == (small, [])
+    with pytest.raises(FramingError):
+        reader.next_message()
+
+
+@pytest.mark.parametrize("first", [b"x", b"\0", b"L"])
+def test_bad_endianness_in_stream(first: bytes) -> None:
+    reader = MessageReader(LIMIT)
+    reader.feed(le_message(1) + first + le_message(2)[1:])
+    assert reader.next_message() is not None
+    with pytest.raises(MessageError, match="endianness"):
+        reader.next_message()
+
+
+def test_bad_version_in_stream() -> None:
+    msg = bytearray(le_message(1))
+    msg[3] = 2
+    reader = MessageReader(LIMIT)
+    reader.feed(msg)
+    with pytest.raises(MessageError, match="version"):
+        reader.next_message()
+
+
+# -- unix fds ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pipes() -> Iterator[list[int]]:
+    fds: list[int] = []
+    for _ in range(3):
+        fds.extend(os.pipe())
+    identity = {fd: _identity(fd) for fd in fds}
+    yield fds
+    for fd in fds:
+        # Close only what is still our pipe: a number the reader closed may be reused.
+        if _identity(fd) == identity[fd]:
+            os.close(fd)
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        st_ = os.fstat(fd)
+    except OSError:
+        return None
+    return st_.st_dev, st_.st_ino
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_fds_claimed_by_their_message(pipes: list[int]) -> None:
+    first = be_message(1, "WithFds", unix_fds=2)
+    second = le_message(2, unix_fds=1)
+    reader = MessageReader(LIMIT)
+    reader.feed(first, pipes[:2])
+    reader.feed(second, pipes[2:3])
+    data, _ = reader.next_message() or (b"", [])
+    assert data == first
+    assert reader.take_fds(parse_header(data).unix_fds) == pipes[:2]
+    data, _ = reader.next_message() or (b"", [])
+    assert data == second
+    assert reader.take_fds(parse_header(data).unix_fds) == pipes[2:3]
+    reader.check_no_stray_fds()
+
+
+def test_too_few_fds(pipes: list[int]) -> None:
+    reader = MessageReader(LIMIT)
+    reader.feed(le_message(1, unix_fds=3), pipes[:2])
+    assert reader.next_message() is not None
+    with pytest.raises(FramingError, match="declares 3 unix fds but only 2 arrived"):
+        reader.take_fds(3)
+
+
+def test_stray_fds(pipes: list[int]) -> None:
+    reader = MessageReader(LIMIT)
+    reader.feed(le_message(1), pipes[:1])
+    assert reader.next_message() is not None
+    assert reader.take_fds(0) == []
+    with pytest.raises(FramingError, match="1 unix fds arrived with no message"):
+        reader.check_no_stray_fds()
+
+
+def test_fds_with_a_partial_message_are_not_stray(pipes: list[int]) -> None:
+    msg = le_message(1, unix_fds=1)
+    reader = MessageReader(LIMIT)
+    reader.feed(msg[:20], pipes[:1])
+    assert reader.next_message() is None
+    reader.check_no_stray_fds()
+    reader.feed(msg[20:])
+    assert reader.next_message() == (msg, [])
+    assert reader.take_fds(1) == pipes[:1]
+    reader.check_no_stray_fds()
+
+
+def test_more_fds_than_a_message_may_carry() -> None:
+    fake = list(range(10**6, 10**6 + 300))  # never real fds; close() is not called here
+    reader = MessageReader(LIMIT)
+    reader.feed(le_message(1, unix_fds=MAX_FDS_PER_MESSAGE + 1), fake)
+    assert reader.next_message() is not None
+    with pytest.raises(FramingError, match="more than allowed"):
+        reader.take_fds(MAX_FDS_PER_MESSAGE + 1)
+    assert reader.take_fds(MAX_FDS_PER_MESSAGE) == fake[:MAX_FDS_PER_MESSAGE]
+
+
+def test_too_many_queued_fds() -> None:
+    fake = list(range(10**6, 10**6 + MAX_QUEUED_FDS + 1))
+    reader = MessageReader(LIMIT)
+    reader.feed(b"", fake[:MAX_QUEUED_FDS])
+    with pytest.raises(FramingError, match="too many unix fds"):
+        reader.feed(b"", fake[MAX_QUEUED_FDS:])
+
+
+def test_close_closes_held_fds(pipes: list[int]) -> None:
+    reader = MessageReader(LIMIT)
+    reader.feed(le_message(1, unix_fds=4)[:30], pipes[:4])
+    reader.feed(b"", pipes[4:])
+    assert all(is_open(fd) for fd in pipes)
+    reader.close()
+    assert not any(is_open(fd) for fd in pipes)
+    assert reader.buffered == 0
+    reader.close()  # idempotent
+
+
+def test_close_leaves_claimed_fds_alone(pipes: list[int]) -> None:
+    reader = MessageReader(LIMIT)
+    reader.feed(le_message(1, unix_fds=1), pipes[:3])
+    assert reader.next_message() is not None
+    assert reader.take_fds(1) == pipes[:1]
+    reader.close()
+    assert is_open(pipes[0])
+    assert not is_open(pipes[1])
+    assert not is_open(pipes[2])
