@@ -8,7 +8,6 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
-
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
