@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
+
 from .policy import Policy
 from .policy.tracker import NameTracker
 from .proxy.policy_filter import PolicyFilter
 from .proxy.session import MessageFilter, Session
 from .servers.server import FilterSettings
+
+#: A departed peer is forgotten this long after the service saw it leave, so that
+#: messages it sent just before leaving, still in a client's stream, keep its level.
+FORGET_DELAY = 5.0
 
 
 class PolicyFilterFactory:
@@ -15,16 +22,24 @@ class PolicyFilterFactory:
     def __init__(self, tracker: NameTracker) -> None:
         """``tracker`` is fed by the service's own bus connection."""
         self.tracker = tracker
-        self._filters: set[PolicyFilter] = set()
+        self._filters: weakref.WeakSet[PolicyFilter] = weakref.WeakSet()
         tracker.on_unique_gone.append(self._unique_gone)
 
     def __call__(self, session: Session, settings: FilterSettings) -> MessageFilter:
         """A filter for ``session`` applying ``settings.policy``."""
         policy = settings.policy if settings.policy is not None else Policy({}, {}, {})
         flt = PolicyFilter(policy, self.tracker, session.server.service_names)
+        self._filters.add(flt)
         return flt
 
     def _unique_gone(self, unique_name: str) -> None:
-        # Per-session state about departed peers is pruned lazily by each filter
-        # when it sees NameOwnerChanged; nothing global to do here.
-        return None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._forget(unique_name)
+            return
+        loop.call_later(FORGET_DELAY, self._forget, unique_name)
+
+    def _forget(self, unique_name: str) -> None:
+        for flt in list(self._filters):
+            flt.forget_peer(unique_name)

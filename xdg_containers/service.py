@@ -131,8 +131,21 @@ class ServiceContext:
                 log.info("%s: creator %s left the bus; stopping listening", server.path, name)
                 server.stop_listening()
 
-    async def resolve_session(self, bus_name: str) -> Session:
-        """The confined connection behind a bus name, with the SPEC's errors."""
+    async def resolve_session(self, bus_name: str, caller: str | None = None) -> Session:
+        """The confined connection behind a bus name, with the SPEC's errors.
+
+        A confined ``caller`` may only ask about itself: anything else is
+        AccessDenied before any lookup, so the answer reveals nothing.
+        """
+        own = self.registry.session_for(caller) if caller else None
+        if own is not None:
+            if bus_name == caller:
+                return own
+            if bus_name.startswith(":") or await self._owner_or_none(bus_name) != caller:
+                raise errors.access_denied(
+                    "a confined connection may only ask about its own connection"
+                )
+            return own
         if bus_name == BUS_DRIVER:
             raise errors.not_container(f"{bus_name} is the message bus itself, not a container")
         if not is_valid_bus_name(bus_name):
@@ -147,7 +160,13 @@ class ServiceContext:
             session = self.registry.session_for(owner)
             if session is not None:
                 return session
-        raise errors.not_container(f"{bus_name!r} (owner {owner}) is not a confined connection")
+        raise errors.not_container(f"{bus_name!r} (owned by {owner}) is not in a container")
+
+    async def _owner_or_none(self, bus_name: str) -> str | None:
+        try:
+            return await self._owner(bus_name)
+        except DBusError:
+            return None
 
     async def _owner(self, bus_name: str) -> str:
         try:
@@ -177,21 +196,13 @@ class ServiceContext:
 
     def server_by_path(self, path: str, caller: str | None) -> ContainerServer:
         """The live server at ``path``; a confined caller may only see its own."""
+        own = self.registry.session_for(caller) if caller else None
+        if own is not None and own.server.path != path:
+            raise errors.access_denied("a confined connection may only ask about its own server")
         server = self.registry.get(path)
         if server is None:
             raise errors.not_container(f"{path} is not a live container server")
-        own = self.registry.session_for(caller) if caller else None
-        if own is not None and own.server is not server:
-            raise errors.access_denied("a confined connection may only ask about its own server")
         return server
-
-    def check_self_query(self, caller: str | None, session: Session) -> None:
-        """A confined caller may only ask about its own connection."""
-        own = self.registry.session_for(caller) if caller else None
-        if own is not None and own is not session:
-            raise errors.access_denied(
-                "a confined connection may only ask about its own connection"
-            )
 
     # -- fd replies that a caller may not accept --------------------------------------
 
@@ -423,8 +434,7 @@ class ManagerInterface(ServiceInterface):
     ) -> Annotated[list[Any], DBusSignature("oa{sv}sssa{sv}")]:
         """Which server (and so which app instance) a connection came through."""
         msg = current_message()
-        session = await self.ctx.resolve_session(bus_name)
-        self.ctx.check_self_query(msg.sender, session)
+        session = await self.ctx.resolve_session(bus_name, msg.sender)
         return [session.server.path, *server_info_tuple(session.server)]
 
     @dbus_method()
@@ -447,13 +457,16 @@ class ManagerInterface(ServiceInterface):
         it any other way, without the fd.
         """
         msg = current_message()
-        session = await self.ctx.resolve_session(bus_name)
-        self.ctx.check_self_query(msg.sender, session)
+        session = await self.ctx.resolve_session(bus_name, msg.sender)
         return credentials_dict(session.creds, session.server)
 
     @dbus_method()
     def ListServers(self) -> Annotated[list[str], DBusSignature("ao")]:
-        """Every live server."""
+        """Every live server (a confined caller sees only its own)."""
+        msg = current_message()
+        own = self.ctx.registry.session_for(msg.sender) if msg.sender else None
+        if own is not None:
+            return [own.server.path] if not own.server.finished else []
         return [s.path for s in self.ctx.registry]
 
     @dbus_property(access=PropertyAccess.READ)
@@ -572,8 +585,7 @@ async def answer_connection_credentials(ctx: ServiceContext, msg: Message) -> No
     """GetConnectionCredentials with ProcessFD; resent without it if the caller refuses fds."""
     try:
         bus_name = str(msg.body[0])
-        session = await ctx.resolve_session(bus_name)
-        ctx.check_self_query(msg.sender, session)
+        session = await ctx.resolve_session(bus_name, msg.sender)
         creds = credentials_dict(session.creds, session.server)
         if msg.flags.value & 0x1:  # NO_REPLY_EXPECTED
             return
@@ -640,6 +652,14 @@ def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> No
         if msg.message_type != MessageType.METHOD_CALL:
             return None
         _current_message.set(msg)
+        if msg.path and _path_is_ours(msg.path):
+            own = ctx.registry.session_for(msg.sender) if msg.sender else None
+            if own is not None and own.server.path != msg.path:
+                return Message.new_error(
+                    msg,
+                    errors.ACCESS_DENIED,
+                    "a confined connection may only inspect its own server",
+                )
         if msg.path == PATH or (msg.path and _path_is_ours(msg.path)):
             iface = msg.interface or (INTERFACE if msg.path == PATH else SERVER_INTERFACE)
             expected = known.get((iface, msg.member or ""))

@@ -66,6 +66,7 @@ _OWN_METHODS = frozenset({"RequestName", "ReleaseName", "ListQueuedOwners"})
 #: Bounds on per-connection bookkeeping (memory per connection is bounded).
 _MAX_EXPECTED_REPLIES = 16384
 _MAX_SEEN_PEERS = 4096
+_NO_NAMES: frozenset[str] = frozenset()
 #: Our own AddMatch calls carry NO_REPLY_EXPECTED, so their serial never gets a reply.
 INTERNAL_SERIAL = 0xFFFFFFFF
 
@@ -111,29 +112,65 @@ class PolicyFilter:
         # Calls peers made to the client: (peer, serial) awaiting the client's reply.
         self._expected: dict[tuple[str, int], None] = {}
         self._seen_peers: dict[str, None] = {}
+        # Sticky history, per connection as in xdg-dbus-proxy: every policy-relevant
+        # name each unique name has owned since this client said Hello.
+        self._history: dict[str, set[str]] = {}
         self._level_cache: dict[str, tuple[int, Level]] = {}
 
     # -- set-up and policy changes ------------------------------------------------------
 
     def hello_done(self, unique_name: str) -> list[bytes]:
-        """Learn our name; subscribe (invisibly) to owner changes of policy names."""
+        """Learn our name; snapshot current owners; subscribe to policy names' changes.
+
+        The subscription (AddMatch without reply) makes the bus send us owner
+        changes in order with everything else on this connection, so a peer's
+        level is known before its next message arrives.
+        """
         self.own_name = unique_name
+        self._snapshot()
         return self._subscriptions()
 
-    def _subscriptions(self) -> list[bytes]:
-        rules = [_name_owner_changed_rule(f"arg0='{n}'") for n in sorted(self.policy.names_exact)]
-        rules += [
-            _name_owner_changed_rule(f"arg0namespace='{p}'")
-            for p in sorted(self.policy.wildcard_prefixes)
-        ]
-        return [_add_match(r) for r in rules]
+    def _snapshot(self) -> None:
+        for name, owner in self.tracker.owners():
+            self._owned(name, owner)
 
-    def update_policy(self, policy: Policy | None) -> None:
-        """SetPolicy: judge the next message by the new policy."""
+    def _owned(self, name: str, owner: str) -> None:
+        """Record that ``owner`` owns ``name`` (if the policy cares about ``name``)."""
+        if self.policy.level(name) == Level.NONE and not self.policy.start_service_allowed(name):
+            return
+        names = self._history.get(owner)
+        if names is None:
+            names = self._history[owner] = set()
+        names.add(name)
+
+    def _subscriptions(self) -> list[bytes]:
+        return [_add_match(r) for r in self._rules(self.policy)]
+
+    def update_policy(self, policy: Policy | None) -> list[bytes]:
+        """SetPolicy: judge the next message by the new policy; subscribe to new names."""
         if policy is None:
             policy = Policy({}, {}, {})
+        old = self.policy
         self.policy = policy
         self._level_cache.clear()
+        if self.own_name is None:
+            return []
+        self._snapshot()
+        new = [
+            _add_match(r)
+            for r in self._rules(policy)
+            if r not in set(self._rules(old))
+        ]
+        return new
+
+    @staticmethod
+    def _rules(policy: Policy) -> list[str]:
+        rules = [_name_owner_changed_rule(f"arg0='{n}'") for n in sorted(policy.names_exact)]
+        rules += [
+            _name_owner_changed_rule(f"arg0namespace='{p}'")
+            for p in sorted(policy.wildcard_prefixes)
+        ]
+        return rules
 
     def reply_delivered(self, serial: int) -> None:
         """The proxy answered the client's call itself."""
@@ -144,15 +181,18 @@ class PolicyFilter:
     def level_of(self, name: str) -> Level:
         """The client's level for a bus name (well-known or unique)."""
         if not name.startswith(":"):
+            if name == BUS_NAME:
+                return Level.TALK
             return self.policy.level(name)
         if name == self.own_name:
             return Level.TALK
-        gen = self.tracker.history_size(name)
+        history = self._history.get(name, _NO_NAMES)
+        gen = len(history)
         cached = self._level_cache.get(name)
         if cached is not None and cached[0] == gen:
             return cached[1]
         level = Level.NONE
-        for owned in self.tracker.names_of(name):
+        for owned in history:
             lv = self.policy.level(owned)
             if lv > level:
                 level = lv
@@ -172,14 +212,14 @@ class PolicyFilter:
         if self.level_of(dest) >= Level.TALK:
             return True
         return self.policy.any_call_allowed(
-            self.tracker.names_of(dest), hdr.interface, hdr.member, hdr.path
+            self._history.get(dest, _NO_NAMES), hdr.interface, hdr.member, hdr.path
         )
 
     def _broadcast_allowed(self, sender: str, hdr: Header) -> bool:
         if self.level_of(sender) >= Level.TALK:
             return True
         return self.policy.any_broadcast_allowed(
-            self.tracker.names_of(sender), hdr.interface, hdr.member, hdr.path
+            self._history.get(sender, _NO_NAMES), hdr.interface, hdr.member, hdr.path
         )
 
     def _is_ours(self, dest: str) -> bool:
@@ -245,7 +285,11 @@ class PolicyFilter:
             return deny(ACCESS_DENIED, "method calls need a destination")
         if dest == BUS_NAME:
             return self._driver_call(hdr, data)
-        if dest in self.service_names and hdr.member in _SELF_QUERIES:
+        if (
+            dest in self.service_names
+            and hdr.member in _SELF_QUERIES
+            and self._about_self(hdr, data)
+        ):
             return None
         if self._call_allowed(dest, hdr):
             return None
@@ -256,6 +300,13 @@ class PolicyFilter:
                 "by this container's policy",
             )
         return self._hidden(hdr, dest)
+
+    def _about_self(self, hdr: Header, data: bytes) -> bool:
+        """Whether a query to our service names the client itself (or is about a path)."""
+        arg = first_string_arg(hdr, data)
+        if arg is None or hdr.signature == "o":
+            return True  # GetServerInfo(path): the service checks it is the client's own
+        return self._is_ours(arg)
 
     def _driver_call(self, hdr: Header, data: bytes) -> Decision | None:
         iface = hdr.interface
@@ -341,9 +392,10 @@ class PolicyFilter:
                 self._seen_peers.pop(next(iter(self._seen_peers)))
 
     def forget_peer(self, unique_name: str) -> None:
-        """A peer left the bus: drop what we kept about it."""
+        """A peer left the bus (some time ago): drop what we kept about it."""
         self._seen_peers.pop(unique_name, None)
         self._level_cache.pop(unique_name, None)
+        self._history.pop(unique_name, None)
 
     def _bus_reply(self, hdr: Header, data: bytes) -> Decision | None:
         rs = hdr.reply_serial
@@ -389,6 +441,7 @@ class PolicyFilter:
                 name = first_string_arg(hdr, data)
                 if name is not None and self.own_name is not None and hdr.member == "NameAcquired":
                     self.tracker.learn_owner(name, self.own_name)
+                    self._owned(name, self.own_name)
                 return None
             return None
         if sender is None:
@@ -409,11 +462,10 @@ class PolicyFilter:
             new, _ = read_string(data, pos, hdr.little_endian)
         except SignatureError:
             return drop("malformed NameOwnerChanged")
+        # Judge visibility before applying the change: a departing peer is still
+        # known to this connection when its own departure is announced.
+        visible = self._visible(name)
         self.tracker.name_owner_changed(name, old, new)
-        if name.startswith(":") and not new:
-            visible = self._visible(name)
-            self.forget_peer(name)
-            return None if visible else drop(f"NameOwnerChanged for hidden {name}")
-        if self._visible(name):
-            return None
-        return drop(f"NameOwnerChanged for hidden {name}")
+        if new and not name.startswith(":"):
+            self._owned(name, new)
+        return None if visible else drop(f"NameOwnerChanged for hidden {name}")

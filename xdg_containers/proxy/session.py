@@ -37,6 +37,7 @@ from .endpoint import Endpoint, close_fds
 from .peercred import PeerCredentials
 
 if TYPE_CHECKING:
+    from ..policy import Policy
     from ..servers.server import ContainerServer
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,14 @@ class Session:
         else:
             self._closing_after_flush = True
             self._client.flush()
+
+    def update_policy(self, policy: Policy | None) -> bool:
+        """Give the current filter a new policy if it can take one; False if it cannot."""
+        update = getattr(self.filter, "update_policy", None)
+        if update is None:
+            return False
+        self._inject(update(policy))
+        return True
 
     def replace_filter(self, new_filter: MessageFilter) -> None:
         """Swap the filter (SetPolicy); the new one learns the unique name if known."""

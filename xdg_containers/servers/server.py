@@ -304,12 +304,9 @@ class ContainerServer:
         """SetPolicy: new filter settings for future and live connections, at once."""
         self.spec.filter = settings
         for session in list(self.sessions):
-            current = session.filter
-            update = getattr(current, "update_policy", None)
-            if settings.enabled and update is not None:
-                update(settings.policy)
-            else:
-                session.replace_filter(self.make_filter(session))
+            if settings.enabled and session.update_policy(settings.policy):
+                continue
+            session.replace_filter(self.make_filter(session))
 
     def session_named(self, session: Session) -> None:
         """A session learned its unique name."""

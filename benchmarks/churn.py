@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""Per-message cost through a filtering proxy, before and after a policy name churned N times.
+
+A peer on a private bus acquires and releases a policy name (``--talk``) N times while a
+client is connected through each proxy: our service (``python -m xdg_containers serve
+--address``, AddServer with Filter) and ``xdg-dbus-proxy --filter``. xdg-dbus-proxy appends
+the name to the peer's owned-names list on every acquisition and walks that list for each
+message to or from the peer; we keep a set, so our cost should not move.
+
+Measured per proxy, before and after the churn:
+
+- ``call``: a method call from the client to the peer's unique name and its reply;
+- ``signal``: a broadcast from the peer, until the client has received it.
+
+Prints a table and one summary line with the after/before ratio per proxy. Runs in well
+under a minute by default (``--budget`` bounds the measurement phases). Not a test.
+
+    python benchmarks/churn.py [--churn 2000] [--samples 300] [--budget 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from xdg_containers.privatebus import PrivateBus  # noqa: E402
+
+POLICY_NAME = "org.benchmark.Churn"
+EXT = "org.freedesktop.XdgContainers1."
+
+
+@dataclass
+class Processes:
+    """Children to clean up, temp dirs to remove."""
+
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def start_service(bus_address: str, children: Processes) -> None:
+    """``python -m xdg_containers serve --address``, waiting for READY=1."""
+    runtime = tempfile.mkdtemp(prefix="xdgc-bench-runtime-")
+    os.chmod(runtime, 0o700)
+    children.dirs.append(runtime)
+    env = dict(
+        os.environ,
+        XDG_RUNTIME_DIR=runtime,
+        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "xdg_containers",
+            "serve",
+            "--address",
+            bus_address,
+            "--ready-fd",
+            str(w),
+        ],
+        pass_fds=(w,),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(w)
+    children.procs.append(proc)
+    ready, _, _ = select.select([r], [], [], 20)
+    data = os.read(r, 100) if ready else b""
+    os.close(r)
+    if b"READY=1" not in data:
+        raise SystemExit("the service did not become ready")
+
+
+def start_xdg_dbus_proxy(bus_address: str, children: Processes) -> str:
+    """``xdg-dbus-proxy BUS SOCKET --filter --talk=NAME``; its address once listening."""
+    d = tempfile.mkdtemp(prefix="xdgc-bench-xdp-")
+    children.dirs.append(d)
+    sock = os.path.join(d, "bus")
+    proc = subprocess.Popen(
+        ["xdg-dbus-proxy", bus_address, sock, "--filter", f"--talk={POLICY_NAME}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    children.procs.append(proc)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("xdg-dbus-proxy did not start")
+        time.sleep(0.005)
+    return f"unix:path={sock}"
+
+
+async def add_server(manager: MessageBus) -> str:
+    reply = await manager.call(
+        Message(
+            destination="org.freedesktop.DBus.Containers1",
+            path="/org/freedesktop/DBus/Containers1",
+            interface="org.freedesktop.DBus.Containers1",
+            member="AddServer",
+            signature="sssa{sv}a{sv}",
+            body=[
+                "org.benchmark",
+                "org.benchmark.App",
+                "churn",
+                {},
+                {
+                    EXT + "Filter": Variant("b", True),
+                    EXT + "Policy": Variant("a{ss}", {POLICY_NAME: "talk"}),
+                },
+            ],
+        )
+    )
+    assert reply is not None
+    if reply.message_type != MessageType.METHOD_RETURN:
+        raise SystemExit(f"AddServer failed: {reply.error_name}: {reply.body}")
+    return str(reply.body[1]["Address"].value)
+
+
+class Client:
+    """A client through one proxy, counting the peer's broadcasts it receives."""
+
+    def __init__(self, label: str, bus: MessageBus, peer_name: str, member: str) -> None:
+        self.label = label
+        self.member = member  # each client matches only its own signal: no cross traffic
+        self.bus = bus
+        self.peer_name = peer_name
+        self.signals = 0
+        self.waiter: asyncio.Future[None] | None = None
+        bus.add_message_handler(self._on_message)
+
+    def _on_message(self, msg: Message) -> None:
+        if (
+            msg.message_type == MessageType.SIGNAL
+            and msg.sender == self.peer_name
+            and msg.member == self.member
+        ):
+            self.signals += 1
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_result(None)
+
+    async def call_rtt(self) -> float:
+        t = time.perf_counter()
+        reply = await self.bus.call(
+            Message(
+                destination=self.peer_name, path="/", interface="org.benchmark.Iface", member="Echo"
+            )
+        )
+        dt = time.perf_counter() - t
+        assert reply is not None and reply.message_type == MessageType.METHOD_RETURN, reply
+        return dt
+
+    async def signal_rtt(self, peer: MessageBus) -> float:
+        self.waiter = asyncio.get_running_loop().create_future()
+        t = time.perf_counter()
+        await peer.send(Message.new_signal("/", "org.benchmark.Iface", self.member))
+        await asyncio.wait_for(self.waiter, 30)
+        return time.perf_counter() - t
+
+
+def peer_handler(msg: Message) -> Message | None:
+    if msg.message_type == MessageType.METHOD_CALL and msg.member == "Echo":
+        return Message.new_method_return(msg)
+    return None
+
+
+async def measure(
+    clients: list[Client], peer: MessageBus, samples: int, budget: float
+) -> dict[tuple[str, str], list[float]]:
+    """Each path in its own block (a slow proxy's work must not overlap another's samples).
+
+    Each block gets an equal share of ``budget`` seconds and at least 20 samples.
+    """
+    out: dict[tuple[str, str], list[float]] = {}
+    share = budget / len(clients)
+    for c in clients:
+        deadline = time.monotonic() + share
+        calls = out.setdefault((c.label, "call"), [])
+        sigs = out.setdefault((c.label, "signal"), [])
+        for i in range(samples):
+            if i >= 20 and time.monotonic() > deadline:
+                break
+            calls.append(await c.call_rtt())
+            sigs.append(await c.signal_rtt(peer))
+    return out
+
+
+async def run(args: argparse.Namespace) -> int:
+    children = Processes()
+    bus = PrivateBus()
+    bus.start()
+    conns: list[MessageBus] = []
+    try:
+        start_service(bus.address, children)
+        xdp_address = start_xdg_dbus_proxy(bus.address, children)
+
+        async def connect(address: str) -> MessageBus:
+            conn = await MessageBus(bus_address=address).connect()
+            conns.append(conn)
+            return conn
+
+        manager = await connect(bus.address)
+        ours_address = await add_server(manager)
+        peer = await connect(bus.address)
+        peer.add_message_handler(peer_handler)
+        peer_name = peer.unique_name
+        assert peer_name is not None
+        # One acquisition first: the peer becomes talk (sticky) for clients connected now.
+        clients = []
+        paths = (
+            ("direct bus", bus.address),
+            ("ours", ours_address),
+            ("xdg-dbus-proxy", xdp_address),
+        )
+        for i, (label, address) in enumerate(paths):
+            conn = await connect(address)
+            member = f"Tick{i}"
+            await conn.call(
+                Message(
+                    destination="org.freedesktop.DBus",
+                    path="/org/freedesktop/DBus",
+                    interface="org.freedesktop.DBus",
+                    member="AddMatch",
+                    signature="s",
+                    body=[f"type='signal',member='{member}'"],
+                )
+            )
+            clients.append(Client(label, conn, peer_name, member))
+        await peer.request_name(POLICY_NAME)
+        await peer.release_name(POLICY_NAME)
+        for c in clients:  # let every proxy see the change before measuring
+            await c.call_rtt()
+
+        start = time.monotonic()
+        phase_budget = args.budget / 2
+        before = await measure(clients, peer, args.samples, phase_budget)
+        before_time = time.monotonic() - start
+        t_churn = time.monotonic()
+        for _ in range(args.churn):
+            await peer.request_name(POLICY_NAME)
+            await peer.release_name(POLICY_NAME)
+        churn_time = time.monotonic() - t_churn
+        t_after = time.monotonic()
+        for c in clients:  # the first message after the churn (upstream catches up here)
+            await c.call_rtt()
+        catch_up = time.monotonic() - t_after
+        after = await measure(clients, peer, args.samples, phase_budget)
+        after_time = time.monotonic() - t_after - catch_up
+        total = time.monotonic() - start
+
+        print(
+            f"churn: {args.churn} acquire/release pairs of {POLICY_NAME} in {churn_time:.2f} s;"
+            f" phases: before {before_time:.1f} s, first message after {catch_up:.1f} s,"
+            f" after {after_time:.1f} s; total {total:.1f} s\n"
+        )
+        header = (
+            f"{'path':<16} {'message':<7} {'n':>4} {'before µs':>10} "
+            f"{'after µs':>10} {'after/before':>12}"
+        )
+        print(header)
+        print("-" * len(header))
+        ratios: dict[str, float] = {}
+        for c in clients:
+            for kind in ("call", "signal"):
+                b = statistics.median(before[(c.label, kind)]) * 1e6
+                a = statistics.median(after[(c.label, kind)]) * 1e6
+                n = min(len(before[(c.label, kind)]), len(after[(c.label, kind)]))
+                ratios[f"{c.label} {kind}"] = a / b
+                print(f"{c.label:<16} {kind:<7} {n:>4} {b:>10.0f} {a:>10.0f} {a / b:>12.2f}")
+        print()
+        summary = ", ".join(
+            f"{label}: call x{ratios[label + ' call']:.2f} signal x{ratios[label + ' signal']:.2f}"
+            for label in ("ours", "xdg-dbus-proxy", "direct bus")
+        )
+        print(f"SUMMARY after/before {args.churn} churns (median): {summary}")
+        return 0
+    finally:
+        for conn in conns:
+            conn.disconnect()
+        children.cleanup()
+        bus.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--churn", type=int, default=2000, help="acquire/release pairs (default 2000)"
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=300,
+        help="round trips per proxy and kind, per phase (default 300)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=45.0,
+        help="seconds for the measurement phases together (default 45)",
+    )
+    args = parser.parse_args()
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
