@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..wire.header import Header
+from ..wire.header import Header, Raw
 from .decision import Decision, always_forbidden
 
 
@@ -13,13 +13,13 @@ class BasicFilter:
         """``service_names``: our own bus names, whose manager methods are off limits."""
         self.service_names = service_names
 
-    def from_client(self, hdr: Header, data: bytes) -> Decision | None:
+    def from_client(self, hdr: Header, data: Raw) -> Decision | None:
         """Client -> bus: only the always-forbidden calls are refused."""
         if hdr.destination is None:
             return None
         return always_forbidden(hdr, data, self.service_names)
 
-    def from_bus(self, hdr: Header, data: bytes) -> Decision | None:
+    def from_bus(self, hdr: Header, data: Raw) -> Decision | None:
         """Bus -> client: everything passes."""
         return None
 

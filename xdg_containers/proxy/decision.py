@@ -6,7 +6,7 @@ import enum
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from ..wire.header import METHOD_CALL, Header
+from ..wire.header import METHOD_CALL, Header, Raw
 from ..wire.matchrule import rule_requests_eavesdrop
 from ..wire.types import SignatureError, read_string
 
@@ -63,7 +63,7 @@ def drop(reason: str) -> Decision:
     return Decision(Verdict.DROP, reason=reason)
 
 
-def first_string_arg(hdr: Header, data: bytes) -> str | None:
+def first_string_arg(hdr: Header, data: Raw) -> str | None:
     """The first body argument when it is a string, else None."""
     if not hdr.signature or hdr.signature[0] not in "so":
         return None
@@ -74,7 +74,7 @@ def first_string_arg(hdr: Header, data: bytes) -> str | None:
 
 
 def always_forbidden(
-    hdr: Header, data: bytes, service_names: Collection[str]
+    hdr: Header, data: Raw, service_names: Collection[str]
 ) -> Decision | None:
     """Rules that hold for every confined connection, filtered or not.
 

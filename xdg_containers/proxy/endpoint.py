@@ -123,7 +123,7 @@ class Endpoint:
 
     # -- writing -----------------------------------------------------------------
 
-    def queue(self, data: bytes | memoryview, fds: list[int] | None = None) -> None:
+    def queue(self, data: bytes | bytearray | memoryview, fds: list[int] | None = None) -> None:
         """Append one message (and the fds that travel with it) to the output."""
         if self.closed:
             if fds:

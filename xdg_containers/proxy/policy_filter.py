@@ -27,6 +27,7 @@ from ..wire.header import (
     NO_REPLY_EXPECTED,
     SIGNAL,
     Header,
+    Raw,
 )
 from ..wire.types import BodyWriter, SignatureError, read_string, read_string_array
 from .decision import (
@@ -236,7 +237,7 @@ class PolicyFilter:
 
     # -- client -> bus ---------------------------------------------------------------------
 
-    def from_client(self, hdr: Header, data: bytes) -> Decision | None:
+    def from_client(self, hdr: Header, data: Raw) -> Decision | None:
         """Judge a message the client sends."""
         t = hdr.message_type
         if t == METHOD_CALL:
@@ -279,7 +280,7 @@ class PolicyFilter:
             return None
         return drop(f"reply to {dest} serial {rs}, which did not call the client")
 
-    def _client_call(self, hdr: Header, data: bytes) -> Decision | None:
+    def _client_call(self, hdr: Header, data: Raw) -> Decision | None:
         dest = hdr.destination
         if dest is None:
             return deny(ACCESS_DENIED, "method calls need a destination")
@@ -301,14 +302,14 @@ class PolicyFilter:
             )
         return self._hidden(hdr, dest)
 
-    def _about_self(self, hdr: Header, data: bytes) -> bool:
+    def _about_self(self, hdr: Header, data: Raw) -> bool:
         """Whether a query to our service names the client itself (or is about a path)."""
         arg = first_string_arg(hdr, data)
         if arg is None or hdr.signature == "o":
             return True  # GetServerInfo(path): the service checks it is the client's own
         return self._is_ours(arg)
 
-    def _driver_call(self, hdr: Header, data: bytes) -> Decision | None:
+    def _driver_call(self, hdr: Header, data: Raw) -> Decision | None:
         iface = hdr.interface
         member = hdr.member or ""
         if iface == PEER_IFACE:
@@ -363,7 +364,7 @@ class PolicyFilter:
 
     # -- bus -> client ---------------------------------------------------------------------
 
-    def from_bus(self, hdr: Header, data: bytes) -> Decision | None:
+    def from_bus(self, hdr: Header, data: Raw) -> Decision | None:
         """Judge a message on its way to the client."""
         t = hdr.message_type
         if t in (METHOD_RETURN, ERROR):
@@ -397,7 +398,7 @@ class PolicyFilter:
         self._level_cache.pop(unique_name, None)
         self._history.pop(unique_name, None)
 
-    def _bus_reply(self, hdr: Header, data: bytes) -> Decision | None:
+    def _bus_reply(self, hdr: Header, data: Raw) -> Decision | None:
         rs = hdr.reply_serial
         assert rs is not None
         dest = self._client_calls.pop(rs, None)
@@ -409,7 +410,7 @@ class PolicyFilter:
             return None
         return self._driver_reply(hdr, data)
 
-    def _driver_reply(self, hdr: Header, data: bytes) -> Decision | None:
+    def _driver_reply(self, hdr: Header, data: Raw) -> Decision | None:
         sig = hdr.signature
         if sig == "as":
             try:
@@ -431,7 +432,7 @@ class PolicyFilter:
             return replace(build_message(METHOD_RETURN, hdr.serial, fields, body.bytes()))
         return None
 
-    def _bus_signal(self, hdr: Header, data: bytes) -> Decision | None:
+    def _bus_signal(self, hdr: Header, data: Raw) -> Decision | None:
         sender = hdr.sender
         dest = hdr.destination
         if sender == BUS_NAME:
@@ -455,7 +456,7 @@ class PolicyFilter:
             return None
         return drop(f"broadcast {hdr.interface}.{hdr.member} from {sender} not allowed")
 
-    def _name_owner_changed(self, hdr: Header, data: bytes) -> Decision | None:
+    def _name_owner_changed(self, hdr: Header, data: Raw) -> Decision | None:
         try:
             name, pos = read_string(data, hdr.body_offset, hdr.little_endian)
             old, pos = read_string(data, pos, hdr.little_endian)

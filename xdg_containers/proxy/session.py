@@ -29,6 +29,7 @@ from ..wire.header import (
     SIGNAL,
     Header,
     MessageError,
+    Raw,
     parse_header,
 )
 from ..wire.types import SignatureError, read_string
@@ -52,10 +53,10 @@ _TYPE_NAMES = {METHOD_CALL: "call", METHOD_RETURN: "return", ERROR: "error", SIG
 class MessageFilter(Protocol):
     """Judges each message of one session; see ``decision.py`` for the verdicts."""
 
-    def from_client(self, hdr: Header, data: bytes) -> Decision | None:
+    def from_client(self, hdr: Header, data: Raw) -> Decision | None:
         """Client -> bus. None means pass unchanged."""
 
-    def from_bus(self, hdr: Header, data: bytes) -> Decision | None:
+    def from_bus(self, hdr: Header, data: Raw) -> Decision | None:
         """Bus -> client. None means pass unchanged."""
 
     def hello_done(self, unique_name: str) -> list[bytes]:
@@ -100,6 +101,7 @@ class Session:
         self._closing_after_flush = False
         self._timers: list[asyncio.TimerHandle] = []
         self._connect_task: asyncio.Task[None] | None = None
+        self._stalled: tuple[bytes | bytearray, Header, list[int] | None] | None = None
 
     # -- start and stop ----------------------------------------------------------------
 
@@ -107,7 +109,8 @@ class Session:
         """Begin the handshake with the client and the connection to the bus."""
         self._client.start_reading()
         self._timers.append(self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout))
-        self._connect_task = self.loop.create_task(self._connect_bus())
+        if not self._connect_bus_now():
+            self._connect_task = self.loop.create_task(self._connect_bus())
 
     def _handshake_timeout(self) -> None:
         if self._hold_client and self._hello_serial is None and not self.closed:
@@ -135,6 +138,8 @@ class Session:
             self._bus.close()
         self._client_reader.close()
         self._bus_reader.close()
+        if self._stalled is not None and self._stalled[2]:
+            close_fds(self._stalled[2])
         self.creds.close()
         self.server.session_closed(self)
 
@@ -161,6 +166,25 @@ class Session:
             self._inject(new_filter.hello_done(self.unique_name))
 
     # -- the bus side ------------------------------------------------------------------
+
+    def _connect_bus_now(self) -> bool:
+        """Connect a local bus socket without a task (the common, fast case)."""
+        try:
+            entries = parse_address(self.server.bus_address)
+            family, addr = entries[0].sockaddr()
+        except AddressError:
+            return False
+        if family != socket.AF_UNIX:
+            return False
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            sock.connect(addr)
+        except OSError:
+            sock.close()
+            return False
+        self._bus_connected(sock)
+        return True
 
     async def _connect_bus(self) -> None:
         try:
@@ -189,6 +213,9 @@ class Session:
         if self.closed:
             sock.close()
             return
+        self._bus_connected(sock)
+
+    def _bus_connected(self, sock: socket.socket) -> None:
         self._bus = Endpoint(self.loop, sock, self._bus_data, self._bus_error, self._bus_eof)
         self._bus.receive_fds = sock.family == socket.AF_UNIX
         self._bus.queue(self._sasl_client.start())
@@ -217,12 +244,16 @@ class Session:
                 self.close(f"bus handshake failed: {exc}")
                 return
             if not self._sasl_client.done:
+                if self._sasl_client.may_send_messages and self._hold_client:
+                    self._hold_client = False
+                    self._pump_client()
                 return
             if self._sasl.negotiated_unix_fd and not self._sasl_client.unix_fd_agreed:
                 self.close("the bus refused unix fd passing that the client negotiated")
                 return
             data = self._sasl_client.leftover
-            self._hold_client = False
+            if self._hold_client and self._hello_serial is None:
+                self._hold_client = False
             self._pump_client()
             if not data:
                 return
@@ -300,7 +331,7 @@ class Session:
             self._client.on_drained = None
             bus.start_reading()
 
-    def _hello_answered(self, hdr: Header, data: bytes) -> None:
+    def _hello_answered(self, hdr: Header, data: Raw) -> None:
         self._hello_serial = None
         if hdr.message_type == METHOD_RETURN and hdr.signature == "s":
             try:
@@ -366,8 +397,8 @@ class Session:
             if self._bus is not None:
                 self._bus.queue(self._sasl_client.begin(self._sasl.negotiated_unix_fd))
                 self._bus.flush()
-                if self._sasl_client.done:
-                    # The bus said OK already and no fd answer is awaited.
+                if self._sasl_client.may_send_messages:
+                    # The bus said OK already; fd-less messages may go now.
                     self._hold_client = False
             data = self._sasl.leftover
             if not data:
@@ -388,13 +419,26 @@ class Session:
         server = self.server
         try:
             while not self._hold_client:
-                item = reader.next_message()
-                if item is None:
-                    reader.check_no_stray_fds()
-                    break
-                data = item[0]
-                hdr = parse_header(data)
-                fds = reader.take_fds(hdr.unix_fds) if hdr.unix_fds else None
+                stalled = self._stalled
+                if stalled is not None:
+                    if not self._sasl_client.done:
+                        self._hold_client = True
+                        break
+                    self._stalled = None
+                    data, hdr, fds = stalled
+                else:
+                    item = reader.next_message()
+                    if item is None:
+                        reader.check_no_stray_fds()
+                        break
+                    data = item[0]
+                    hdr = parse_header(data)
+                    fds = reader.take_fds(hdr.unix_fds) if hdr.unix_fds else None
+                    if fds and not self._sasl_client.done:
+                        # Fds may only go once the bus agreed to fd passing.
+                        self._stalled = (data, hdr, fds)
+                        self._hold_client = True
+                        break
                 if fds and not self._sasl.negotiated_unix_fd:
                     close_fds(fds)
                     self.close("unix fds sent without negotiating them")

@@ -36,8 +36,17 @@ class SaslClient:
         return (b"NEGOTIATE_UNIX_FD\r\n" if negotiate_unix_fd else b"") + b"BEGIN\r\n"
 
     @property
+    def may_send_messages(self) -> bool:
+        """True once the bus said OK and we sent BEGIN: fd-less messages may flow.
+
+        The answer to NEGOTIATE_UNIX_FD may still be on its way; only messages
+        carrying fds must wait for it (see ``done``).
+        """
+        return self._begin_sent and self._ok
+
+    @property
     def done(self) -> bool:
-        """True once messages may flow toward the bus."""
+        """True once the handshake is over, fd negotiation answered included."""
         return (
             self._begin_sent
             and self._ok

@@ -19,6 +19,10 @@ MAX_QUEUED_FDS = 1024
 MAX_FDS_PER_MESSAGE = 253
 
 
+#: Messages at least this large are handed out without a copy when possible.
+_HANDOFF_MIN = 64 * 1024
+
+
 class FramingError(MessageError):
     """The stream violates framing rules; the connection must be closed."""
 
@@ -58,7 +62,7 @@ class MessageReader:
             return self._next_len - self.buffered
         return 0
 
-    def next_message(self) -> tuple[bytes, list[int]] | None:
+    def next_message(self) -> tuple[bytes | bytearray, list[int]] | None:
         """Return the next complete message and its fds, or None if more bytes are needed."""
         avail = len(self._buf) - self._pos
         if avail < FIXED_HEADER_LEN:
@@ -78,6 +82,15 @@ class MessageReader:
             self._compact()
             return None
         start = self._pos
+        data: bytes | bytearray
+        if start == 0 and n >= _HANDOFF_MIN:
+            # A large message at the front: hand the buffer itself over and keep
+            # only what follows it, instead of copying the message out.
+            data = self._buf
+            self._buf = bytearray(memoryview(data)[n:])
+            del data[n:]
+            self._next_len = 0
+            return data, []
         with memoryview(self._buf) as view:
             data = view[start : start + n].tobytes()
         self._pos = start + n

@@ -33,6 +33,9 @@ FIELD_SENDER = 7
 FIELD_SIGNATURE = 8
 FIELD_UNIX_FDS = 9
 
+#: A whole received message: bytes, or the reader's own buffer handed over.
+Raw = bytes | bytearray
+
 FIXED_HEADER_LEN = 16
 #: The D-Bus specification's hard limit on a whole message.
 SPEC_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
