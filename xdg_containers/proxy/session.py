@@ -267,6 +267,8 @@ class Session:
         reader = self._bus_reader
         client = self._client
         server = self.server
+        forwarded = 0
+        log_all = server.log_messages
         while not self.closed:
             item = reader.next_message()
             if item is None:
@@ -306,10 +308,11 @@ class Session:
                     server.count_denied()
                     self._log_message("in", hdr, decision)
                     continue
-            server.count_forwarded()
-            if server.log_messages:
+            forwarded += 1
+            if log_all:
                 self._log_message("in", hdr, None)
             client.queue(data, fds)
+        server.messages_forwarded += forwarded
         if self.closed:
             return
         reader.check_no_stray_fds()
@@ -417,6 +420,8 @@ class Session:
         assert bus is not None
         reader = self._client_reader
         server = self.server
+        forwarded = 0
+        log_all = server.log_messages
         try:
             while not self._hold_client:
                 stalled = self._stalled
@@ -466,14 +471,16 @@ class Session:
                     ):
                         self._hello_serial = hdr.serial
                         self._hold_client = True
-                server.count_forwarded()
-                if server.log_messages:
+                forwarded += 1
+                if log_all:
                     self._log_message("out", hdr, None)
                 bus.queue(data, fds)
         except (MessageError, SignatureError) as exc:
+            server.messages_forwarded += forwarded
             bus.flush()
             self.close(f"malformed message from the client: {exc}")
             return
+        server.messages_forwarded += forwarded
         bus.flush()
         if bus.pending_bytes > self._max_pending:
             self._client.pause_reading()

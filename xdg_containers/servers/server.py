@@ -318,10 +318,6 @@ class ContainerServer:
         self.registry.session_closed(session)
         self._maybe_finished()
 
-    def count_forwarded(self) -> None:
-        """One more message forwarded."""
-        self.messages_forwarded += 1
-
     def count_denied(self) -> None:
         """One more message denied or dropped."""
         self.messages_denied += 1

@@ -115,7 +115,7 @@ class Header:
 
 def _decode_str(raw: bytes | bytearray | memoryview, what: str) -> str:
     try:
-        return bytes(raw).decode("utf-8")
+        return str(raw, "utf-8")
     except UnicodeDecodeError as exc:
         raise MessageError(f"{what} is not valid UTF-8") from exc
 
@@ -125,6 +125,9 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
 
     Unknown header fields are skipped (the specification says to ignore them);
     a known field with the wrong type, or a truncated array, is a MessageError.
+    Field arrays seen recently are looked up instead of parsed again: a client
+    calling one method repeatedly sends the same array every time, and a reply
+    differs from the previous one only in its leading reply serial.
     """
     if len(data) < FIXED_HEADER_LEN:
         raise MessageError("message shorter than the fixed header")
@@ -148,6 +151,78 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
     body_offset = end + (-end & 7)
     if body_offset + body_len != len(data):
         raise MessageError("message length does not match its header")
+    if fields_len > _CACHE_MAX_FIELDS:
+        return _parse_fields(data, little, u32, mtype, flags, serial, body_len, body_offset, end)
+    reply_serial: int | None = None
+    if data[16] == FIELD_REPLY_SERIAL and data[17:20] == b"\x01u\x00" and end >= 24:
+        (reply_serial,) = u32.unpack_from(data, 20)
+        if reply_serial == 0:
+            raise MessageError("reply serial 0 is not allowed")
+        key: tuple[int, bytes] = (mtype | endian << 8 | 1 << 16, bytes(data[24:end]))
+    else:
+        key = (mtype | endian << 8, bytes(data[16:end]))
+    cached = _FIELD_CACHE.get(key)
+    if cached is None:
+        hdr = _parse_fields(data, little, u32, mtype, flags, serial, body_len, body_offset, end)
+        if len(_FIELD_CACHE) >= _CACHE_MAX_ENTRIES:
+            _FIELD_CACHE.clear()
+        _FIELD_CACHE[key] = (
+            hdr.reply_serial,
+            hdr.path,
+            hdr.interface,
+            hdr.member,
+            hdr.error_name,
+            hdr.destination,
+            hdr.sender,
+            hdr.signature,
+            hdr.unix_fds,
+        )
+        return hdr
+    rs, path, interface, member, error_name, destination, sender, signature, unix_fds = cached
+    if reply_serial is None:
+        reply_serial = rs
+    return Header(
+        little,
+        mtype,
+        flags,
+        serial,
+        body_len,
+        body_offset,
+        path,
+        interface,
+        member,
+        error_name,
+        reply_serial,
+        destination,
+        sender,
+        signature,
+        unix_fds,
+    )
+
+
+#: Parsed field arrays by (type and endianness, array bytes); bounded, cleared when full.
+_FIELD_CACHE: dict[
+    tuple[int, bytes],
+    tuple[
+        int | None, str | None, str | None, str | None, str | None, str | None, str | None, str, int
+    ],
+] = {}
+_CACHE_MAX_ENTRIES = 2048
+_CACHE_MAX_FIELDS = 1024
+
+
+def _parse_fields(
+    data: bytes | bytearray | memoryview,
+    little: bool,
+    u32: struct.Struct,
+    mtype: int,
+    flags: int,
+    serial: int,
+    body_len: int,
+    body_offset: int,
+    end: int,
+) -> Header:
+    """Parse the header-field array between offset 16 and ``end``."""
     hdr = Header(little, mtype, flags, serial, body_len, body_offset)
     pos = FIXED_HEADER_LEN
     seen = 0
