@@ -506,24 +506,22 @@ class Session:
         verdict = "pass" if decision is None else decision.verdict.name.lower()
         if decision is not None:
             self.server.log_denial(self, direction, hdr, verdict, decision.reason)
-            if not self.server.log_messages:
-                return
         if not self.server.log_messages:
             return
         log.info(
-            "%s %s %s %s serial=%d reply_serial=%s sender=%s dest=%s path=%s member=%s.%s "
-            "verdict=%s%s",
+            "%s %s dir=%s type=%s serial=%d reply_serial=%s sender=%s dest=%s path=%s "
+            "interface=%s member=%s verdict=%s%s",
             self.server.path,
             self.unique_name or "-",
             "C->B" if direction == "out" else "B->C",
             _TYPE_NAMES.get(hdr.message_type, "?"),
             hdr.serial,
-            hdr.reply_serial,
-            hdr.sender,
-            hdr.destination,
-            hdr.path,
-            hdr.interface,
-            hdr.member or hdr.error_name,
+            hdr.reply_serial if hdr.reply_serial is not None else "-",
+            hdr.sender or "-",
+            hdr.destination or "-",
+            hdr.path or "-",
+            hdr.interface or "-",
+            hdr.member or hdr.error_name or "-",
             verdict,
-            f" ({decision.reason})" if decision is not None and decision.reason else "",
+            f' reason="{decision.reason}"' if decision is not None and decision.reason else "",
         )
