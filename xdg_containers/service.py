@@ -28,6 +28,7 @@ from dbus_fast.service import (
 )
 
 from . import errors
+from .proxy.endpoint import close_fds
 from .proxy.peercred import PeerCredentials
 from .proxy.session import Session
 from .servers.arguments import (
@@ -646,7 +647,7 @@ def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> No
         if msg.unix_fds:
             fds = list(msg.unix_fds)
             # Close after the method's first step has dup'ed what it keeps.
-            loop.call_soon(loop.call_soon, _close_all, fds)
+            loop.call_soon(loop.call_soon, close_fds, fds)
         if ctx.handle_fd_refusal(msg):
             return True
         if msg.message_type != MessageType.METHOD_CALL:
@@ -684,10 +685,3 @@ def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> No
 
     bus.add_message_handler(pre_dispatch)
 
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

@@ -11,15 +11,13 @@ from collections.abc import Collection
 
 from ..policy import Level, Policy
 from ..policy.tracker import NameTracker
-from ..wire.build import build_message
+from ..wire.build import build_message, method_return
 from ..wire.header import (
     ERROR,
     FIELD_DESTINATION,
     FIELD_INTERFACE,
     FIELD_MEMBER,
     FIELD_PATH,
-    FIELD_REPLY_SERIAL,
-    FIELD_SENDER,
     FIELD_SIGNATURE,
     METHOD_CALL,
     METHOD_RETURN,
@@ -424,12 +422,12 @@ class PolicyFilter:
                 return None
             body = BodyWriter()
             body.string_array(kept)
-            fields: dict[int, str | int] = {FIELD_REPLY_SERIAL: hdr.reply_serial or 0}
-            fields[FIELD_SENDER] = BUS_NAME
-            if hdr.destination:
-                fields[FIELD_DESTINATION] = hdr.destination
-            fields[FIELD_SIGNATURE] = "as"
-            return replace(build_message(METHOD_RETURN, hdr.serial, fields, body.bytes()))
+            return replace(
+                method_return(
+                    hdr.serial, hdr.reply_serial or 0, BUS_NAME, hdr.destination, "as",
+                    body.bytes(),
+                )
+            )
         return None
 
     def _bus_signal(self, hdr: Header, data: Raw) -> Decision | None:

@@ -14,10 +14,9 @@ from .header import (
     FIELD_REPLY_SERIAL,
     FIELD_SENDER,
     FIELD_SIGNATURE,
-    FIELD_UNIX_FDS,
+    FIELD_TYPES,
     METHOD_CALL,
     METHOD_RETURN,
-    SIGNAL,
 )
 from .types import BodyWriter
 
@@ -25,17 +24,6 @@ BUS_NAME = "org.freedesktop.DBus"
 BUS_PATH = "/org/freedesktop/DBus"
 BUS_INTERFACE = "org.freedesktop.DBus"
 
-_FIELD_TYPES = {
-    FIELD_PATH: "o",
-    FIELD_INTERFACE: "s",
-    FIELD_MEMBER: "s",
-    FIELD_ERROR_NAME: "s",
-    FIELD_REPLY_SERIAL: "u",
-    FIELD_DESTINATION: "s",
-    FIELD_SENDER: "s",
-    FIELD_SIGNATURE: "g",
-    FIELD_UNIX_FDS: "u",
-}
 
 
 def build_message(
@@ -52,7 +40,7 @@ def build_message(
         value = fields[code]
         h._align(8)
         h.byte(code)
-        sig = _FIELD_TYPES[code]
+        sig = FIELD_TYPES[code]
         h.signature(sig)
         if sig == "u":
             assert isinstance(value, int)
@@ -121,27 +109,3 @@ def method_return(
         fields[FIELD_SIGNATURE] = signature
     return build_message(METHOD_RETURN, serial, fields, body)
 
-
-def signal(
-    serial: int,
-    path: str,
-    interface: str,
-    member: str,
-    sender: str | None,
-    destination: str | None,
-    signature: str,
-    body: bytes,
-) -> bytes:
-    """A signal (used to re-emit a rewritten bus-driver signal)."""
-    fields: dict[int, str | int] = {
-        FIELD_PATH: path,
-        FIELD_INTERFACE: interface,
-        FIELD_MEMBER: member,
-    }
-    if sender:
-        fields[FIELD_SENDER] = sender
-    if destination:
-        fields[FIELD_DESTINATION] = destination
-    if signature:
-        fields[FIELD_SIGNATURE] = signature
-    return build_message(SIGNAL, serial, fields, body)

@@ -47,7 +47,8 @@ _FIXED_BE = struct.Struct(">BBBBIII")
 _U32_LE = struct.Struct("<I")
 _U32_BE = struct.Struct(">I")
 
-_EXPECTED_SIG = {
+#: The type each known header field must have.
+FIELD_TYPES = {
     FIELD_PATH: "o",
     FIELD_INTERFACE: "s",
     FIELD_MEMBER: "s",
@@ -240,7 +241,7 @@ def _parse_fields(
         pos = sig_end + 1
         if code == 0:
             raise MessageError("header field code 0 is invalid")
-        expected = _EXPECTED_SIG.get(code)
+        expected = FIELD_TYPES.get(code)
         if expected is None:
             try:
                 pos = skip_value(data, pos, sig, little, end)
