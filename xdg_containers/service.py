@@ -582,6 +582,23 @@ class ServerObject(ServiceInterface):
         server.set_filter(FilterSettings(enabled, policy))
 
 
+_EMITS_CHANGED = "org.freedesktop.DBus.Property.EmitsChangedSignal"
+# Counters change on every message: say so, so that caching proxies re-read them.
+for _prop in (ServerObject.MessagesForwarded, ServerObject.MessagesDenied):
+    _prop.introspection.annotations[_EMITS_CHANGED] = "false"  # type: ignore[attr-defined]
+# What AddServer fixed never changes.
+for _prop in (
+    ServerObject.ContainerType,
+    ServerObject.AppID,
+    ServerObject.InstanceID,
+    ServerObject.Metadata,
+    ServerObject.Creator,
+    ServerObject.Address,
+    ServerObject.SocketPath,
+):
+    _prop.introspection.annotations[_EMITS_CHANGED] = "const"  # type: ignore[attr-defined]
+
+
 async def answer_connection_credentials(ctx: ServiceContext, msg: Message) -> None:
     """GetConnectionCredentials with ProcessFD; resent without it if the caller refuses fds."""
     try:

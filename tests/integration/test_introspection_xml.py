@@ -15,7 +15,10 @@ def _members(iface: ET.Element) -> set[tuple[str, str, str]]:
     out: set[tuple[str, str, str]] = set()
     for el in iface:
         if el.tag == "property":
-            out.add(("property", el.get("name", ""), f"{el.get('type')}:{el.get('access')}"))
+            notes = ",".join(sorted(f"{a.get('name')}={a.get('value')}" for a in el
+                                    if a.tag == "annotation"))
+            out.add(("property", el.get("name", ""),
+                     f"{el.get('type')}:{el.get('access')}:{notes}"))
             continue
         ins = "".join(a.get("type", "") for a in el if a.get("direction", "in") == "in"
                       and el.tag == "method")
@@ -48,4 +51,8 @@ async def test_shipped_xml_matches_live_introspection(service: ServiceProcess, m
     assert ("method", "StopListening", "o->") in manager
     assert ("method", "ListServers", "->ao") in manager
     assert ("signal", "ServerRemoved", "->o") in manager
-    assert ("property", "SupportedArguments", "as:read") in manager
+    assert ("property", "SupportedArguments", "as:read:") in manager
+    server = shipped["org.freedesktop.DBus.Containers1.Server"]
+    emits = "org.freedesktop.DBus.Property.EmitsChangedSignal"
+    assert ("property", "MessagesForwarded", f"t:read:{emits}=false") in server
+    assert ("property", "Listening", "b:read:") in server  # PropertiesChanged is emitted

@@ -284,12 +284,13 @@ class PolicyFilter:
             return deny(ACCESS_DENIED, "method calls need a destination")
         if dest == BUS_NAME:
             return self._driver_call(hdr, data)
-        if (
-            dest in self.service_names
-            and hdr.member in _SELF_QUERIES
-            and self._about_self(hdr, data)
-        ):
-            return None
+        if dest in self.service_names and hdr.member in _SELF_QUERIES:
+            if self._about_self(hdr, data):
+                return None
+            # As unfiltered: the service would refuse it, and so do we.
+            return deny(
+                ACCESS_DENIED, "a confined connection may only ask about its own connection"
+            )
         if self._call_allowed(dest, hdr):
             return None
         if self._visible(dest):
