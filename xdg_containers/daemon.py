@@ -93,6 +93,7 @@ class Service:
         self.bus: MessageBus | None = None
         self.ctx: ServiceContext | None = None
         self.manager: ManagerInterface | None = None
+        self._dirty_connections: dict[str, ContainerServer] = {}
 
     async def start(self) -> None:
         """Connect, export the manager, subscribe to owner changes, claim the name."""
@@ -168,9 +169,19 @@ class Service:
         self.bus.unexport(server.path)
 
     def _connections_changed(self, server: ContainerServer) -> None:
-        obj = self._object(server)
-        if obj is not None:
-            obj.emit_properties_changed({"Connections": server.connection_names()})
+        # Coalesced: one PropertiesChanged per server per loop turn, however many
+        # connections came and went in it.
+        if not self._dirty_connections:
+            asyncio.get_running_loop().call_soon(self._emit_connections)
+        self._dirty_connections[server.path] = server
+
+    def _emit_connections(self) -> None:
+        dirty = self._dirty_connections
+        self._dirty_connections = {}
+        for server in dirty.values():
+            obj = self._object(server)
+            if obj is not None:
+                obj.emit_properties_changed({"Connections": server.connection_names()})
 
     def _listening_changed(self, server: ContainerServer) -> None:
         obj = self._object(server)

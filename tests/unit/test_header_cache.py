@@ -70,3 +70,50 @@ def test_same_fields_different_type_are_not_confused() -> None:
     header._FIELD_CACHE.clear()
     assert parse_header(call).message_type == 1
     assert parse_header(bytes(signal)).message_type == 4
+
+
+def _relayed_reply(reply_serial: int) -> bytes:
+    """A reply laid out as libdbus sends it and dbus-daemon relays it: the serial not first."""
+    import struct
+
+    from xdg_containers.wire.types import BodyWriter
+
+    h = BodyWriter()
+    h.buf.extend(b"\0" * 16)
+    for code, sig, val in [(6, "s", ":1.5"), (5, "u", reply_serial), (8, "g", "s"),
+                           (7, "s", ":1.3")]:
+        h._align(8)
+        h.byte(code)
+        h.signature(sig)
+        if sig == "u":
+            assert isinstance(val, int)
+            h.uint32(val)
+        elif sig == "g":
+            assert isinstance(val, str)
+            h.signature(val)
+        else:
+            assert isinstance(val, str)
+            h.string(val)
+    fields_len = len(h.buf) - 16
+    h._align(8)
+    body = BodyWriter()
+    body.string("hello")
+    struct.pack_into("<BBBBIII", h.buf, 0, ord("l"), 2, 0, 1, len(body.bytes()), 9, fields_len)
+    return bytes(h.buf) + body.bytes()
+
+
+def test_relayed_replies_share_one_cache_entry_and_keep_their_serials() -> None:
+    header._FIELD_CACHE.clear()
+    for rs in range(1, 500):
+        hdr = parse_header(_relayed_reply(rs))
+        assert hdr.reply_serial == rs
+        assert hdr.destination == ":1.5" and hdr.sender == ":1.3" and hdr.signature == "s"
+    assert len(header._FIELD_CACHE) == 1
+    bad = bytearray(_relayed_reply(7))
+    bad[36:40] = b"\0\0\0\0"  # the reply serial value of the second field
+    try:
+        parse_header(bytes(bad))
+    except header.MessageError:
+        pass
+    else:
+        raise AssertionError("reply serial 0 must be refused on a cache hit too")

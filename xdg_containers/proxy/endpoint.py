@@ -24,6 +24,9 @@ _FD_SIZE = array.array("i").itemsize
 _ANC_SPACE = socket.CMSG_SPACE(512 * _FD_SIZE)
 _MAX_BATCH_BUFFERS = 256
 _MAX_BATCH_BYTES = 4 * 1024 * 1024
+# Plain ints: testing an IntFlag member costs a microsecond per read.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
 
 def close_fds(fds: Sequence[int]) -> None:
@@ -97,10 +100,10 @@ class Endpoint:
         try:
             if self.receive_fds:
                 data, anc, flags, _addr = self.sock.recvmsg(
-                    READ_CHUNK, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC
+                    READ_CHUNK, _ANC_SPACE, _MSG_CMSG_CLOEXEC
                 )
                 fds = _fds_from_ancillary(anc) if anc else []
-                if flags & socket.MSG_CTRUNC:
+                if flags & _MSG_CTRUNC:
                     close_fds(fds)
                     self._fail("too many unix fds in one read (control data truncated)")
                     return

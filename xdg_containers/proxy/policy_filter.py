@@ -130,8 +130,15 @@ class PolicyFilter:
         return self._subscriptions()
 
     def _snapshot(self) -> None:
-        for name, owner in self.tracker.owners():
-            self._owned(name, owner)
+        """Current owners of the policy's names (all names only if it has wildcards)."""
+        if self.policy.wildcard_prefixes:
+            for name, owner in self.tracker.owners():
+                self._owned(name, owner)
+            return
+        for name in self.policy.names_exact:
+            current = self.tracker.owner_of(name)
+            if current is not None:
+                self._owned(name, current)
 
     def _owned(self, name: str, owner: str) -> None:
         """Record that ``owner`` owns ``name`` (if the policy cares about ``name``)."""

@@ -153,22 +153,41 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
     if body_offset + body_len != len(data):
         raise MessageError("message length does not match its header")
     if fields_len > _CACHE_MAX_FIELDS:
-        return _parse_fields(data, little, u32, mtype, flags, serial, body_len, body_offset, end)
+        return _parse_fields(data, little, u32, mtype, flags, serial, body_len, body_offset, end)[0]
     reply_serial: int | None = None
-    if data[16] == FIELD_REPLY_SERIAL and data[17:20] == b"\x01u\x00" and end >= 24:
-        (reply_serial,) = u32.unpack_from(data, 20)
-        if reply_serial == 0:
-            raise MessageError("reply serial 0 is not allowed")
-        key: tuple[int, bytes] = (mtype | endian << 8 | 1 << 16, bytes(data[24:end]))
-    else:
+    key: tuple[int, bytes] | None = None
+    for f in _RS_HINTS:
+        # A reply serial field where one was before: key on everything else.
+        if f + 8 <= end and data[f] == FIELD_REPLY_SERIAL and data[f + 1 : f + 4] == b"\x01u\x00":
+            (reply_serial,) = u32.unpack_from(data, f + 4)
+            if reply_serial == 0:
+                raise MessageError("reply serial 0 is not allowed")
+            key = (
+                mtype | endian << 8 | f << 16,
+                bytes(data[16 : f + 4]) + bytes(data[f + 8 : end]),
+            )
+            break
+    if key is None:
         key = (mtype | endian << 8, bytes(data[16:end]))
     cached = _FIELD_CACHE.get(key)
     if cached is None:
-        hdr = _parse_fields(data, little, u32, mtype, flags, serial, body_len, body_offset, end)
+        hdr, rs_field = _parse_fields(
+            data, little, u32, mtype, flags, serial, body_len, body_offset, end
+        )
+        if rs_field is not None and reply_serial is None:
+            # Remember where reply serials sit, and file this array under that shape.
+            if rs_field not in _RS_HINTS:
+                _RS_HINTS.insert(0, rs_field)
+                del _RS_HINTS[_MAX_RS_HINTS:]
+            f = rs_field
+            key = (
+                mtype | endian << 8 | f << 16,
+                bytes(data[16 : f + 4]) + bytes(data[f + 8 : end]),
+            )
         if len(_FIELD_CACHE) >= _CACHE_MAX_ENTRIES:
             _FIELD_CACHE.clear()
         _FIELD_CACHE[key] = (
-            hdr.reply_serial,
+            None if rs_field is not None else hdr.reply_serial,
             hdr.path,
             hdr.interface,
             hdr.member,
@@ -209,6 +228,9 @@ _FIELD_CACHE: dict[
     ],
 ] = {}
 _CACHE_MAX_ENTRIES = 2048
+#: Offsets at which reply-serial fields were found (16 first: gdbus, dbus-fast put it there).
+_RS_HINTS: list[int] = [16]
+_MAX_RS_HINTS = 8
 _CACHE_MAX_FIELDS = 1024
 
 
@@ -222,13 +244,18 @@ def _parse_fields(
     body_len: int,
     body_offset: int,
     end: int,
-) -> Header:
-    """Parse the header-field array between offset 16 and ``end``."""
+) -> tuple[Header, int | None]:
+    """Parse the header-field array between offset 16 and ``end``.
+
+    Also returns the offset of the reply-serial field, if there is one.
+    """
     hdr = Header(little, mtype, flags, serial, body_len, body_offset)
     pos = FIXED_HEADER_LEN
     seen = 0
+    rs_field: int | None = None
     while pos < end:
         pos += -pos & 7
+        field_start = pos
         if pos >= end:
             break
         code = data[pos]
@@ -263,6 +290,7 @@ def _parse_fields(
                 if value == 0:
                     raise MessageError("reply serial 0 is not allowed")
                 hdr.reply_serial = value
+                rs_field = field_start
             else:
                 hdr.unix_fds = value
             continue
@@ -296,7 +324,7 @@ def _parse_fields(
         else:
             hdr.sender = text
     _check_required(hdr)
-    return hdr
+    return hdr, rs_field
 
 
 def _check_required(hdr: Header) -> None:
