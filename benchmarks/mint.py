@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +56,7 @@ def main() -> int:
     parser.add_argument("--talk", action="append", default=[])
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
+    own_runtime = not os.environ.get("XDG_RUNTIME_DIR")
     runtime = os.environ.get("XDG_RUNTIME_DIR") or tempfile.mkdtemp(prefix="xdgc-bench-")
     r, w = os.pipe()
     env = dict(os.environ, XDG_RUNTIME_DIR=runtime, PYTHONPATH=REPO)
@@ -64,18 +66,20 @@ def main() -> int:
         pass_fds=(w,), env=env, stderr=subprocess.DEVNULL,
     )
     os.close(w)
-    os.read(r, 100)
+    if b"READY=1" not in os.read(r, 100):
+        child.wait()
+        raise SystemExit(f"the service did not start (exit status {child.returncode})")
     address = asyncio.run(mint(args.bus, args.filter, args.talk))
     print(address, flush=True)
 
     def stop(*_: object) -> None:
-        child.terminate()
-        child.wait(5)
-        sys.exit(0)
+        child.terminate()  # the wait below returns once it is gone
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     child.wait()
+    if own_runtime:
+        shutil.rmtree(runtime, ignore_errors=True)
     return 0
 
 
