@@ -1,4 +1,4 @@
-"""ListenFD from a launcher written with dbus-python (libdbus), as a Wayland-style launcher would."""
+"""ListenFD from a launcher written with dbus-python (libdbus), Wayland style."""
 
 from __future__ import annotations
 
