@@ -8,6 +8,7 @@ turns a known method called with the wrong signature into InvalidArgs.
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import os
 import socket
@@ -625,6 +626,19 @@ async def answer_connection_credentials(ctx: ServiceContext, msg: Message) -> No
             ctx.bus.send(Message.new_error(msg, errors.FAILED, "internal error"))
 
 
+async def _run_without_reply(method: Any, target: ServiceInterface, msg: Message) -> None:
+    """Run a method for a call that wants no reply; refusals are logged at debug level."""
+    args = ServiceInterface._c_msg_body_to_args(msg) if msg.unix_fds else msg.body
+    try:
+        result = method.fn(target, *args)
+        if inspect.isawaitable(result):
+            await result
+    except DBusError as exc:
+        log.debug("%s from %s (no reply wanted): %s", msg.member, msg.sender, exc.text)
+    except Exception:
+        log.exception("%s from %s failed", msg.member, msg.sender)
+
+
 def _check_listen_fd(fd: int) -> socket.socket:
     """Wrap a launcher's fd; it must be a listening unix stream socket."""
     try:
@@ -655,10 +669,17 @@ def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> No
     bus = ctx.bus
     loop = asyncio.get_running_loop()
     known: dict[tuple[str, str], str] = {}
+    methods: dict[tuple[str, str], Any] = {}
     for iface in (manager, ServerObject(ctx, None)):  # type: ignore[arg-type]
         for m in ServiceInterface._get_methods(iface):
             known[(iface.name, m.name)] = m.in_signature
+            methods[(iface.name, m.name)] = m
     tasks: set[asyncio.Task[None]] = set()
+
+    def run_task(coro: Any) -> None:
+        task = loop.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     def pre_dispatch(msg: Message) -> Message | bool | None:
         if msg.unix_fds:
@@ -694,9 +715,14 @@ def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> No
                 and msg.member == "GetConnectionCredentials"
                 and expected == msg.signature
             ):
-                task = loop.create_task(answer_connection_credentials(ctx, msg))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                run_task(answer_connection_credentials(ctx, msg))
+                return True
+            if msg.flags.value & 0x1 and expected is not None:
+                # NO_REPLY_EXPECTED: do the work, but a refusal is the caller's
+                # business, not an error of ours to log with a traceback.
+                target = manager if msg.path == PATH else ctx.server_objects.get(msg.path or "")
+                if target is not None and target.name == iface:
+                    run_task(_run_without_reply(methods[(iface, msg.member or "")], target, msg))
                 return True
         return None
 

@@ -65,6 +65,7 @@ _OWN_METHODS = frozenset({"RequestName", "ReleaseName", "ListQueuedOwners"})
 #: Bounds on per-connection bookkeeping (memory per connection is bounded).
 _MAX_EXPECTED_REPLIES = 16384
 _MAX_SEEN_PEERS = 4096
+_MAX_SAME_SERIAL = 64
 _NO_NAMES: frozenset[str] = frozenset()
 #: Our own AddMatch calls carry NO_REPLY_EXPECTED, so their serial never gets a reply.
 INTERNAL_SERIAL = 0xFFFFFFFF
@@ -106,8 +107,9 @@ class PolicyFilter:
         self.tracker = tracker
         self.service_names = service_names
         self.own_name: str | None = None
-        # Calls the client made: serial -> (destination, what to do with the reply).
-        self._client_calls: dict[int, str] = {}
+        # Calls the client made: serial -> destinations (a serial may be reused while
+        # earlier calls with it are still unanswered).
+        self._client_calls: dict[int, list[str]] = {}
         # Calls peers made to the client: (peer, serial) awaiting the client's reply.
         self._expected: dict[tuple[str, int], None] = {}
         self._seen_peers: dict[str, None] = {}
@@ -179,8 +181,8 @@ class PolicyFilter:
         return rules
 
     def reply_delivered(self, serial: int) -> None:
-        """The proxy answered the client's call itself."""
-        self._client_calls.pop(serial, None)
+        """The proxy answered the client's call itself: nothing to forget, since a
+        denied call is never noted as outstanding (a reused serial stays owed)."""
 
     # -- levels ---------------------------------------------------------------------------
 
@@ -270,9 +272,27 @@ class PolicyFilter:
 
     def _note_client_call(self, serial: int, dest: str) -> None:
         calls = self._client_calls
-        calls[serial] = dest
-        if len(calls) > _MAX_EXPECTED_REPLIES:
-            calls.pop(next(iter(calls)))
+        dests = calls.get(serial)
+        if dests is None:
+            calls[serial] = [dest]
+            if len(calls) > _MAX_EXPECTED_REPLIES:
+                calls.pop(next(iter(calls)))
+        elif len(dests) < _MAX_SAME_SERIAL:
+            dests.append(dest)
+
+    def _take_client_call(self, serial: int, sender: str | None) -> str | None:
+        """The destination of the call this reply answers (removing it), or None."""
+        dests = self._client_calls.get(serial)
+        if not dests:
+            return None
+        # A bus-driver reply answers a call to the driver; any other reply, another one.
+        index = next(
+            (i for i, d in enumerate(dests) if (d == BUS_NAME) == (sender == BUS_NAME)), 0
+        )
+        dest = dests.pop(index)
+        if not dests:
+            del self._client_calls[serial]
+        return dest
 
     def _client_reply(self, hdr: Header) -> Decision | None:
         dest = hdr.destination
@@ -407,7 +427,7 @@ class PolicyFilter:
     def _bus_reply(self, hdr: Header, data: Raw) -> Decision | None:
         rs = hdr.reply_serial
         assert rs is not None
-        dest = self._client_calls.pop(rs, None)
+        dest = self._take_client_call(rs, hdr.sender)
         if dest is None:
             return drop(f"reply serial {rs} answers no outstanding call of the client")
         if hdr.sender != BUS_NAME or dest != BUS_NAME or hdr.message_type != METHOD_RETURN:

@@ -320,8 +320,8 @@ class Session:
         if client.pending_bytes > self._max_pending and self._bus is not None:
             self._bus.pause_reading()
             client.on_drained = self._client_drained
-        if self._client.eof and not self._outstanding:
-            self.close_when_flushed()
+        if self._client.eof:
+            self._finish_after_eof()
 
     def _client_drained(self) -> None:
         if self._closing_after_flush and self._client.write_idle:
@@ -370,11 +370,25 @@ class Session:
         self.close(f"client connection: {reason}")
 
     def _client_eof(self) -> None:
-        if not self._outstanding or self._bus is None:
+        # Half-closed: what the client sent still goes out, and the replies it waits
+        # for still come back, for up to HALF_CLOSE_GRACE seconds.
+        self._timers.append(self.loop.call_later(HALF_CLOSE_GRACE, self.close_when_flushed))
+        self._finish_after_eof()
+
+    def _finish_after_eof(self) -> None:
+        """After client EOF: close once nothing it sent is unsent and nothing is owed to it."""
+        if self.closed or not self._client.eof:
+            return
+        if self._bus is None or self._bus.closed or not self._sasl.done:
+            # Nothing can reach the bus any more (or the client left mid-handshake).
             self.close_when_flushed()
             return
-        # Half-closed: keep delivering the replies the client still waits for.
-        self._timers.append(self.loop.call_later(HALF_CLOSE_GRACE, self.close_when_flushed))
+        if self._hold_client or self._stalled is not None or self._client_reader.has_message():
+            return  # its messages are still on their way to the bus
+        # (A partial message left in the reader can never complete now.)
+        if self._outstanding:
+            return
+        self.close_when_flushed()
 
     def _client_data(self, data: bytes, fds: list[int]) -> None:
         if self.closed:
@@ -482,6 +496,8 @@ class Session:
             return
         server.messages_forwarded += forwarded
         bus.flush()
+        if self._client.eof:
+            self._finish_after_eof()
         if bus.pending_bytes > self._max_pending:
             self._client.pause_reading()
             bus.on_drained = self._bus_drained

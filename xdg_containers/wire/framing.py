@@ -56,6 +56,16 @@ class MessageReader:
         """Bytes received but not yet handed out as messages."""
         return len(self._buf) - self._pos
 
+    def has_message(self) -> bool:
+        """Whether a complete message is waiting to be taken."""
+        avail = len(self._buf) - self._pos
+        if avail < FIXED_HEADER_LEN:
+            return False
+        try:
+            return avail >= (self._next_len or message_length(self._buf, self._pos))
+        except MessageError:
+            return True  # let next_message() report it
+
     def wanted(self) -> int:
         """Bytes that would complete the current message (0 when unknown)."""
         if self._next_len:

@@ -156,12 +156,12 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
         return _parse_fields(data, little, u32, mtype, flags, serial, body_len, body_offset, end)[0]
     reply_serial: int | None = None
     key: tuple[int, bytes] | None = None
+    hint: int | None = None
     for f in _RS_HINTS:
         # A reply serial field where one was before: key on everything else.
         if f + 8 <= end and data[f] == FIELD_REPLY_SERIAL and data[f + 1 : f + 4] == b"\x01u\x00":
             (reply_serial,) = u32.unpack_from(data, f + 4)
-            if reply_serial == 0:
-                raise MessageError("reply serial 0 is not allowed")
+            hint = f
             key = (
                 mtype | endian << 8 | f << 16,
                 bytes(data[16 : f + 4]) + bytes(data[f + 8 : end]),
@@ -174,8 +174,14 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
         hdr, rs_field = _parse_fields(
             data, little, u32, mtype, flags, serial, body_len, body_offset, end
         )
-        if rs_field is not None and reply_serial is None:
+        if hint is not None and rs_field != hint:
+            # The bytes at the hint only looked like a reply-serial field (they sit
+            # inside another field): this shape must never be served from the cache.
+            return hdr
+        if rs_field is not None and hint is None:
             # Remember where reply serials sit, and file this array under that shape.
+            # An entry under a reply-serial key is only ever made from a parse that
+            # found the field exactly there, so equal keys mean equal structure.
             if rs_field not in _RS_HINTS:
                 _RS_HINTS.insert(0, rs_field)
                 del _RS_HINTS[_MAX_RS_HINTS:]
@@ -199,6 +205,8 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
         )
         return hdr
     rs, path, interface, member, error_name, destination, sender, signature, unix_fds = cached
+    if reply_serial == 0:
+        raise MessageError("reply serial 0 is not allowed")
     if reply_serial is None:
         reply_serial = rs
     return Header(
