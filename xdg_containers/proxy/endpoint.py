@@ -122,7 +122,12 @@ class Endpoint:
             self.on_eof()
             return
         self.bytes_in += len(data)
-        self.on_data(data, fds)
+        try:
+            self.on_data(data, fds)
+        except Exception:
+            # A bug of ours must cost this one connection, not leave it half-dead.
+            log.exception("internal error handling data; closing the connection")
+            self._fail("internal error")
 
     # -- writing -----------------------------------------------------------------
 
