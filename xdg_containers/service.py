@@ -691,6 +691,18 @@ def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> No
         if msg.message_type != MessageType.METHOD_CALL:
             return None
         _current_message.set(msg)
+        if (
+            msg.path == PATH
+            and msg.member == "Introspect"
+            and msg.interface in (None, "org.freedesktop.DBus.Introspectable")
+        ):
+            own = ctx.registry.session_for(msg.sender) if msg.sender else None
+            if own is not None:
+                # A confined caller sees only its own server among the children.
+                node = bus._introspect_export_path(PATH)
+                mine = own.server.path.rsplit("/", 1)[1]
+                node.nodes = [n for n in node.nodes if n.name == mine]
+                return Message.new_method_return(msg, "s", [node.tostring()])
         if msg.path and _path_is_ours(msg.path):
             own = ctx.registry.session_for(msg.sender) if msg.sender else None
             if own is not None and own.server.path != msg.path:

@@ -45,3 +45,25 @@ async def test_confined_client_cannot_list_or_read_other_servers(
         assert ok(await call(client, "GetConnectionInfo", "s", [client.unique_name]))[0] == mine
     finally:
         client.disconnect()
+
+
+async def test_confined_introspection_lists_only_its_own_server(
+    service: ServiceProcess, manager_bus
+):  # type: ignore[no-untyped-def]
+    import xml.etree.ElementTree as ET
+
+    mine, res = await add_server(manager_bus, app_id="org.example.Mine")
+    other, _ = await add_server(manager_bus, app_id="org.example.Other")
+    client = await connect(res["Address"].value)
+    try:
+        def children(xml: str) -> set[str]:
+            return {n.get("name", "") for n in ET.fromstring(xml).findall("node")}
+
+        introspectable = "org.freedesktop.DBus.Introspectable"
+        host = ok(await call(manager_bus, "Introspect", interface=introspectable))[0]
+        assert children(host) == {mine.rsplit("/", 1)[1], other.rsplit("/", 1)[1]}
+        confined = ok(await call(client, "Introspect", interface=introspectable))[0]
+        assert children(confined) == {mine.rsplit("/", 1)[1]}
+        assert "org.freedesktop.DBus.Containers1" in confined
+    finally:
+        client.disconnect()
