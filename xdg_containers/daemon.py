@@ -249,6 +249,8 @@ async def serve(
         log.info("stopping on signal; removing sockets")
         service.shutdown()
         return 0
+    if not bus_task.cancelled() and bus_task.exception() is not None:
+        log.debug("bus connection ended with %r", bus_task.exception())
     log.error("the bus connection was lost; exiting")
     for server in service.registry:
         server.stop()

@@ -41,7 +41,7 @@ LIMIT = 262144
 #: The service's RSS may grow this much while tens of MiB wait for the slow reader.
 RSS_BOUND_KIB = 16 * 1024
 #: Round trips of other clients during the flood.
-LATENCY_BOUND = 1.0
+LATENCY_BOUND = 2.0  # liveness, not speed: a starved connection would wait forever
 
 
 @dataclass

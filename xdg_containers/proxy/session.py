@@ -149,6 +149,7 @@ class Session:
             self.close()
         else:
             self._closing_after_flush = True
+            self._client.on_drained = self._client_drained
             self._client.flush()
 
     def update_policy(self, policy: Policy | None) -> bool:
@@ -324,8 +325,9 @@ class Session:
             self._finish_after_eof()
 
     def _client_drained(self) -> None:
-        if self._closing_after_flush and self._client.write_idle:
-            self.close()
+        if self._closing_after_flush:
+            if self._client.write_idle:
+                self.close()
             return
         bus = self._bus
         if bus is not None and not bus.reading and not bus.eof and (
