@@ -328,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--max-late-growth-mib",
         type=float,
-        default=4.0,
+        default=8.0,
         help="RSS at the end may exceed the highest RSS of the first half by this much "
-        "(the leak check: a leak keeps growing, a working set levels off)",
+        "(the leak check: a leak keeps growing, a working set levels off; allocator "
+        "fragmentation alone measured 1-5 MiB here)",
     )
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)

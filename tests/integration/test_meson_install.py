@@ -146,3 +146,9 @@ def test_installed_launcher_runs(installed: tuple[Path, dict[str, str]], tmp_pat
     launcher = destdir / "usr" / "bin" / "xdg-containers"
     proc = run([str(launcher), "--help"], env=env, cwd=tmp_path)
     assert "serve" in proc.stdout
+
+
+def test_example_config_installed(installed: tuple[Path, dict[str, str]]) -> None:
+    destdir, _ = installed
+    conf = destdir / "usr" / "share" / "xdg-containers" / "xdg-containers.conf"
+    assert conf.read_text() == (ROOT / "data" / "config" / "xdg-containers.conf").read_text()
