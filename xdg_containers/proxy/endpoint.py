@@ -74,8 +74,6 @@ class Endpoint:
         self._writing = False
         self._queue: deque[list[object]] = deque()  # [memoryview, fds | None]
         self.pending_bytes = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
 
     # -- reading -----------------------------------------------------------------
 
@@ -121,7 +119,6 @@ class Endpoint:
             self.eof = True
             self.on_eof()
             return
-        self.bytes_in += len(data)
         try:
             self.on_data(data, fds)
         except Exception:
@@ -189,7 +186,6 @@ class Endpoint:
                 assert isinstance(head_fds, list)
                 close_fds(head_fds)
                 head[1] = None
-            self.bytes_out += sent
             self.pending_bytes -= sent
             partial = sent < total
             while sent:
@@ -219,13 +215,6 @@ class Endpoint:
             return
         self.close()
         self.on_closed(reason)
-
-    def shutdown_write(self) -> None:
-        """Half-close: tell the peer we will send nothing more."""
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
     def close(self) -> None:
         """Stop watching the socket, drop queued output (closing its fds), close it."""

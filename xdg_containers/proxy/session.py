@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import socket
-import time
 from typing import TYPE_CHECKING, Protocol
 
 from ..sasl.client import SaslClient
@@ -81,7 +80,6 @@ class Session:
         self.creds = creds
         self.loop = loop
         self.unique_name: str | None = None
-        self.accepted_at = time.monotonic()
         self.closed = False
         self.filter: MessageFilter = server.make_filter(self)
         limits = server.limits
