@@ -106,7 +106,7 @@ class Service:
             raise ServiceError(f"cannot connect to the bus: {exc}") from exc
         self.bus = bus
         address = self.bus_address or _address_of(bus)
-        ctx = ServiceContext(bus, self.registry, address, self.filter_factory)
+        ctx = ServiceContext(bus, self.registry, address, self.tracker, self.filter_factory)
         self.ctx = ctx
         manager = ManagerInterface(ctx)
         self.manager = manager
@@ -157,8 +157,6 @@ class Service:
         ):
             name, old, new = msg.body
             self.tracker.name_owner_changed(name, old, new)
-            if name.startswith(":") and not new and self.ctx is not None:
-                self.ctx.peer_left(name)
         return None
 
     def _server_removed(self, server: ContainerServer) -> None:

@@ -12,7 +12,6 @@ import inspect
 import logging
 import os
 import socket
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -29,6 +28,7 @@ from dbus_fast.service import (
 )
 
 from . import errors
+from .policy.tracker import NameTracker
 from .proxy.endpoint import close_fds
 from .proxy.peercred import PeerCredentials
 from .proxy.session import Session
@@ -56,8 +56,6 @@ ASV = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
 _current_message: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
     "xdg_containers_current_message", default=None
 )
-#: Unique names seen leaving the bus, remembered to close AddServer races.
-_GONE_MEMORY = 4096
 
 
 def current_message() -> Message:
@@ -82,14 +80,17 @@ class ServiceContext:
 
     def __init__(
         self, bus: MessageBus, registry: ServerRegistry, bus_address: str,
+        tracker: NameTracker,
         filter_factory: Callable[[Session, FilterSettings], Any] | None = None,
     ) -> None:
-        """``bus_address`` is the address of the bus the service itself is on."""
+        """``bus_address`` is the address of the bus the service itself is on; ``tracker``
+        knows which unique names have left it (and calls ``peer_left`` when one does)."""
         self.bus = bus
         self.registry = registry
         self.bus_address = bus_address
+        self.tracker = tracker
         self.filter_factory = filter_factory
-        self.gone: OrderedDict[str, None] = OrderedDict()
+        tracker.on_unique_gone.append(self.peer_left)
         self.server_objects: dict[str, ServerObject] = {}
         self._fd_replies: dict[int, Message] = {}
 
@@ -124,10 +125,7 @@ class ServiceContext:
         return int(reply.body[0])
 
     def peer_left(self, name: str) -> None:
-        """A unique name left the bus: remember it; stop servers tied to it."""
-        self.gone[name] = None
-        while len(self.gone) > _GONE_MEMORY:
-            self.gone.popitem(last=False)
+        """A unique name left the bus: stop listening on the servers tied to it."""
         for server in self.registry.servers_created_by(name):
             if server.spec.stop_on_disconnect and server.listening:
                 log.info("%s: creator %s left the bus; stopping listening", server.path, name)
@@ -386,7 +384,7 @@ class ManagerInterface(ServiceInterface):
             ", filtered" if parsed.filter else "",
             f", socket {server.socket_path}" if server.socket_path else ", caller's socket",
         )
-        if parsed.stop_on_disconnect and sender in ctx.gone:
+        if parsed.stop_on_disconnect and ctx.tracker.is_gone(sender):
             server.stop_listening()
         results: dict[str, Variant] = {}
         if server.socket_path is not None:
