@@ -28,16 +28,24 @@ IFACE = "org.freedesktop.DBus.Containers1"
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Any:
-    """Tests marked ``glib`` run on asyncio-glib's loop (dbus-python peers need GLib)."""
+    """Tests marked ``glib`` run on asyncio-glib's loop (dbus-python peers need GLib);
+    tests marked ``both_loops`` run on plain asyncio and on the service's dispatching loop."""
     if item.get_closest_marker("glib") is not None:
         import asyncio_glib
 
         return {"glib": asyncio_glib.GLibEventLoop}
+    if item.get_closest_marker("both_loops") is not None:
+        from xdg_containers.proxy.dispatch import new_event_loop
+
+        return {"asyncio": asyncio.new_event_loop, "dispatch": new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
 
 
 def pytest_configure(config: Any) -> None:
     config.addinivalue_line("markers", "glib: run the test on a GLib-driven asyncio loop")
+    config.addinivalue_line(
+        "markers", "both_loops: run the test on asyncio's loop and on the dispatching loop"
+    )
 
 
 @pytest.fixture

@@ -74,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the service until signalled; start a private bus when asked or when none exists."""
     from .daemon import ServiceError, serve
     from .privatebus import PrivateBus
+    from .proxy.dispatch import new_event_loop
 
     try:
         limits = load_config(args.config, dict(args.limit))
@@ -113,7 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
             return 2
     try:
-        return asyncio.run(serve(address, bus_type, limits, args.ready_fd))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            return runner.run(serve(address, bus_type, limits, args.ready_fd))
     except ServiceError as exc:
         print(f"xdg-containers: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -6,7 +6,11 @@ import asyncio
 import os
 import socket
 
+import pytest
+
 from xdg_containers.proxy.endpoint import Endpoint
+
+pytestmark = pytest.mark.both_loops
 
 
 async def test_a_bug_in_the_data_handler_closes_the_connection_not_the_service() -> None:

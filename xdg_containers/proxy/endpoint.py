@@ -16,6 +16,8 @@ import socket
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from .dispatch import direct_selector
+
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
@@ -74,6 +76,19 @@ class Endpoint:
         self._writing = False
         self._queue: deque[list[object]] = deque()  # [memoryview, fds | None]
         self.pending_bytes = 0
+        self._direct = direct_selector(loop)
+        if self._direct is not None:
+            # Drop a stale entry left by an earlier socket with this fd number.
+            self._direct.watch(self.fd, None, None)
+
+    def _watch(self) -> None:
+        """Tell the dispatching selector which callbacks this socket wants now."""
+        assert self._direct is not None
+        self._direct.watch(
+            self.fd,
+            self._on_readable if self._reading else None,
+            self._on_writable if self._writing else None,
+        )
 
     # -- reading -----------------------------------------------------------------
 
@@ -81,13 +96,19 @@ class Endpoint:
         """Watch the socket for incoming data."""
         if not self._reading and not self.closed:
             self._reading = True
-            self.loop.add_reader(self.fd, self._on_readable)
+            if self._direct is not None:
+                self._watch()
+            else:
+                self.loop.add_reader(self.fd, self._on_readable)
 
     def pause_reading(self) -> None:
         """Stop reading (backpressure); the kernel buffer then fills and the peer waits."""
         if self._reading:
             self._reading = False
-            self.loop.remove_reader(self.fd)
+            if self._direct is not None:
+                self._watch()
+            else:
+                self.loop.remove_reader(self.fd)
 
     @property
     def reading(self) -> bool:
@@ -144,13 +165,19 @@ class Endpoint:
         self._write_some()
         if self._queue and not self.closed:
             self._writing = True
-            self.loop.add_writer(self.fd, self._on_writable)
+            if self._direct is not None:
+                self._watch()
+            else:
+                self.loop.add_writer(self.fd, self._on_writable)
 
     def _on_writable(self) -> None:
         self._write_some()
         if not self._queue and self._writing and not self.closed:
             self._writing = False
-            self.loop.remove_writer(self.fd)
+            if self._direct is not None:
+                self._watch()
+            else:
+                self.loop.remove_writer(self.fd)
 
     def _write_some(self) -> None:
         q = self._queue
@@ -221,12 +248,16 @@ class Endpoint:
         if self.closed:
             return
         self.closed = True
-        if self._reading:
-            self.loop.remove_reader(self.fd)
-            self._reading = False
-        if self._writing:
-            self.loop.remove_writer(self.fd)
-            self._writing = False
+        if self._direct is not None:
+            self._reading = self._writing = False
+            self._direct.watch(self.fd, None, None)
+        else:
+            if self._reading:
+                self.loop.remove_reader(self.fd)
+                self._reading = False
+            if self._writing:
+                self.loop.remove_writer(self.fd)
+                self._writing = False
         while self._queue:
             item = self._queue.popleft()
             fds = item[1]

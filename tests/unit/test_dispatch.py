@@ -1,0 +1,201 @@
+"""DispatchingSelector: proxy sockets run inline from epoll_wait; asyncio's own fds unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from xdg_containers.proxy.dispatch import DispatchingSelector, direct_selector, new_event_loop
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """A fresh dispatching loop (these tests drive it by hand)."""
+    lp = new_event_loop()
+    yield lp
+    lp.close()
+
+
+def _selector(loop: asyncio.AbstractEventLoop) -> DispatchingSelector:
+    sel = direct_selector(loop)
+    assert sel is not None
+    return sel
+
+
+def _spin(loop: asyncio.AbstractEventLoop, until: asyncio.Future[object]) -> object:
+    return loop.run_until_complete(asyncio.wait_for(until, 5))
+
+
+def test_plain_loops_have_no_dispatching_selector() -> None:
+    lp = asyncio.new_event_loop()
+    try:
+        assert direct_selector(lp) is None
+    finally:
+        lp.close()
+
+
+def test_watched_reader_runs_and_unwatch_stops_it(loop: asyncio.AbstractEventLoop) -> None:
+    sel = _selector(loop)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    got: list[bytes] = []
+    done: asyncio.Future[object] = loop.create_future()
+
+    def on_read() -> None:
+        got.append(a.recv(100))
+        if not done.done():
+            done.set_result(None)
+
+    sel.watch(a.fileno(), on_read, None)
+    b.send(b"one")
+    _spin(loop, done)
+    assert got == [b"one"]
+    sel.watch(a.fileno(), None, None)
+    b.send(b"two")
+    loop.run_until_complete(asyncio.sleep(0.05))
+    assert got == [b"one"]  # unwatched: not read again
+    assert a.recv(100) == b"two"
+    a.close()
+    b.close()
+
+
+def test_writer_callback_and_switching_masks(loop: asyncio.AbstractEventLoop) -> None:
+    sel = _selector(loop)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    calls: list[str] = []
+    done: asyncio.Future[object] = loop.create_future()
+
+    def on_write() -> None:
+        calls.append("w")
+        sel.watch(a.fileno(), on_read, None)  # stop asking for writability
+        b.send(b"x")
+
+    def on_read() -> None:
+        calls.append("r")
+        a.recv(10)
+        if not done.done():
+            done.set_result(None)
+
+    sel.watch(a.fileno(), None, on_write)
+    _spin(loop, done)
+    assert calls == ["w", "r"]
+    sel.watch(a.fileno(), None, None)
+    a.close()
+    b.close()
+
+
+def test_a_failing_callback_is_logged_and_others_still_run(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    sel = _selector(loop)
+    a1, b1 = socket.socketpair()
+    a2, b2 = socket.socketpair()
+    for s in (a1, a2):
+        s.setblocking(False)
+    done: asyncio.Future[object] = loop.create_future()
+
+    def bad() -> None:
+        a1.recv(10)
+        raise RuntimeError("boom")
+
+    def good() -> None:
+        a2.recv(10)
+        if not done.done():
+            done.set_result(None)
+
+    sel.watch(a1.fileno(), bad, None)
+    sel.watch(a2.fileno(), good, None)
+    b1.send(b"x")
+    b2.send(b"y")
+    with caplog.at_level(logging.ERROR):
+        _spin(loop, done)
+    assert "unexpected error in a proxy socket callback" in caplog.text
+    assert "boom" in caplog.text
+    # The loop itself still works for asyncio's own callbacks.
+    assert loop.run_until_complete(asyncio.sleep(0, result=7)) == 7
+    for s in (a1, b1, a2, b2):
+        s.close()
+
+
+def test_a_reused_fd_number_is_registered_again(loop: asyncio.AbstractEventLoop) -> None:
+    """A socket closed without unwatching leaves a stale entry; its fd's next owner works."""
+    sel = _selector(loop)
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    sel.watch(fd, lambda: None, None)
+    a.close()  # the kernel drops it from the epoll set; our table still has it
+    c, d = socket.socketpair()
+    if c.fileno() != fd:
+        c, d = d, c
+    assert c.fileno() == fd, "the freed fd number was not reused"
+    c.setblocking(False)
+    done: asyncio.Future[object] = loop.create_future()
+
+    def on_write() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    sel.watch(fd, None, on_write)  # different mask: modify fails, register again
+    _spin(loop, done)
+    sel.watch(fd, None, None)
+    for s in (b, c, d):
+        s.close()
+
+
+def test_asyncio_readers_still_work_beside_watched_fds(loop: asyncio.AbstractEventLoop) -> None:
+    sel = _selector(loop)
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    for s in (a, c):
+        s.setblocking(False)
+    seen: list[str] = []
+    done: asyncio.Future[object] = loop.create_future()
+
+    def direct() -> None:
+        a.recv(10)
+        seen.append("direct")
+
+    def via_asyncio() -> None:
+        c.recv(10)
+        seen.append("asyncio")
+        done.set_result(None)
+
+    sel.watch(a.fileno(), direct, None)
+    loop.add_reader(c.fileno(), via_asyncio)
+    b.send(b"1")
+    d.send(b"2")
+    _spin(loop, done)
+    loop.remove_reader(c.fileno())
+    sel.watch(a.fileno(), None, None)
+    assert sorted(seen) == ["asyncio", "direct"]
+    for s in (a, b, c, d):
+        s.close()
+
+
+def test_an_endpoint_on_a_reused_fd_number_is_not_deaf(loop: asyncio.AbstractEventLoop) -> None:
+    """Same fd number, same mask as a stale entry: the new Endpoint still gets its data."""
+    from xdg_containers.proxy.endpoint import Endpoint
+
+    sel = _selector(loop)
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    sel.watch(fd, lambda: None, None)  # as if an owner forgot to unwatch
+    a.close()
+    c, d = socket.socketpair()
+    if c.fileno() != fd:
+        c, d = d, c
+    assert c.fileno() == fd
+    c.setblocking(False)
+    got: asyncio.Future[bytes] = loop.create_future()
+    ep = Endpoint(loop, c, lambda data, fds: got.set_result(data), lambda r: None, lambda: None)
+    ep.start_reading()
+    d.send(b"hello")
+    assert _spin(loop, got) == b"hello"
+    ep.close()
+    for s in (b, d):
+        s.close()

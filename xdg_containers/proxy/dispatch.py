@@ -1,0 +1,123 @@
+"""An epoll selector that runs the proxy's socket callbacks straight from ``epoll_wait``.
+
+asyncio turns every ready fd into a handle queued and run by ``_run_once``; for
+proxied sockets, woken once per message in a round trip, that bookkeeping
+costs about as much as forwarding the message. Sockets registered here with
+``watch`` are dispatched inline, as soon as ``epoll_wait`` returns; all other
+fds (the service's own bus connection, listening sockets, signals) go through
+asyncio unchanged. Used by ``serve``; endpoints fall back to ``add_reader`` on
+any other loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import select
+import selectors
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[], None]
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+
+
+class DispatchingSelector(selectors.EpollSelector):
+    """EpollSelector plus fds whose callbacks run directly inside ``select``."""
+
+    def __init__(self) -> None:
+        """An empty selector; asyncio registers its fds as usual."""
+        super().__init__()
+        # fd -> [reader, writer, epoll mask]
+        self._direct: dict[int, list[Any]] = {}
+
+    def watch(self, fd: int, reader: Callback | None, writer: Callback | None) -> None:
+        """Set (or with both None, drop) the callbacks run when ``fd`` is readable/writable."""
+        mask = (_EPOLLIN if reader is not None else 0) | (_EPOLLOUT if writer is not None else 0)
+        epoll: select.epoll = self._selector  # type: ignore[attr-defined]
+        entry = self._direct.get(fd)
+        if not mask:
+            if entry is not None:
+                del self._direct[fd]
+                try:
+                    epoll.unregister(fd)
+                except OSError:
+                    pass  # closed already: the kernel dropped it
+            return
+        if entry is None:
+            epoll.register(fd, mask)
+            self._direct[fd] = [reader, writer, mask]
+            return
+        if entry[2] != mask:
+            try:
+                epoll.modify(fd, mask)
+            except FileNotFoundError:
+                epoll.register(fd, mask)  # the old socket was closed without unwatching
+        entry[0] = reader
+        entry[1] = writer
+        entry[2] = mask
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        """Wait like EpollSelector; run direct callbacks now, return asyncio's events."""
+        if timeout is None:
+            timeout = -1
+        elif timeout <= 0:
+            timeout = 0
+        else:
+            # Round up to the millisecond, as EpollSelector does, to wait at least timeout.
+            timeout = math.ceil(timeout * 1e3) * 1e-3
+        direct = self._direct
+        max_ev = max(len(self._fd_to_key) + len(direct), 1)  # type: ignore[attr-defined]
+        ready: list[tuple[selectors.SelectorKey, int]] = []
+        try:
+            fd_event_list = self._selector.poll(timeout, max_ev)  # type: ignore[attr-defined]
+        except InterruptedError:
+            return ready
+        for fd, event in fd_event_list:
+            entry = direct.get(fd)
+            if entry is not None:
+                # Same reading of the event bits as asyncio: errors wake both sides.
+                if event & ~_EPOLLOUT and entry[0] is not None:
+                    _run(entry[0])
+                    if direct.get(fd) is not entry:
+                        continue
+                if event & ~_EPOLLIN and entry[1] is not None:
+                    _run(entry[1])
+                continue
+            key = self._key_from_fd(fd)  # type: ignore[attr-defined]
+            if key:
+                events = 0
+                if event & ~_EPOLLIN:
+                    events |= selectors.EVENT_WRITE
+                if event & ~_EPOLLOUT:
+                    events |= selectors.EVENT_READ
+                ready.append((key, events & key.events))
+        return ready
+
+    def close(self) -> None:
+        """Forget the direct fds too (their owners close the sockets)."""
+        self._direct.clear()
+        super().close()
+
+
+def _run(callback: Callback) -> None:
+    try:
+        callback()
+    except Exception:
+        # As asyncio does for a failing handle: log it and keep the loop alive.
+        log.exception("unexpected error in a proxy socket callback")
+
+
+def direct_selector(loop: asyncio.AbstractEventLoop) -> DispatchingSelector | None:
+    """The loop's DispatchingSelector, or None when the loop uses another selector."""
+    selector = getattr(loop, "_selector", None)
+    return selector if isinstance(selector, DispatchingSelector) else None
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A selector event loop whose selector can dispatch proxy sockets directly."""
+    return asyncio.SelectorEventLoop(DispatchingSelector())
