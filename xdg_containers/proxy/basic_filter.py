@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..wire.header import Header, Raw
-from .decision import Decision, always_forbidden
+from ..wire.header import METHOD_CALL, Header, Raw
+from .decision import BUS_NAME, Decision, always_forbidden, remember_pass
 
 
 class BasicFilter:
@@ -12,12 +12,27 @@ class BasicFilter:
     def __init__(self, service_names: frozenset[str]) -> None:
         """``service_names``: our own bus names, whose manager methods are off limits."""
         self.service_names = service_names
+        # Header-field arrays of calls that passed -> their destination (fastpath.py).
+        self.call_passes: dict[bytes, str] = {}
 
     def from_client(self, hdr: Header, data: Raw) -> Decision | None:
         """Client -> bus: only the always-forbidden calls are refused."""
-        if hdr.destination is None:
+        dest = hdr.destination
+        if dest is None:
             return None
-        return always_forbidden(hdr, data, self.service_names)
+        decision = always_forbidden(hdr, data, self.service_names)
+        if decision is None and dest != BUS_NAME and dest not in self.service_names and (
+            hdr.message_type == METHOD_CALL
+        ):
+            remember_pass(self.call_passes, hdr, data, dest)
+        return decision
+
+    def note_client_call(self, serial: int, dest: str) -> None:
+        """Nothing tracked."""
+
+    def fast_reply(self, reply_serial: int, sender: str) -> bool:
+        """Every reply passes."""
+        return True
 
     def from_bus(self, hdr: Header, data: Raw) -> Decision | None:
         """Bus -> client: everything passes."""

@@ -63,6 +63,24 @@ def drop(reason: str) -> Decision:
     return Decision(Verdict.DROP, reason=reason)
 
 
+#: Bound on the remembered passing calls of one connection (distinct call shapes).
+MAX_CALL_PASSES = 256
+
+
+def remember_pass(passes: dict[bytes, str], hdr: Header, data: Raw, dest: str) -> None:
+    """Remember that calls with exactly this header-field array pass (see fastpath.py).
+
+    Only for decisions that depend on nothing but those fields; only little-endian
+    and fd-less calls, the only ones the fast path takes.
+    """
+    if not hdr.little_endian or hdr.unix_fds or not dest:
+        return
+    fields_len = int.from_bytes(data[12:16], "little")
+    if len(passes) >= MAX_CALL_PASSES:
+        passes.clear()
+    passes[bytes(data[16 : 16 + fields_len])] = dest
+
+
 def first_string_arg(hdr: Header, data: Raw) -> str | None:
     """The first body argument when it is a string, else None."""
     if not hdr.signature or hdr.signature[0] not in "so":

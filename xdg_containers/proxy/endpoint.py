@@ -158,6 +158,31 @@ class Endpoint:
         self._queue.append([memoryview(data), fds or None])
         self.pending_bytes += len(data)
 
+    def send(self, data: bytes | memoryview) -> None:
+        """Write fd-less bytes now if nothing waits before them, else queue them."""
+        if self._queue or self.closed:
+            self.queue(data)
+            self.flush()
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._fail(f"write failed: {exc.strerror or exc}")
+            return
+        if sent < len(data):
+            rest = memoryview(data)[sent:]
+            self._queue.append([rest, None])
+            self.pending_bytes += len(rest)
+            self._writing = True
+            if self._direct is not None:
+                self._watch()
+            else:
+                self.loop.add_writer(self.fd, self._on_writable)
+        elif self.on_drained is not None:
+            self.on_drained()
+
     def flush(self) -> None:
         """Write as much of the queue as the socket takes now; wait for the rest."""
         if self.closed or self._writing:

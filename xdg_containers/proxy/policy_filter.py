@@ -39,6 +39,7 @@ from .decision import (
     deny,
     drop,
     first_string_arg,
+    remember_pass,
     replace,
 )
 
@@ -117,6 +118,8 @@ class PolicyFilter:
         # name each unique name has owned since this client said Hello.
         self._history: dict[str, set[str]] = {}
         self._level_cache: dict[str, tuple[int, Level]] = {}
+        # Header-field arrays of calls that passed -> their destination (fastpath.py).
+        self.call_passes: dict[bytes, str] = {}
 
     # -- set-up and policy changes ------------------------------------------------------
 
@@ -161,6 +164,7 @@ class PolicyFilter:
         old = self.policy
         self.policy = policy
         self._level_cache.clear()
+        self.call_passes.clear()
         if self.own_name is None:
             return []
         self._snapshot()
@@ -252,8 +256,14 @@ class PolicyFilter:
             if forbidden is not None:
                 return forbidden
             decision = self._client_call(hdr, data)
-            if decision is None and hdr.expects_reply:
-                self._note_client_call(hdr.serial, hdr.destination or "")
+            if decision is None:
+                to = hdr.destination or ""
+                if hdr.expects_reply:
+                    self.note_client_call(hdr.serial, to)
+                if not to.startswith(":") and to != BUS_NAME and to not in self.service_names:
+                    # Judged by the policy alone (no peer history, no body): the same
+                    # header fields pass again until the policy changes.
+                    remember_pass(self.call_passes, hdr, data, to)
             if decision is not None and not hdr.expects_reply:
                 return drop(decision.reason)
             return decision
@@ -270,7 +280,8 @@ class PolicyFilter:
             return drop(f"unicast signal to {dest} not allowed")
         return drop("unknown message type")
 
-    def _note_client_call(self, serial: int, dest: str) -> None:
+    def note_client_call(self, serial: int, dest: str) -> None:
+        """Remember a call of the client that went to the bus, to let its reply through."""
         calls = self._client_calls
         dests = calls.get(serial)
         if dests is None:
@@ -423,6 +434,17 @@ class PolicyFilter:
         self._seen_peers.pop(unique_name, None)
         self._level_cache.pop(unique_name, None)
         self._history.pop(unique_name, None)
+
+    def fast_reply(self, reply_serial: int, sender: str) -> bool:
+        """A reply from peer ``sender`` (not the driver): True if it passes (then noted as
+        delivered); False if it needs the general path, with nothing changed."""
+        dests = self._client_calls.get(reply_serial)
+        if dests is None or len(dests) != 1 or dests[0] == BUS_NAME:
+            return False
+        del self._client_calls[reply_serial]
+        if sender.startswith(":") and sender not in self._seen_peers:
+            self._mark_seen(sender)
+        return True
 
     def _bus_reply(self, hdr: Header, data: Raw) -> Decision | None:
         rs = hdr.reply_serial

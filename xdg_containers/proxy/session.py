@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from ..sasl.client import SaslClient
@@ -34,6 +35,7 @@ from ..wire.header import (
 from ..wire.types import SignatureError, read_string
 from .decision import BUS_NAME, Decision, Verdict
 from .endpoint import Endpoint, close_fds
+from .fastpath import scan_calls, scan_replies
 from .peercred import PeerCredentials
 
 if TYPE_CHECKING:
@@ -63,6 +65,17 @@ class MessageFilter(Protocol):
 
     def reply_delivered(self, serial: int) -> None:
         """The proxy answered the client's call ``serial`` itself."""
+
+    # The fast path (fastpath.py): decisions the filter has cached.
+    @property
+    def call_passes(self) -> Mapping[bytes, str]:
+        """Header-field arrays of client calls known to pass -> their destination."""
+
+    def note_client_call(self, serial: int, dest: str) -> None:
+        """A call taken by the fast path went to the bus and expects a reply."""
+
+    def fast_reply(self, reply_serial: int, sender: str) -> bool:
+        """A peer's reply: True if it passes (bookkeeping done), False for the general path."""
 
 
 class Session:
@@ -257,10 +270,59 @@ class Session:
             if not data:
                 return
         try:
-            self._bus_reader.feed(data, fds)
+            reader = self._bus_reader
+            if not fds and reader.buffered:
+                data = self._complete_partial(reader, data, self._pump_bus)
+            if data and not fds and not reader.buffered and not self.closed:
+                data = self._fast_bus(data)
+                if not data:
+                    return
+            reader.feed(data, fds)
             self._pump_bus()
         except (MessageError, SignatureError) as exc:
             self.close(f"malformed message from the bus: {exc}")
+
+    def _complete_partial(
+        self, reader: MessageReader, data: bytes, pump: Callable[[], None]
+    ) -> bytes:
+        """Finish the message the reader holds a part of through the general path;
+        return the rest of ``data``, which then starts at a message boundary."""
+        wanted = reader.wanted()
+        if wanted <= 0 or wanted >= len(data):
+            return data
+        reader.feed(memoryview(data)[:wanted])
+        pump()
+        return data[wanted:]
+
+    def _fast_bus(self, data: bytes) -> bytes:
+        """Forward the leading peer replies the filter passes; return the rest of ``data``."""
+        if self._hello_serial is not None or self.server.log_messages:
+            return data
+        found = scan_replies(data, self._bus_reader.max_message_bytes)
+        if not found:
+            return data
+        flt = self.filter
+        pings = self._denied_pings
+        pos = count = 0
+        for end, rs, sender in found:
+            if rs in pings or not flt.fast_reply(rs, sender):
+                break
+            self._reply_seen(rs)
+            pos = end
+            count += 1
+        if not pos:
+            return data
+        self.server.messages_forwarded += count
+        client = self._client
+        client.send(data if pos == len(data) else memoryview(data)[:pos])
+        if pos < len(data):
+            return data[pos:]
+        if client.pending_bytes > self._max_pending and self._bus is not None:
+            self._bus.pause_reading()
+            client.on_drained = self._client_drained
+        if client.eof:
+            self._finish_after_eof()
+        return b""
 
     def _pump_bus(self) -> None:
         reader = self._bus_reader
@@ -420,12 +482,43 @@ class Session:
             data = self._sasl.leftover
             if not data:
                 return
+        reader = self._client_reader
         try:
-            self._client_reader.feed(data, fds)
+            if not fds and reader.buffered:
+                data = self._complete_partial(reader, data, self._pump_client)
+            if data and not fds and not reader.buffered and not self._hold_client:
+                data = self._fast_client(data)
+                if not data:
+                    return
+            reader.feed(data, fds)
         except MessageError as exc:
             self.close(f"malformed data from the client: {exc}")
             return
         self._pump_client()
+
+    def _fast_client(self, data: bytes) -> bytes:
+        """Forward the leading calls the filter has passed before; return the rest of ``data``."""
+        passes = self.filter.call_passes
+        bus = self._bus
+        if not passes or bus is None or self._stalled is not None or self.closed or (
+            self.server.log_messages
+        ):
+            return data
+        pos, count, owed = scan_calls(data, self._client_reader.max_message_bytes, passes)
+        if not pos:
+            return data
+        flt = self.filter
+        for serial, dest in owed:
+            flt.note_client_call(serial, dest)
+            self._note_call(serial)
+        self.server.messages_forwarded += count
+        bus.send(data if pos == len(data) else memoryview(data)[:pos])
+        if pos < len(data):
+            return data[pos:]
+        if bus.pending_bytes > self._max_pending:
+            self._client.pause_reading()
+            bus.on_drained = self._bus_drained
+        return b""
 
     def _pump_client(self) -> None:
         if self._hold_client or self.closed:

@@ -228,6 +228,26 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
     )
 
 
+def reply_serial_offset(data: bytes | bytearray | memoryview) -> tuple[Header, int | None]:
+    """Parse a whole message like ``parse_header``, plus where its reply-serial field starts.
+
+    Uncached: for learning the shape of a message once (see proxy/fastpath.py).
+    """
+    hdr = parse_header(data)  # every check, and MessageError when one fails
+    fields_len = (_U32_LE if hdr.little_endian else _U32_BE).unpack_from(data, 12)[0]
+    return _parse_fields(
+        data,
+        hdr.little_endian,
+        _U32_LE if hdr.little_endian else _U32_BE,
+        hdr.message_type,
+        hdr.flags,
+        hdr.serial,
+        hdr.body_length,
+        hdr.body_offset,
+        FIXED_HEADER_LEN + fields_len,
+    )
+
+
 #: Parsed field arrays by (type and endianness, array bytes); bounded, cleared when full.
 _FIELD_CACHE: dict[
     tuple[int, bytes],
