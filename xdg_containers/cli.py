@@ -73,6 +73,7 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the service until signalled; start a private bus when asked or when none exists."""
     from .daemon import ServiceError, serve
+    from .memtune import tune_malloc
     from .privatebus import PrivateBus
     from .proxy.dispatch import new_event_loop
 
@@ -113,6 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    tune_malloc()
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             return runner.run(serve(address, bus_type, limits, args.ready_fd))

@@ -369,3 +369,108 @@ def test_close_leaves_claimed_fds_alone(pipes: list[int]) -> None:
     assert is_open(pipes[0])
     assert not is_open(pipes[1])
     assert not is_open(pipes[2])
+
+
+# -- reading large messages straight into their own buffer ----------------------------------
+
+
+def _read_into(reader: MessageReader, source: bytes, pos: int, step: int) -> int:
+    """Emulate recv_into: copy up to ``step`` bytes of ``source`` into the reader's target."""
+    target = reader.read_target()
+    assert target is not None
+    k = min(step, len(target), len(source) - pos)
+    target[:k] = source[pos : pos + k]
+    reader.filled(k)
+    return pos + k
+
+
+@pytest.mark.parametrize("size", [100_000, 3 * 1024 * 1024])
+def test_large_message_read_into_its_buffer_then_the_rest_normally(size: int) -> None:
+    big = le_message(1, b"B" * size)
+    after = le_message(2, b"after")
+    stream = big + after
+    reader = MessageReader(LIMIT)
+    pos = 20_000
+    reader.feed(stream[:pos])
+    assert reader.next_message() is None
+    got: list[bytes] = []
+    while reader.read_target() is None:  # above 1 MiB: a quarter must arrive first
+        reader.feed(stream[pos : pos + 50_000])
+        pos += 50_000
+        assert reader.next_message() is None
+    assert size < 1024 * 1024 or pos * 4 >= len(big)
+    while True:
+        target = reader.read_target()
+        if target is None:
+            break
+        assert len(target) == len(big) - pos  # a read never goes past the message's end
+        pos = _read_into(reader, stream, pos, 70_000)
+        got += drain(reader)
+    assert got == [big]
+    assert pos == len(big)
+    reader.feed(stream[pos:])
+    assert list(drain(reader)) == [after]
+    assert reader.buffered == 0
+
+
+def test_large_message_completed_by_a_normal_read_keeps_what_follows() -> None:
+    big = le_message(1, b"C" * 200_000)
+    after = le_message(2, b"x")
+    stream = big + after
+    reader = MessageReader(LIMIT)
+    reader.feed(stream[:70_000])
+    assert reader.next_message() is None
+    assert reader.read_target() is not None
+    # The owner read normally anyway (e.g. a read already in flight): feed still works.
+    reader.feed(stream[70_000:])
+    assert list(drain(reader)) == [big, after]
+    assert reader.buffered == 0
+
+
+def test_no_target_for_small_or_nearly_complete_messages() -> None:
+    small = le_message(1, b"s" * 30_000)
+    reader = MessageReader(LIMIT)
+    reader.feed(small[:100])
+    assert reader.next_message() is None
+    assert reader.read_target() is None
+    big = le_message(2, b"b" * 100_000)
+    reader = MessageReader(LIMIT)
+    reader.feed(big[: len(big) - 1000])
+    assert reader.next_message() is None
+    assert reader.read_target() is None  # 1000 bytes to go: a normal read is fine
+    reader.feed(big[len(big) - 1000 :])
+    assert list(drain(reader)) == [big]
+
+
+def test_a_claim_alone_does_not_allocate_the_claimed_size() -> None:
+    """16 bytes claiming 127 MiB: no target (it would reserve 127 MiB)."""
+    reader = MessageReader(LIMIT)
+    reader.feed(huge_header(127 * 1024 * 1024))
+    assert reader.next_message() is None
+    assert reader.read_target() is None
+
+
+def test_fds_that_arrive_during_a_large_message_belong_to_it(pipes: list[int]) -> None:
+    big = le_message(1, b"F" * 150_000, unix_fds=2)
+    reader = MessageReader(LIMIT)
+    reader.feed(big[:70_000], pipes[:2])
+    assert reader.next_message() is None
+    reader.check_no_stray_fds()  # held for the partial message
+    pos = 70_000
+    while reader.read_target() is not None:
+        pos = _read_into(reader, big, pos, 40_000)
+        reader.check_no_stray_fds()
+    item = reader.next_message()
+    assert item is not None and item[0] == big
+    assert reader.take_fds(2) == pipes[:2]
+
+
+def test_close_drops_a_large_message_in_progress() -> None:
+    big = le_message(1, b"D" * 200_000)
+    reader = MessageReader(LIMIT)
+    reader.feed(big[:70_000])
+    assert reader.next_message() is None
+    assert reader.read_target() is not None
+    reader.close()
+    assert reader.buffered == 0
+    assert reader.next_message() is None

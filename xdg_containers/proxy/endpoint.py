@@ -70,6 +70,10 @@ class Endpoint:
         self.on_eof = on_eof
         self.eof = False
         self.on_drained: Callable[[], None] | None = None
+        # Set by the owner: the next read goes straight into this view, and its
+        # result to on_filled instead of on_data (see MessageReader.read_target).
+        self.into: memoryview | None = None
+        self.on_filled: Callable[[int, list[int]], None] | None = None
         self.receive_fds = False
         self.closed = False
         self._reading = False
@@ -116,6 +120,9 @@ class Endpoint:
         return self._reading
 
     def _on_readable(self) -> None:
+        if self.into is not None:
+            self._read_into(self.into)
+            return
         try:
             if self.receive_fds:
                 data, anc, flags, _addr = self.sock.recvmsg(
@@ -144,6 +151,39 @@ class Endpoint:
             self.on_data(data, fds)
         except Exception:
             # A bug of ours must cost this one connection, not leave it half-dead.
+            log.exception("internal error handling data; closing the connection")
+            self._fail("internal error")
+
+    def _read_into(self, into: memoryview) -> None:
+        try:
+            if self.receive_fds:
+                nbytes, anc, flags, _addr = self.sock.recvmsg_into(
+                    [into], _ANC_SPACE, _MSG_CMSG_CLOEXEC
+                )
+                fds = _fds_from_ancillary(anc) if anc else []
+                if flags & _MSG_CTRUNC:
+                    close_fds(fds)
+                    self._fail("too many unix fds in one read (control data truncated)")
+                    return
+            else:
+                nbytes = self.sock.recv_into(into)
+                fds = []
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(f"read failed: {exc.strerror or exc}")
+            return
+        if not nbytes:
+            close_fds(fds)
+            self.pause_reading()
+            self.eof = True
+            self.on_eof()
+            return
+        self.into = None
+        try:
+            assert self.on_filled is not None
+            self.on_filled(nbytes, fds)
+        except Exception:
             log.exception("internal error handling data; closing the connection")
             self._fail("internal error")
 

@@ -98,6 +98,7 @@ class Session:
         limits = server.limits
         self._max_pending = limits.max_pending_bytes_per_connection
         self._client = Endpoint(loop, sock, self._client_data, self._client_error, self._client_eof)
+        self._client.on_filled = self._client_filled
         self._bus: Endpoint | None = None
         self._sasl = SaslServer(creds.uid, server.guid, unix_fd_possible=True)
         self._sasl_client = SaslClient(os.getuid())
@@ -229,6 +230,7 @@ class Session:
 
     def _bus_connected(self, sock: socket.socket) -> None:
         self._bus = Endpoint(self.loop, sock, self._bus_data, self._bus_error, self._bus_eof)
+        self._bus.on_filled = self._bus_filled
         self._bus.receive_fds = sock.family == socket.AF_UNIX
         self._bus.queue(self._sasl_client.start())
         if self._client_began:
@@ -281,6 +283,24 @@ class Session:
             self._pump_bus()
         except (MessageError, SignatureError) as exc:
             self.close(f"malformed message from the bus: {exc}")
+            return
+        if reader.buffered and self._bus is not None and not self.closed:
+            self._bus.into = reader.read_target()
+
+    def _bus_filled(self, nbytes: int, fds: list[int]) -> None:
+        """A read straight into a large message's buffer (MessageReader.read_target)."""
+        if self.closed:
+            close_fds(fds)
+            return
+        reader = self._bus_reader
+        try:
+            reader.filled(nbytes, fds)
+            self._pump_bus()
+        except (MessageError, SignatureError) as exc:
+            self.close(f"malformed message from the bus: {exc}")
+            return
+        if reader.buffered and self._bus is not None and not self.closed:
+            self._bus.into = reader.read_target()
 
     def _complete_partial(
         self, reader: MessageReader, data: bytes, pump: Callable[[], None]
@@ -495,6 +515,23 @@ class Session:
             self.close(f"malformed data from the client: {exc}")
             return
         self._pump_client()
+        if reader.buffered and not self.closed:
+            self._client.into = reader.read_target()
+
+    def _client_filled(self, nbytes: int, fds: list[int]) -> None:
+        """A read straight into a large message's buffer (MessageReader.read_target)."""
+        if self.closed:
+            close_fds(fds)
+            return
+        reader = self._client_reader
+        try:
+            reader.filled(nbytes, fds)
+        except MessageError as exc:
+            self.close(f"malformed data from the client: {exc}")
+            return
+        self._pump_client()
+        if reader.buffered and not self.closed:
+            self._client.into = reader.read_target()
 
     def _fast_client(self, data: bytes) -> bytes:
         """Forward the leading calls the filter has passed before; return the rest of ``data``."""
@@ -507,12 +544,14 @@ class Session:
         pos, count, owed = scan_calls(data, self._client_reader.max_message_bytes, passes)
         if not pos:
             return data
+        # Send first: the bookkeeping below is off the round trip's critical path
+        # (no reply can be handled before this callback returns).
+        bus.send(data if pos == len(data) else memoryview(data)[:pos])
         flt = self.filter
         for serial, dest in owed:
             flt.note_client_call(serial, dest)
             self._note_call(serial)
         self.server.messages_forwarded += count
-        bus.send(data if pos == len(data) else memoryview(data)[:pos])
         if pos < len(data):
             return data[pos:]
         if bus.pending_bytes > self._max_pending:

@@ -21,6 +21,13 @@ MAX_FDS_PER_MESSAGE = 253
 
 #: Messages at least this large are handed out without a copy when possible.
 _HANDOFF_MIN = 64 * 1024
+#: A partly received message at least this large is read straight into its own buffer...
+_INTO_MIN = 64 * 1024
+#: ...when at least this much of it is still to come...
+_INTO_MIN_REST = 16 * 1024
+#: ...and, above this size, once a quarter of it has arrived (a header's claim alone
+#: never makes us allocate more than this, or four times what was received).
+_INTO_FREE = 1024 * 1024
 
 
 class FramingError(MessageError):
@@ -30,7 +37,7 @@ class FramingError(MessageError):
 class MessageReader:
     """Accumulates stream bytes and yields whole messages with their fds."""
 
-    __slots__ = ("_buf", "_fds", "_next_len", "_pos", "max_message_bytes")
+    __slots__ = ("_big", "_big_fill", "_buf", "_fds", "_next_len", "_pos", "max_message_bytes")
 
     def __init__(self, max_message_bytes: int) -> None:
         """``max_message_bytes``: a header claiming more closes the stream."""
@@ -39,25 +46,76 @@ class MessageReader:
         self._pos = 0
         self._fds: deque[int] = deque()
         self._next_len = 0
+        # A large message being read straight into its own buffer (read_target).
+        self._big: bytearray | None = None
+        self._big_fill = 0
 
     def feed(self, data: bytes | bytearray | memoryview, fds: Iterable[int] = ()) -> None:
         """Append received bytes, and the fds that arrived with them."""
+        big = self._big
+        if big is not None:
+            # Complete the large message first; anything after it goes to the buffer.
+            fill = self._big_fill
+            k = min(len(big) - fill, len(data))
+            big[fill : fill + k] = memoryview(data)[:k]
+            self._big_fill = fill + k
+            data = memoryview(data)[k:]
         if self._pos and self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0
-        self._buf += data
+        if data:
+            self._buf += data
+        self._add_fds(fds)
+
+    def _add_fds(self, fds: Iterable[int]) -> None:
         for fd in fds:
             self._fds.append(fd)
         if len(self._fds) > MAX_QUEUED_FDS:
             raise FramingError("too many unix fds queued without a message to carry them")
 
+    def read_target(self) -> memoryview | None:
+        """Where the next read should land: the unreceived rest of a large message.
+
+        Reading straight into the message's own buffer saves copying every byte
+        once more, and such a read stops at the message's end, so fds that come
+        with it belong to it. None when the next read should be a normal one.
+        Call ``filled`` with what such a read returned.
+        """
+        big = self._big
+        if big is not None:
+            return memoryview(big)[self._big_fill :] if self._big_fill < len(big) else None
+        n = self._next_len  # known once next_message() saw the header
+        if n < _INTO_MIN:
+            return None
+        avail = len(self._buf) - self._pos
+        if n - avail < _INTO_MIN_REST or (n > _INTO_FREE and avail * 4 < n):
+            return None
+        big = bytearray(n)
+        big[:avail] = memoryview(self._buf)[self._pos :]
+        # Everything buffered was part of this message (it is incomplete).
+        self._buf = bytearray()
+        self._pos = 0
+        self._big = big
+        self._big_fill = avail
+        return memoryview(big)[avail:]
+
+    def filled(self, nbytes: int, fds: Iterable[int] = ()) -> None:
+        """A read into ``read_target()``'s view returned ``nbytes`` bytes and ``fds``."""
+        assert self._big is not None and self._big_fill + nbytes <= len(self._big)
+        self._big_fill += nbytes
+        self._add_fds(fds)
+
     @property
     def buffered(self) -> int:
         """Bytes received but not yet handed out as messages."""
+        if self._big is not None:
+            return self._big_fill + len(self._buf) - self._pos
         return len(self._buf) - self._pos
 
     def has_message(self) -> bool:
         """Whether a complete message is waiting to be taken."""
+        if self._big is not None:
+            return self._big_fill == len(self._big)
         avail = len(self._buf) - self._pos
         if avail < FIXED_HEADER_LEN:
             return False
@@ -68,12 +126,22 @@ class MessageReader:
 
     def wanted(self) -> int:
         """Bytes that would complete the current message (0 when unknown)."""
+        if self._big is not None:
+            return len(self._big) - self._big_fill
         if self._next_len:
             return self._next_len - self.buffered
         return 0
 
     def next_message(self) -> tuple[bytes | bytearray, list[int]] | None:
         """Return the next complete message and its fds, or None if more bytes are needed."""
+        big = self._big
+        if big is not None:
+            if self._big_fill < len(big):
+                return None
+            self._big = None
+            self._big_fill = 0
+            self._next_len = 0
+            return big, []
         avail = len(self._buf) - self._pos
         if avail < FIXED_HEADER_LEN:
             self._compact()
@@ -119,7 +187,7 @@ class MessageReader:
 
     def check_no_stray_fds(self) -> None:
         """Fds left over with no partial message to claim them are a protocol error."""
-        if self._fds and self._pos == len(self._buf):
+        if self._fds and self._big is None and self._pos == len(self._buf):
             raise FramingError(f"{len(self._fds)} unix fds arrived with no message declaring them")
 
     def _compact(self) -> None:
@@ -136,3 +204,5 @@ class MessageReader:
                 pass
         self._buf = bytearray()
         self._pos = 0
+        self._big = None
+        self._big_fill = 0
