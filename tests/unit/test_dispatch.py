@@ -199,3 +199,88 @@ def test_an_endpoint_on_a_reused_fd_number_is_not_deaf(loop: asyncio.AbstractEve
     ep.close()
     for s in (b, d):
         s.close()
+
+
+def _time_until_done(loop: asyncio.AbstractEventLoop, schedule: str) -> float:
+    """A direct callback gives asyncio work (a timer or a ready handle) while the loop
+    waits with a long timeout: that work must run at once, not when the wait ends."""
+    import time
+
+    sel = _selector(loop)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    done: asyncio.Future[object] = loop.create_future()
+    far = loop.call_later(30, lambda: None)  # the loop's wait timeout is now ~30 s
+
+    def on_read() -> None:
+        a.recv(10)
+        if schedule == "timer":
+            loop.call_later(0.05, done.set_result, None)
+        else:
+            loop.call_soon(done.set_result, None)
+
+    sel.watch(a.fileno(), on_read, None)
+
+    async def main() -> float:
+        start = time.monotonic()
+        # Let the loop block in select() before the data arrives.
+        loop.call_soon(lambda: None)
+        await asyncio.sleep(0)
+        b.send(b"x")
+        await done
+        return time.monotonic() - start
+
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        far.cancel()
+        sel.watch(a.fileno(), None, None)
+        a.close()
+        b.close()
+
+
+def test_a_timer_set_by_a_direct_callback_fires_on_time(loop: asyncio.AbstractEventLoop) -> None:
+    assert _time_until_done(loop, "timer") < 2
+
+
+def test_a_handle_scheduled_by_a_direct_callback_runs_at_once(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    assert _time_until_done(loop, "soon") < 2
+
+
+def test_many_direct_wakeups_in_one_select_call(loop: asyncio.AbstractEventLoop) -> None:
+    """Ping-pong through a watched socket: every message is handled although asyncio
+    itself has nothing to do between them."""
+    import threading
+
+    sel = _selector(loop)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    count = 0
+    done: asyncio.Future[object] = loop.create_future()
+
+    def on_read() -> None:
+        nonlocal count
+        data = a.recv(100)
+        count += data.count(b".")
+        if count >= 200:
+            sel.watch(a.fileno(), None, None)
+            loop.call_soon_threadsafe(done.set_result, None)
+        else:
+            a.send(b"!")
+
+    def peer() -> None:
+        for _ in range(200):
+            b.send(b".")
+            if _ < 199:
+                b.recv(1)
+
+    sel.watch(a.fileno(), on_read, None)
+    t = threading.Thread(target=peer)
+    t.start()
+    _spin(loop, done)
+    t.join()
+    assert count == 200
+    a.close()
+    b.close()

@@ -16,6 +16,7 @@ import logging
 import math
 import select
 import selectors
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,9 @@ class DispatchingSelector(selectors.EpollSelector):
         super().__init__()
         # fd -> [reader, writer, epoll mask]
         self._direct: dict[int, list[Any]] = {}
+        # The loop this selector serves (set by new_event_loop): lets select() keep
+        # waiting while only proxy sockets wake it and they give asyncio nothing to do.
+        self.loop: asyncio.BaseEventLoop | None = None
 
     def watch(self, fd: int, reader: Callback | None, writer: Callback | None) -> None:
         """Set (or with both None, drop) the callbacks run when ``fd`` is readable/writable."""
@@ -62,41 +66,62 @@ class DispatchingSelector(selectors.EpollSelector):
         entry[2] = mask
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        """Wait like EpollSelector; run direct callbacks now, return asyncio's events."""
+        """Wait like EpollSelector; run direct callbacks now, return asyncio's events.
+
+        While only direct fds wake it, and their callbacks leave asyncio nothing
+        to run (no ready handle, no new timer), it waits again until ``timeout``
+        instead of returning: a full asyncio loop iteration per proxied message
+        costs as much as forwarding it.
+        """
         if timeout is None:
-            timeout = -1
+            wait = -1.0
         elif timeout <= 0:
-            timeout = 0
+            wait = 0.0
         else:
             # Round up to the millisecond, as EpollSelector does, to wait at least timeout.
-            timeout = math.ceil(timeout * 1e3) * 1e-3
+            wait = math.ceil(timeout * 1e3) * 1e-3
         direct = self._direct
-        max_ev = max(len(self._fd_to_key) + len(direct), 1)  # type: ignore[attr-defined]
+        fd_to_key = self._fd_to_key  # type: ignore[attr-defined]
+        poll = self._selector.poll  # type: ignore[attr-defined]
+        loop = self.loop
         ready: list[tuple[selectors.SelectorKey, int]] = []
-        try:
-            fd_event_list = self._selector.poll(timeout, max_ev)  # type: ignore[attr-defined]
-        except InterruptedError:
-            return ready
-        for fd, event in fd_event_list:
-            entry = direct.get(fd)
-            if entry is not None:
-                # Same reading of the event bits as asyncio: errors wake both sides.
-                if event & ~_EPOLLOUT and entry[0] is not None:
-                    _run(entry[0])
-                    if direct.get(fd) is not entry:
-                        continue
-                if event & ~_EPOLLIN and entry[1] is not None:
-                    _run(entry[1])
-                continue
-            key = self._key_from_fd(fd)  # type: ignore[attr-defined]
-            if key:
-                events = 0
-                if event & ~_EPOLLIN:
-                    events |= selectors.EVENT_WRITE
-                if event & ~_EPOLLOUT:
-                    events |= selectors.EVENT_READ
-                ready.append((key, events & key.events))
-        return ready
+        deadline = 0.0
+        if loop is not None:
+            timers = len(loop._scheduled)  # type: ignore[attr-defined]
+            if wait > 0:
+                deadline = time.monotonic() + wait
+        while True:
+            try:
+                fd_event_list = poll(wait, max(len(fd_to_key) + len(direct), 1))
+            except InterruptedError:
+                return ready
+            for fd, event in fd_event_list:
+                entry = direct.get(fd)
+                if entry is not None:
+                    # Same reading of the event bits as asyncio: errors wake both sides.
+                    if event & ~_EPOLLOUT and entry[0] is not None:
+                        _run(entry[0])
+                        if direct.get(fd) is not entry:
+                            continue
+                    if event & ~_EPOLLIN and entry[1] is not None:
+                        _run(entry[1])
+                    continue
+                key = fd_to_key.get(fd)
+                if key:
+                    events = 0
+                    if event & ~_EPOLLIN:
+                        events |= selectors.EVENT_WRITE
+                    if event & ~_EPOLLOUT:
+                        events |= selectors.EVENT_READ
+                    ready.append((key, events & key.events))
+            if ready or not fd_event_list or loop is None or wait == 0:
+                return ready
+            if loop._ready or loop._stopping or len(loop._scheduled) != timers:  # type: ignore[attr-defined]
+                return ready
+            if wait > 0:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    return ready
 
     def close(self) -> None:
         """Forget the direct fds too (their owners close the sockets)."""
@@ -120,4 +145,7 @@ def direct_selector(loop: asyncio.AbstractEventLoop) -> DispatchingSelector | No
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """A selector event loop whose selector can dispatch proxy sockets directly."""
-    return asyncio.SelectorEventLoop(DispatchingSelector())
+    selector = DispatchingSelector()
+    loop = asyncio.SelectorEventLoop(selector)
+    selector.loop = loop
+    return loop
