@@ -100,8 +100,11 @@ class DispatchingSelector(selectors.EpollSelector):
                 if entry is not None:
                     # Same reading of the event bits as asyncio: errors wake both sides.
                     if event & ~_EPOLLOUT and entry[0] is not None:
-                        _run(entry[0])
-                        if direct.get(fd) is not entry:
+                        try:
+                            entry[0]()
+                        except Exception:
+                            _log_failure()
+                        if entry[1] is None or direct.get(fd) is not entry:
                             continue
                     if event & ~_EPOLLIN and entry[1] is not None:
                         _run(entry[1])
@@ -133,8 +136,12 @@ def _run(callback: Callback) -> None:
     try:
         callback()
     except Exception:
-        # As asyncio does for a failing handle: log it and keep the loop alive.
-        log.exception("unexpected error in a proxy socket callback")
+        _log_failure()
+
+
+def _log_failure() -> None:
+    # As asyncio does for a failing handle: log it and keep the loop alive.
+    log.exception("unexpected error in a proxy socket callback")
 
 
 def direct_selector(loop: asyncio.AbstractEventLoop) -> DispatchingSelector | None:

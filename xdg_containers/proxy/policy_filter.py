@@ -7,6 +7,7 @@ docs/policy.md for the rules and where we deliberately differ upstream.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 
 from ..policy import Level, Policy
@@ -79,6 +80,7 @@ def _name_owner_changed_rule(arg: str) -> str:
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def _add_match(rule: str) -> bytes:
     body = BodyWriter()
     body.string(rule)

@@ -11,6 +11,7 @@ it, so the name is known before any peer can ask about it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -49,6 +50,18 @@ HANDSHAKE_TIMEOUT = 30.0
 #: After a client half-closes, replies it still waits for are delivered for this long.
 HALF_CLOSE_GRACE = 25.0
 _TYPE_NAMES = {METHOD_CALL: "call", METHOD_RETURN: "return", ERROR: "error", SIGNAL: "signal"}
+
+
+@functools.lru_cache(maxsize=64)
+def _unix_sockaddr(bus_address: str) -> str | bytes | None:
+    """The socket address of the bus's first entry when it is a unix socket, else None."""
+    try:
+        family, addr = parse_address(bus_address)[0].sockaddr()
+    except AddressError:
+        return None
+    if family != socket.AF_UNIX or isinstance(addr, tuple):
+        return None
+    return addr
 
 
 class MessageFilter(Protocol):
@@ -104,7 +117,8 @@ class Session:
         self._sasl_client = SaslClient(os.getuid())
         self._client_reader = MessageReader(limits.max_message_bytes)
         self._bus_reader = MessageReader(limits.max_message_bytes)
-        self._client_began = False
+        self._client_began = False  # the client's handshake is over
+        self._bus_began = False  # ours with the bus is over (cached: done is a property)
         self._hello_serial: int | None = None
         self._hold_client = True  # until both handshakes finished
         self._outstanding: dict[int, int] = {}  # client call serial -> count
@@ -182,13 +196,10 @@ class Session:
 
     def _connect_bus_now(self) -> bool:
         """Connect a local bus socket without a task (the common, fast case)."""
-        try:
-            entries = parse_address(self.server.bus_address)
-            family, addr = entries[0].sockaddr()
-        except AddressError:
+        addr = _unix_sockaddr(self.server.bus_address)
+        if addr is None:
             return False
-        if family != socket.AF_UNIX:
-            return False
+        family = socket.AF_UNIX
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         try:
@@ -250,7 +261,7 @@ class Session:
         if self.closed:
             close_fds(fds)
             return
-        if not self._sasl_client.done:
+        if not self._bus_began and not self._sasl_client.done:
             close_fds(fds)
             try:
                 self._sasl_client.feed(data)
@@ -266,19 +277,24 @@ class Session:
                 self.close("the bus refused unix fd passing that the client negotiated")
                 return
             data = self._sasl_client.leftover
+            self._bus_began = True
             if self._hold_client and self._hello_serial is None:
                 self._hold_client = False
             self._pump_client()
             if not data:
                 return
+        self._bus_began = True
+        reader = self._bus_reader
         try:
-            reader = self._bus_reader
-            if not fds and reader.buffered:
-                data = self._complete_partial(reader, data, self._pump_bus)
-            if data and not fds and not reader.buffered and not self.closed:
-                data = self._fast_bus(data)
-                if not data:
-                    return
+            if not fds:
+                if reader.buffered:
+                    data = self._complete_partial(reader, data, self._pump_bus)
+                    if self.closed:
+                        return
+                if data and not reader.buffered:
+                    data = self._fast_bus(data)
+                    if not data:
+                        return
             reader.feed(data, fds)
             self._pump_bus()
         except (MessageError, SignatureError) as exc:
@@ -316,25 +332,31 @@ class Session:
 
     def _fast_bus(self, data: bytes) -> bytes:
         """Forward the leading peer replies the filter passes; return the rest of ``data``."""
-        if self._hello_serial is not None or self.server.log_messages:
+        if self._hello_serial is not None or self.server.spec.log_messages:
             return data
         found = scan_replies(data, self._bus_reader.max_message_bytes)
         if not found:
             return data
-        flt = self.filter
+        fast_reply = self.filter.fast_reply
         pings = self._denied_pings
+        outstanding = self._outstanding
         pos = count = 0
         for end, rs, sender in found:
-            if rs in pings or not flt.fast_reply(rs, sender):
+            if rs in pings or not fast_reply(rs, sender):
                 break
-            self._reply_seen(rs)
+            n = outstanding.get(rs)  # as _reply_seen, inline
+            if n is not None:
+                if n <= 1:
+                    del outstanding[rs]
+                else:
+                    outstanding[rs] = n - 1
             pos = end
             count += 1
         if not pos:
             return data
-        self.server.messages_forwarded += count
         client = self._client
         client.send(data if pos == len(data) else memoryview(data)[:pos])
+        self.server.messages_forwarded += count
         if pos < len(data):
             return data[pos:]
         if client.pending_bytes > self._max_pending and self._bus is not None:
@@ -476,7 +498,7 @@ class Session:
         if self.closed:
             close_fds(fds)
             return
-        if not self._sasl.done:
+        if not self._client_began:
             if fds:
                 close_fds(fds)
                 self.close("unix fds sent during the handshake")
@@ -504,12 +526,15 @@ class Session:
                 return
         reader = self._client_reader
         try:
-            if not fds and reader.buffered:
-                data = self._complete_partial(reader, data, self._pump_client)
-            if data and not fds and not reader.buffered and not self._hold_client:
-                data = self._fast_client(data)
-                if not data:
-                    return
+            if not fds:
+                if reader.buffered:
+                    data = self._complete_partial(reader, data, self._pump_client)
+                    if self.closed:
+                        return
+                if data and not self._hold_client and not reader.buffered:
+                    data = self._fast_client(data)
+                    if not data:
+                        return
             reader.feed(data, fds)
         except MessageError as exc:
             self.close(f"malformed data from the client: {exc}")
@@ -537,9 +562,7 @@ class Session:
         """Forward the leading calls the filter has passed before; return the rest of ``data``."""
         passes = self.filter.call_passes
         bus = self._bus
-        if not passes or bus is None or self._stalled is not None or self.closed or (
-            self.server.log_messages
-        ):
+        if not passes or bus is None or self._stalled is not None or self.server.spec.log_messages:
             return data
         pos, count, owed = scan_calls(data, self._client_reader.max_message_bytes, passes)
         if not pos:
