@@ -27,7 +27,7 @@ _INTO_MIN = 64 * 1024
 _INTO_MIN_REST = 16 * 1024
 #: ...and, above this size, once a quarter of it has arrived (a header's claim alone
 #: never makes us allocate more than this, or four times what was received).
-_INTO_FREE = 1024 * 1024
+_INTO_FREE = 2 * 1024 * 1024
 
 
 class FramingError(MessageError):
@@ -99,11 +99,18 @@ class MessageReader:
         self._big_fill = avail
         return memoryview(big)[avail:]
 
-    def filled(self, nbytes: int, fds: Iterable[int] = ()) -> None:
-        """A read into ``read_target()``'s view returned ``nbytes`` bytes and ``fds``."""
-        assert self._big is not None and self._big_fill + nbytes <= len(self._big)
-        self._big_fill += nbytes
-        self._add_fds(fds)
+    def filled(self, nbytes: int, fds: Iterable[int] = ()) -> memoryview | None:
+        """A read into ``read_target()``'s view returned ``nbytes`` bytes and ``fds``.
+
+        Returns where the next read goes while the message is incomplete, None once
+        it is complete (then take it with ``next_message``).
+        """
+        big = self._big
+        assert big is not None and self._big_fill + nbytes <= len(big)
+        fill = self._big_fill = self._big_fill + nbytes
+        if fds:
+            self._add_fds(fds)
+        return memoryview(big)[fill:] if fill < len(big) else None
 
     @property
     def buffered(self) -> int:
