@@ -34,6 +34,9 @@ from .service import (
 log = logging.getLogger(__name__)
 
 EXIT_NAME_TAKEN = 3
+#: Connections changes are signalled at most this often per server (connection storms
+#: from a launching app cost one signal per window, not two per connection).
+CONNECTIONS_SIGNAL_DELAY = 0.02
 EXIT_BUS_LOST = 4
 
 
@@ -94,6 +97,7 @@ class Service:
         self.ctx: ServiceContext | None = None
         self.manager: ManagerInterface | None = None
         self._dirty_connections: dict[str, ContainerServer] = {}
+        self._signalled_connections: dict[str, list[str]] = {}  # path -> last signalled
 
     async def start(self) -> None:
         """Connect, export the manager, subscribe to owner changes, claim the name."""
@@ -164,22 +168,31 @@ class Service:
         log.info("%s: removed", server.path)
         self.manager.ServerRemoved(server.path)
         self.ctx.server_objects.pop(server.path, None)
+        self._signalled_connections.pop(server.path, None)
         self.bus.unexport(server.path)
 
     def _connections_changed(self, server: ContainerServer) -> None:
-        # Coalesced: one PropertiesChanged per server per loop turn, however many
-        # connections came and went in it.
+        # Coalesced: at most one PropertiesChanged per server per CONNECTIONS_SIGNAL_DELAY,
+        # however many connections came and went in it, and none when the list ends up
+        # as last signalled (a connection that came and went in between).
         if not self._dirty_connections:
-            asyncio.get_running_loop().call_soon(self._emit_connections)
+            asyncio.get_running_loop().call_later(
+                CONNECTIONS_SIGNAL_DELAY, self._emit_connections
+            )
         self._dirty_connections[server.path] = server
 
     def _emit_connections(self) -> None:
         dirty = self._dirty_connections
         self._dirty_connections = {}
-        for server in dirty.values():
+        for path, server in dirty.items():
             obj = self._object(server)
-            if obj is not None:
-                obj.emit_properties_changed({"Connections": server.connection_names()})
+            if obj is None:
+                continue
+            names = server.connection_names()
+            if names == self._signalled_connections.get(path, []):
+                continue
+            self._signalled_connections[path] = names
+            obj.emit_properties_changed({"Connections": names})
 
     def _listening_changed(self, server: ContainerServer) -> None:
         obj = self._object(server)

@@ -7,6 +7,7 @@ PropertiesChanged.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -423,6 +424,32 @@ async def test_properties_changed_for_connections_and_listening(
     # Last connection leaves: the server is removed.
     b.disconnect()
     await observer.wait_removed(path)
+
+
+async def test_connections_signals_are_coalesced_and_never_repeat_a_value(
+    service: ServiceProcess, manager_bus: MessageBus, observer: Observer
+) -> None:
+    """A burst of connections (an app starting its helpers) costs a few signals, not two
+    per connection; each signal carries a new value, and the last one the final list."""
+    path, results = await add_server(manager_bus)
+    await watch_properties(observer, path)
+    keeper = await connect(results["Address"].value)
+    clients = await asyncio.gather(*(connect(results["Address"].value) for _ in range(8)))
+    for c in clients:
+        c.disconnect()
+    await observer.wait_for(
+        lambda: changes(observer, path)[-1:] == [{"Connections": [keeper.unique_name]}],
+        "Connections [keeper] after the burst",
+    )
+    await asyncio.sleep(0.2)  # nothing more is coming
+    seen = [c["Connections"] for c in changes(observer, path) if "Connections" in c]
+    assert seen[-1] == [keeper.unique_name]
+    assert len(seen) < 2 * (len(clients) + 1), seen
+    assert all(x != y for x, y in itertools.pairwise(seen)), seen
+    keeper.disconnect()
+    await observer.wait_for(
+        lambda: changes(observer, path)[-1:] == [{"Connections": []}], "Connections []"
+    )
 
 
 async def test_properties_changed_for_listening_via_the_object(

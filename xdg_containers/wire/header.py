@@ -130,28 +130,8 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
     calling one method repeatedly sends the same array every time, and a reply
     differs from the previous one only in its leading reply serial.
     """
-    if len(data) < FIXED_HEADER_LEN:
-        raise MessageError("message shorter than the fixed header")
-    endian = data[0]
-    if endian == 0x6C:
-        fixed, u32, little = _FIXED_LE, _U32_LE, True
-    elif endian == 0x42:
-        fixed, u32, little = _FIXED_BE, _U32_BE, False
-    else:
-        raise MessageError(f"invalid endianness byte 0x{endian:02x}")
-    _e, mtype, flags, version, body_len, serial, fields_len = fixed.unpack_from(data, 0)
-    if version != 1:
-        raise MessageError(f"unsupported protocol version {version}")
-    if not 1 <= mtype <= 4:
-        # The specification says to ignore unknown types; the bus would too,
-        # but nothing legitimate sends them, so we refuse to route them.
-        raise MessageError(f"unknown message type {mtype}")
-    if serial == 0:
-        raise MessageError("serial 0 is not allowed")
-    end = FIXED_HEADER_LEN + fields_len
-    body_offset = end + (-end & 7)
-    if body_offset + body_len != len(data):
-        raise MessageError("message length does not match its header")
+    little, u32, endian, mtype, flags, body_len, serial, body_offset, end = _fixed_part(data)
+    fields_len = end - FIXED_HEADER_LEN
     if fields_len > _CACHE_MAX_FIELDS:
         return _parse_fields(data, little, u32, mtype, flags, serial, body_len, body_offset, end)[0]
     reply_serial: int | None = None
@@ -233,19 +213,38 @@ def reply_serial_offset(data: bytes | bytearray | memoryview) -> tuple[Header, i
 
     Uncached: for learning the shape of a message once (see proxy/fastpath.py).
     """
-    hdr = parse_header(data)  # every check, and MessageError when one fails
-    fields_len = (_U32_LE if hdr.little_endian else _U32_BE).unpack_from(data, 12)[0]
-    return _parse_fields(
-        data,
-        hdr.little_endian,
-        _U32_LE if hdr.little_endian else _U32_BE,
-        hdr.message_type,
-        hdr.flags,
-        hdr.serial,
-        hdr.body_length,
-        hdr.body_offset,
-        FIXED_HEADER_LEN + fields_len,
-    )
+    little, u32, _endian, mtype, flags, body_len, serial, body_offset, end = _fixed_part(data)
+    return _parse_fields(data, little, u32, mtype, flags, serial, body_len, body_offset, end)
+
+
+def _fixed_part(
+    data: bytes | bytearray | memoryview,
+) -> tuple[bool, struct.Struct, int, int, int, int, int, int, int]:
+    """Check the fixed header of a whole message; return what parsing the fields needs:
+    (little, u32, endian byte, type, flags, body length, serial, body offset, fields end)."""
+    if len(data) < FIXED_HEADER_LEN:
+        raise MessageError("message shorter than the fixed header")
+    endian = data[0]
+    if endian == 0x6C:
+        fixed, u32, little = _FIXED_LE, _U32_LE, True
+    elif endian == 0x42:
+        fixed, u32, little = _FIXED_BE, _U32_BE, False
+    else:
+        raise MessageError(f"invalid endianness byte 0x{endian:02x}")
+    _e, mtype, flags, version, body_len, serial, fields_len = fixed.unpack_from(data, 0)
+    if version != 1:
+        raise MessageError(f"unsupported protocol version {version}")
+    if not 1 <= mtype <= 4:
+        # The specification says to ignore unknown types; the bus would too,
+        # but nothing legitimate sends them, so we refuse to route them.
+        raise MessageError(f"unknown message type {mtype}")
+    if serial == 0:
+        raise MessageError("serial 0 is not allowed")
+    end = FIXED_HEADER_LEN + fields_len
+    body_offset = end + (-end & 7)
+    if body_offset + body_len != len(data):
+        raise MessageError("message length does not match its header")
+    return little, u32, endian, mtype, flags, body_len, serial, body_offset, end
 
 
 #: Parsed field arrays by (type and endianness, array bytes); bounded, cleared when full.
