@@ -242,7 +242,8 @@ class Session:
         self._bus_connected(sock)
 
     def _bus_connected(self, sock: socket.socket) -> None:
-        if sock.family == socket.AF_UNIX:
+        unix = sock.family == socket.AF_UNIX
+        if unix:
             # The bus reads promptly: a larger send buffer lets a large message go in
             # one or two writes instead of a wake-up per 200 KiB. (Capped by the
             # kernel's wmem_max; the client side keeps the default, so a client that
@@ -250,7 +251,7 @@ class Session:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUS_SNDBUF)
         self._bus = Endpoint(self.loop, sock, self._bus_data, self._bus_error, self._bus_eof)
         self._bus.on_filled = self._bus_filled
-        self._bus.receive_fds = sock.family == socket.AF_UNIX
+        self._bus.receive_fds = unix
         self._bus.queue(self._sasl_client.start())
         if self._client_began:
             self._bus.queue(self._sasl_client.begin(self._sasl.negotiated_unix_fd))

@@ -9,6 +9,7 @@ bare AUTH probe, NEGOTIATE_UNIX_FD, trailing blanks after BEGIN.
 from __future__ import annotations
 
 import enum
+import re
 
 #: Longest line accepted, CRLF included (dbus-daemon uses 16 KiB as well).
 MAX_LINE = 16 * 1024
@@ -30,9 +31,12 @@ class _State(enum.Enum):
     DONE = 4
 
 
+_LINE = re.compile(rb"[\t\x20-\x7e]*")
+
+
 def _valid_line(line: bytes) -> bool:
     """Printable ASCII plus space and TAB only."""
-    return all(b == 9 or 32 <= b < 127 for b in line)
+    return _LINE.fullmatch(line) is not None
 
 
 def _decode_uid(hex_arg: str) -> int | None:
