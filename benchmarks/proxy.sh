@@ -9,6 +9,9 @@
 #   benchmarks/proxy.sh --quick              # smoke run
 #   benchmarks/proxy.sh --wait-quiet 60 --json /tmp/proxy.json
 #
+# The last lines compare ours with xdg-filter directly (benchmarks/proxy_ratio.py):
+# rate ratio (>= 1.00 meets the issue's target) and proxy-CPU ratio per scenario.
+#
 # Extra arguments go to proxybench unchanged (later options override earlier
 # ones, so e.g. `--clients 1` or `--variants xdg,xdg-filter` work).
 #
@@ -58,7 +61,28 @@ if [ -x "$bench" ]; then
 else
     runner=python3
 fi
-exec ${runner} "$bench" --variants xdg-filter \
+# The JSON results feed the ours/xdg-filter summary printed at the end
+# (benchmarks/proxy_ratio.py); a --json given by the caller is used as is.
+json=
+prev=
+for arg in "$@"; do
+    if [ "$prev" = "--json" ]; then json=$arg; fi
+    case $arg in --json=*) json=${arg#--json=} ;; esac
+    prev=$arg
+done
+tmpjson=
+if [ -z "$json" ]; then
+    tmpjson=$(mktemp "${TMPDIR:-/tmp}/proxy-sh.XXXXXX.json")
+    json=$tmpjson
+    set -- "$@" --json "$json"
+fi
+status=0
+${runner} "$bench" --variants xdg-filter \
     --proxy ours "$(q "$PY") $(q "$REPO/benchmarks/mint.py") {bus} --filter --talk {name}" \
     --clients 1,4 \
-    "$@"
+    "$@" || status=$?
+if [ "$status" -eq 0 ] && [ -s "$json" ]; then
+    python3 "$REPO/benchmarks/proxy_ratio.py" "$json"
+fi
+[ -n "$tmpjson" ] && rm -f "$tmpjson"
+exit "$status"

@@ -488,8 +488,9 @@ class Session:
     def _client_eof(self) -> None:
         # Half-closed: what the client sent still goes out, and the replies it waits
         # for still come back, for up to HALF_CLOSE_GRACE seconds.
-        self._timers.append(self.loop.call_later(HALF_CLOSE_GRACE, self.close_when_flushed))
         self._finish_after_eof()
+        if not self.closed and not self._closing_after_flush:
+            self._timers.append(self.loop.call_later(HALF_CLOSE_GRACE, self.close_when_flushed))
 
     def _finish_after_eof(self) -> None:
         """After client EOF: close once nothing it sent is unsent and nothing is owed to it."""
