@@ -119,6 +119,11 @@ class Endpoint:
         """Whether the socket is being read."""
         return self._reading
 
+    def read_now(self) -> None:
+        """Read once without waiting for the loop (nothing happens if no data is there)."""
+        if self._reading and not self.closed:
+            self._on_readable()
+
     def _on_readable(self) -> None:
         if self.into is not None:
             self._read_into(self.into)

@@ -137,6 +137,11 @@ class Session:
         """Begin the handshake with the client and the connection to the bus."""
         self._client.start_reading()
         self._timers.append(self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout))
+        # A client usually writes its first handshake line as soon as it has connected:
+        # answer it now, before connecting to the bus, which that answer does not need.
+        self._client.read_now()
+        if self.closed:
+            return
         if not self._connect_bus_now():
             self._connect_task = self.loop.create_task(self._connect_bus())
 
