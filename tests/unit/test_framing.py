@@ -394,11 +394,11 @@ def test_large_message_read_into_its_buffer_then_the_rest_normally(size: int) ->
     reader.feed(stream[:pos])
     assert reader.next_message() is None
     got: list[bytes] = []
-    while reader.read_target() is None:  # above 1 MiB: a quarter must arrive first
+    while reader.read_target() is None:  # until 4x what arrived + 256 KiB covers it
         reader.feed(stream[pos : pos + 50_000])
         pos += 50_000
         assert reader.next_message() is None
-    assert size < 1024 * 1024 or pos * 4 >= len(big)
+    assert len(big) <= 4 * pos + 256 * 1024
     while True:
         target = reader.read_target()
         if target is None:
@@ -442,12 +442,22 @@ def test_no_target_for_small_or_nearly_complete_messages() -> None:
     assert list(drain(reader)) == [big]
 
 
-def test_a_claim_alone_does_not_allocate_the_claimed_size() -> None:
-    """16 bytes claiming 127 MiB: no target (it would reserve 127 MiB)."""
+@pytest.mark.parametrize("claim", [2 * 1024 * 1024, 127 * 1024 * 1024])
+def test_a_claim_alone_does_not_allocate_the_claimed_size(claim: int) -> None:
+    """16 bytes claiming 2 or 127 MiB: no target (it would reserve the claimed size);
+    the target comes once 4x the bytes received + 256 KiB cover the message."""
     reader = MessageReader(LIMIT)
-    reader.feed(huge_header(127 * 1024 * 1024))
+    reader.feed(huge_header(claim))
     assert reader.next_message() is None
     assert reader.read_target() is None
+    received = 16
+    chunk = b"\0" * 65536
+    while reader.read_target() is None:
+        assert 4 * received + 256 * 1024 < claim + 16
+        reader.feed(chunk)
+        received += len(chunk)
+        assert reader.next_message() is None
+    assert claim + 16 <= 4 * received + 256 * 1024
 
 
 def test_fds_that_arrive_during_a_large_message_belong_to_it(pipes: list[int]) -> None:

@@ -1,8 +1,10 @@
 """Split a byte stream (plus received unix fds) into whole D-Bus messages.
 
 Sans-I/O: the caller feeds what ``recvmsg`` returned and takes complete
-messages out. Memory grows only with bytes really received, never with the
-length a header claims.
+messages out. Memory follows the bytes really received, not the length a
+header claims: a large message gets its full buffer (for reads straight into
+it) only when that is at most four times what arrived plus 256 KiB (the size
+of an ordinary read).
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ MAX_FDS_PER_MESSAGE = 253
 _HANDOFF_MIN = 64 * 1024
 #: A partly received message at least this large is read straight into its own buffer...
 _INTO_MIN = 64 * 1024
-#: ...when at least this much of it is still to come...
+#: ...when at least this much of it is still to come, and once its size is at most four
+#: times what arrived plus this much (what an ordinary read allocates anyway): a
+#: header's claim alone never reserves memory the sender has not matched with bytes.
 _INTO_MIN_REST = 16 * 1024
-#: ...and, above this size, once a quarter of it has arrived (a header's claim alone
-#: never makes us allocate more than this, or four times what was received).
-_INTO_FREE = 2 * 1024 * 1024
+_INTO_ALLOWANCE = 256 * 1024
 
 
 class FramingError(MessageError):
@@ -88,7 +90,7 @@ class MessageReader:
         if n < _INTO_MIN:
             return None
         avail = len(self._buf) - self._pos
-        if n - avail < _INTO_MIN_REST or (n > _INTO_FREE and avail * 4 < n):
+        if n - avail < _INTO_MIN_REST or n > 4 * avail + _INTO_ALLOWANCE:
             return None
         big = bytearray(n)
         big[:avail] = memoryview(self._buf)[self._pos :]
