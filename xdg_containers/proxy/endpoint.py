@@ -125,53 +125,32 @@ class Endpoint:
             self._on_readable()
 
     def _on_readable(self) -> None:
-        if self.into is not None:
-            self._read_into(self.into)
-            return
+        # Normally a fresh chunk for on_data; when the owner set ``into``, straight into
+        # that view (the rest of a large message), reported to on_filled.
+        into = self.into
+        data = b""
         try:
             if self.receive_fds:
-                data, anc, flags, _addr = self.sock.recvmsg(
-                    READ_CHUNK, _ANC_SPACE, _MSG_CMSG_CLOEXEC
-                )
+                if into is None:
+                    data, anc, flags, _addr = self.sock.recvmsg(
+                        READ_CHUNK, _ANC_SPACE, _MSG_CMSG_CLOEXEC
+                    )
+                    nbytes = len(data)
+                else:
+                    nbytes, anc, flags, _addr = self.sock.recvmsg_into(
+                        [into], _ANC_SPACE, _MSG_CMSG_CLOEXEC
+                    )
                 fds = _fds_from_ancillary(anc) if anc else []
                 if flags & _MSG_CTRUNC:
                     close_fds(fds)
                     self._fail("too many unix fds in one read (control data truncated)")
                     return
             else:
-                data = self.sock.recv(READ_CHUNK)
-                fds = []
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._fail(f"read failed: {exc.strerror or exc}")
-            return
-        if not data:
-            close_fds(fds)
-            self.pause_reading()
-            self.eof = True
-            self.on_eof()
-            return
-        try:
-            self.on_data(data, fds)
-        except Exception:
-            # A bug of ours must cost this one connection, not leave it half-dead.
-            log.exception("internal error handling data; closing the connection")
-            self._fail("internal error")
-
-    def _read_into(self, into: memoryview) -> None:
-        try:
-            if self.receive_fds:
-                nbytes, anc, flags, _addr = self.sock.recvmsg_into(
-                    [into], _ANC_SPACE, _MSG_CMSG_CLOEXEC
-                )
-                fds = _fds_from_ancillary(anc) if anc else []
-                if flags & _MSG_CTRUNC:
-                    close_fds(fds)
-                    self._fail("too many unix fds in one read (control data truncated)")
-                    return
-            else:
-                nbytes = self.sock.recv_into(into)
+                if into is None:
+                    data = self.sock.recv(READ_CHUNK)
+                    nbytes = len(data)
+                else:
+                    nbytes = self.sock.recv_into(into)
                 fds = []
         except (BlockingIOError, InterruptedError):
             return
@@ -184,11 +163,15 @@ class Endpoint:
             self.eof = True
             self.on_eof()
             return
-        self.into = None
         try:
-            assert self.on_filled is not None
-            self.on_filled(nbytes, fds)
+            if into is None:
+                self.on_data(data, fds)
+            else:
+                self.into = None
+                assert self.on_filled is not None
+                self.on_filled(nbytes, fds)
         except Exception:
+            # A bug of ours must cost this one connection, not leave it half-dead.
             log.exception("internal error handling data; closing the connection")
             self._fail("internal error")
 
@@ -217,14 +200,8 @@ class Endpoint:
             self._fail(f"write failed: {exc.strerror or exc}")
             return
         if sent < len(data):
-            rest = memoryview(data)[sent:]
-            self._queue.append([rest, None])
-            self.pending_bytes += len(rest)
-            self._writing = True
-            if self._direct is not None:
-                self._watch()
-            else:
-                self.loop.add_writer(self.fd, self._on_writable)
+            self.queue(memoryview(data)[sent:])
+            self._wait_writable()
         elif self.on_drained is not None:
             self.on_drained()
 
@@ -234,11 +211,15 @@ class Endpoint:
             return
         self._write_some()
         if self._queue and not self.closed:
-            self._writing = True
-            if self._direct is not None:
-                self._watch()
-            else:
-                self.loop.add_writer(self.fd, self._on_writable)
+            self._wait_writable()
+
+    def _wait_writable(self) -> None:
+        """Output is waiting: be called back when the socket takes more."""
+        self._writing = True
+        if self._direct is not None:
+            self._watch()
+        else:
+            self.loop.add_writer(self.fd, self._on_writable)
 
     def _on_writable(self) -> None:
         self._write_some()
