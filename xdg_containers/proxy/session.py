@@ -314,8 +314,7 @@ class Session:
         except (MessageError, SignatureError) as exc:
             self.close(f"malformed message from the bus: {exc}")
             return
-        if reader.buffered and self._bus is not None and not self.closed:
-            self._bus.into = reader.read_target()
+        self._aim(self._bus, reader)
 
     def _bus_filled(self, nbytes: int, fds: list[int]) -> None:
         """A read straight into a large message's buffer (MessageReader.read_target)."""
@@ -332,8 +331,13 @@ class Session:
         except (MessageError, SignatureError) as exc:
             self.close(f"malformed message from the bus: {exc}")
             return
-        if reader.buffered and self._bus is not None and not self.closed:
-            self._bus.into = reader.read_target()
+        self._aim(self._bus, reader)
+
+    def _aim(self, endpoint: Endpoint | None, reader: MessageReader) -> None:
+        """After the general path: let the next read of ``endpoint`` go straight into
+        the buffer of a large message ``reader`` holds a part of (if it does)."""
+        if reader.buffered and endpoint is not None and not self.closed:
+            endpoint.into = reader.read_target()
 
     def _complete_partial(
         self, reader: MessageReader, data: bytes, pump: Callable[[], None]
@@ -356,17 +360,11 @@ class Session:
             return data
         fast_reply = self.filter.fast_reply
         pings = self._denied_pings
-        outstanding = self._outstanding
         pos = count = 0
         for end, rs, sender in found:
             if rs in pings or not fast_reply(rs, sender):
                 break
-            n = outstanding.get(rs)  # as _reply_seen, inline
-            if n is not None:
-                if n <= 1:
-                    del outstanding[rs]
-                else:
-                    outstanding[rs] = n - 1
+            self._reply_seen(rs)
             pos = end
             count += 1
         if not pos:
@@ -376,11 +374,7 @@ class Session:
         self.server.messages_forwarded += count
         if pos < len(data):
             return data[pos:]
-        if client.pending_bytes > self._max_pending and self._bus is not None:
-            self._bus.pause_reading()
-            client.on_drained = self._client_drained
-        if client.eof:
-            self._finish_after_eof()
+        self._forwarded_to_client()
         return b""
 
     def _pump_bus(self) -> None:
@@ -437,10 +431,15 @@ class Session:
             return
         reader.check_no_stray_fds()
         client.flush()
+        self._forwarded_to_client()
+
+    def _forwarded_to_client(self) -> None:
+        """Backpressure (stop reading the bus while the client lags) and half-close."""
+        client = self._client
         if client.pending_bytes > self._max_pending and self._bus is not None:
             self._bus.pause_reading()
             client.on_drained = self._client_drained
-        if self._client.eof:
+        if client.eof:
             self._finish_after_eof()
 
     def _client_drained(self) -> None:
@@ -558,8 +557,7 @@ class Session:
             self.close(f"malformed data from the client: {exc}")
             return
         self._pump_client()
-        if reader.buffered and not self.closed:
-            self._client.into = reader.read_target()
+        self._aim(self._client, reader)
 
     def _client_filled(self, nbytes: int, fds: list[int]) -> None:
         """A read straight into a large message's buffer (MessageReader.read_target)."""
@@ -576,8 +574,7 @@ class Session:
             self._client.into = into  # more of the same message to come
             return
         self._pump_client()
-        if reader.buffered and not self.closed:
-            self._client.into = reader.read_target()
+        self._aim(self._client, reader)
 
     def _fast_client(self, data: bytes) -> bytes:
         """Forward the leading calls the filter has passed before; return the rest of ``data``."""
@@ -598,9 +595,7 @@ class Session:
         self.server.messages_forwarded += count
         if pos < len(data):
             return data[pos:]
-        if bus.pending_bytes > self._max_pending:
-            self._client.pause_reading()
-            bus.on_drained = self._bus_drained
+        self._forwarded_to_bus(bus)
         return b""
 
     def _pump_client(self) -> None:
@@ -672,6 +667,10 @@ class Session:
             return
         server.messages_forwarded += forwarded
         bus.flush()
+        self._forwarded_to_bus(bus)
+
+    def _forwarded_to_bus(self, bus: Endpoint) -> None:
+        """Half-close, and backpressure (stop reading the client while the bus lags)."""
         if self._client.eof:
             self._finish_after_eof()
         if bus.pending_bytes > self._max_pending:
