@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+from tests.unit.test_header import make_message
 from xdg_containers.proxy.fastpath import scan_calls, scan_replies
 from xdg_containers.wire.header import (
     ERROR,
@@ -28,6 +29,10 @@ MAX = 1 << 20
 ECHO = "com.example.Echo"
 
 
+#: Header-field types; a bytes value stands for an unknown field of type "ay".
+_FIELD_SIGS = {FIELD_REPLY_SERIAL: "u", FIELD_UNIX_FDS: "u", FIELD_SIGNATURE: "g", FIELD_PATH: "o"}
+
+
 def msg(
     mtype: int,
     serial: int,
@@ -36,34 +41,13 @@ def msg(
     flags: int = 0,
     big_endian: bool = False,
 ) -> bytes:
-    """Marshal a message with header fields in the order given (libdbus puts the
-    destination before the reply serial; GDBus the reply serial first)."""
-    end = ">" if big_endian else "<"
-    out = bytearray(16)
-    for code, value in fields:
-        out += b"\0" * (-len(out) % 8)
-        sig = {FIELD_REPLY_SERIAL: "u", FIELD_UNIX_FDS: "u", FIELD_SIGNATURE: "g",
-               FIELD_PATH: "o"}.get(code, "ay" if isinstance(value, bytes) else "s")
-        out += bytes([code, len(sig)]) + sig.encode() + b"\0"
-        if isinstance(value, bytes):  # an unknown field: any bytes (readers skip it)
-            out += b"\0" * (-len(out) % 4)
-            out += struct.pack(end + "I", len(value)) + value
-        elif sig == "u":
-            assert isinstance(value, int)
-            out += struct.pack(end + "I", value)
-        elif sig == "g":
-            assert isinstance(value, str)
-            out += bytes([len(value)]) + value.encode() + b"\0"
-        else:
-            assert isinstance(value, str)
-            out += struct.pack(end + "I", len(value)) + value.encode() + b"\0"
-    fields_len = len(out) - 16
-    out += b"\0" * (-len(out) % 8)
-    struct.pack_into(
-        end + "BBBBIII", out, 0, ord("B" if big_endian else "l"), mtype, flags, 1,
-        len(body), serial, fields_len,
-    )
-    data = bytes(out) + body
+    """A message with header fields in the order given (libdbus puts the destination
+    before the reply serial; GDBus the reply serial first), by the reference marshaller."""
+    wire = [
+        (code, "ay" if isinstance(value, bytes) else _FIELD_SIGS.get(code, "s"), value)
+        for code, value in fields
+    ]
+    data = make_message(not big_endian, mtype, serial, wire, flags=flags, body_bytes=body)
     parse_header(data)  # every message built here is valid
     return data
 
