@@ -24,6 +24,7 @@ _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configura
     <allow user="*"/>
   </policy>
   <limit name="reply_timeout">60000</limit>
+  {limits}
 </busconfig>
 """
 
@@ -31,8 +32,14 @@ _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configura
 class PrivateBus:
     """A dbus-daemon of our own in a temp dir, stopped with ``stop()``."""
 
-    def __init__(self, service_dirs: list[str] | None = None, env: dict[str, str] | None = None):
-        """``service_dirs``: directories of activatable .service files."""
+    def __init__(
+        self,
+        service_dirs: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        limits: dict[str, int] | None = None,
+    ):
+        """``service_dirs``: directories of activatable .service files; ``limits``:
+        extra ``<limit>`` settings (benchmarks raise max_replies_per_connection)."""
         self.tmpdir = tempfile.mkdtemp(prefix="xdg-containers-bus-")
         self.socket_path = os.path.join(self.tmpdir, "bus")
         dirs = "\n  ".join(
@@ -40,7 +47,12 @@ class PrivateBus:
         )
         self.config_path = os.path.join(self.tmpdir, "bus.conf")
         with open(self.config_path, "w", encoding="utf-8") as fh:
-            fh.write(_CONFIG.format(socket=escape(self.socket_path), servicedirs=dirs))
+            extra = "\n  ".join(
+                f'<limit name="{escape(k)}">{int(v)}</limit>' for k, v in (limits or {}).items()
+            )
+            fh.write(
+                _CONFIG.format(socket=escape(self.socket_path), servicedirs=dirs, limits=extra)
+            )
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
         self._env = env
