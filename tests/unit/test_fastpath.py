@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from tests.unit.test_header import make_message
 from xdg_containers.proxy.fastpath import scan_calls, scan_replies
 from xdg_containers.wire.header import (
@@ -17,10 +19,12 @@ from xdg_containers.wire.header import (
     FIELD_SENDER,
     FIELD_SIGNATURE,
     FIELD_UNIX_FDS,
+    MAX_HEADER_FIELDS_BYTES,
     METHOD_CALL,
     METHOD_RETURN,
     NO_REPLY_EXPECTED,
     SIGNAL,
+    MessageError,
     parse_header,
 )
 from xdg_containers.wire.types import BodyWriter
@@ -210,3 +214,16 @@ def test_malformed_reply_headers_are_left_for_the_general_path() -> None:
     bad[i + 2] = ord("u")
     assert scan_replies(bytes(bad), MAX) == []
     assert scan_replies(good + bytes(bad), MAX)[-1][0] == len(good)
+
+
+def test_a_reply_with_an_oversized_field_array_is_left_for_the_general_path() -> None:
+    """The framing path closes a stream whose header-field array exceeds 64 MiB; the fast
+    path, which does not go through it, must not forward such a reply either."""
+    fields_len = MAX_HEADER_FIELDS_BYTES + 8
+    data = bytearray(16 + fields_len)
+    struct.pack_into("<BBBBIII", data, 0, ord("l"), METHOD_RETURN, 0, 1, 0, 77, fields_len)
+    data[16:24] = b"\x05\x01u\x00" + struct.pack("<I", 5)
+    raw = bytes(data)
+    with pytest.raises(MessageError, match="too long"):
+        parse_header(raw)
+    assert scan_replies(raw, 1 << 30) == []

@@ -240,6 +240,10 @@ def _fixed_part(
         raise MessageError(f"unknown message type {mtype}")
     if serial == 0:
         raise MessageError("serial 0 is not allowed")
+    if fields_len > MAX_HEADER_FIELDS_BYTES:
+        # message_length() refuses these on the framing path; the fast path learns
+        # reply shapes from here, so the bound must hold here too.
+        raise MessageError(f"header field array of {fields_len} bytes is too long")
     end = FIXED_HEADER_LEN + fields_len
     body_offset = end + (-end & 7)
     if body_offset + body_len != len(data):
