@@ -23,6 +23,8 @@ class Limits:
     max_metadata_bytes: int = 4096
     max_message_bytes: int = SPEC_MAX_MESSAGE_BYTES
     max_pending_bytes_per_connection: int = 8 * 1024 * 1024
+    #: Milliseconds a connection may take from accept to its Hello (dbus-daemon's name).
+    auth_timeout: int = 30000
 
     def with_overrides(self, overrides: dict[str, str]) -> Limits:
         """A copy with ``name=value`` overrides applied (values are integers)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 
+from .deadlines import DeadlineQueue
 from .policy import Policy
 from .policy.tracker import NameTracker
 from .proxy.policy_filter import PolicyFilter
@@ -23,6 +24,7 @@ class PolicyFilterFactory:
         """``tracker`` is fed by the service's own bus connection."""
         self.tracker = tracker
         self._filters: weakref.WeakSet[PolicyFilter] = weakref.WeakSet()
+        self._departed: DeadlineQueue[str] | None = None  # made on the first departure
         tracker.on_unique_gone.append(self._unique_gone)
 
     def __call__(self, session: Session, settings: FilterSettings) -> MessageFilter:
@@ -33,12 +35,15 @@ class PolicyFilterFactory:
         return flt
 
     def _unique_gone(self, unique_name: str) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._forget(unique_name)
-            return
-        loop.call_later(FORGET_DELAY, self._forget, unique_name)
+        departed = self._departed
+        if departed is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._forget(unique_name)
+                return
+            departed = self._departed = DeadlineQueue(loop, FORGET_DELAY, self._forget)
+        departed.add(unique_name)
 
     def _forget(self, unique_name: str) -> None:
         for flt in list(self._filters):

@@ -25,6 +25,7 @@ def test_defaults_are_the_spec_values() -> None:
     assert limits.max_metadata_bytes == 4096
     assert limits.max_message_bytes == 128 * MIB
     assert limits.max_pending_bytes_per_connection > 0
+    assert limits.auth_timeout == 30000  # ms, dbus-daemon's name and default
 
 
 def test_no_file_gives_defaults() -> None:

@@ -206,7 +206,9 @@ class Policy:
     wildcards; `levels` gives see/talk/own, `calls`/`broadcasts` the rules per key.
     """
 
-    __slots__ = ("_cache", "_exact", "_wildcards", "names_exact", "wildcard_prefixes")
+    __slots__ = (
+        "_cache", "_exact", "_wildcards", "call_passes", "names_exact", "wildcard_prefixes"
+    )
 
     names_exact: frozenset[str]
     wildcard_prefixes: frozenset[str]
@@ -238,6 +240,10 @@ class Policy:
         self._exact = {k: g for k, g in exact.items() if matters(g)}
         self._wildcards = {k: g for k, g in wildcards.items() if matters(g)}
         self._cache: dict[str, _Grant] = {}
+        #: Header-field arrays of calls to well-known names this policy lets through ->
+        #: their destination (fastpath.py). Judged by the policy alone, so every
+        #: connection under it shares them: a new connection's first call is a known one.
+        self.call_passes: dict[bytes, str] = {}
         #: Exact names the proxy must track ownership of (GetNameOwner at start, arg0 matches).
         self.names_exact = frozenset(self._exact)
         #: Wildcard prefixes ("org.foo" for "org.foo.*") to track with arg0namespace.

@@ -9,11 +9,17 @@ from .decision import BUS_NAME, Decision, always_forbidden, remember_pass
 class BasicFilter:
     """Passes everything except nesting, monitoring, eavesdropping and environment changes."""
 
-    def __init__(self, service_names: frozenset[str]) -> None:
-        """``service_names``: our own bus names, whose manager methods are off limits."""
+    def __init__(
+        self, service_names: frozenset[str], call_passes: dict[bytes, str] | None = None
+    ) -> None:
+        """``service_names``: our own bus names, whose manager methods are off limits.
+
+        ``call_passes``: header-field arrays of calls that passed -> their destination
+        (fastpath.py); the decision depends on nothing else, so a server's unfiltered
+        connections share one dict.
+        """
         self.service_names = service_names
-        # Header-field arrays of calls that passed -> their destination (fastpath.py).
-        self.call_passes: dict[bytes, str] = {}
+        self.call_passes: dict[bytes, str] = {} if call_passes is None else call_passes
 
     def from_client(self, hdr: Header, data: Raw) -> Decision | None:
         """Client -> bus: only the always-forbidden calls are refused."""
@@ -37,6 +43,10 @@ class BasicFilter:
     def from_bus(self, hdr: Header, data: Raw) -> Decision | None:
         """Bus -> client: everything passes."""
         return None
+
+    def hello_sent(self) -> list[bytes]:
+        """Nothing to set up."""
+        return []
 
     def hello_done(self, unique_name: str) -> list[bytes]:
         """Nothing to set up."""

@@ -120,21 +120,29 @@ class PolicyFilter:
         # name each unique name has owned since this client said Hello.
         self._history: dict[str, set[str]] = {}
         self._level_cache: dict[str, tuple[int, Level]] = {}
-        # Header-field arrays of calls that passed -> their destination (fastpath.py).
-        self.call_passes: dict[bytes, str] = {}
+        # Header-field arrays of calls that passed -> their destination (fastpath.py);
+        # the policy's own, shared with the other connections under it.
+        self.call_passes: dict[bytes, str] = policy.call_passes
+        self._subscribed = False  # hello_sent gave the subscriptions
 
     # -- set-up and policy changes ------------------------------------------------------
 
-    def hello_done(self, unique_name: str) -> list[bytes]:
-        """Learn our name; snapshot current owners; subscribe to policy names' changes.
+    def hello_sent(self) -> list[bytes]:
+        """Subscribe to policy names' changes, in the same write as the client's Hello.
 
         The subscription (AddMatch without reply) makes the bus send us owner
         changes in order with everything else on this connection, so a peer's
-        level is known before its next message arrives.
+        level is known before its next message arrives. Sent right behind the
+        Hello, it is in place before the client hears its name.
         """
+        self._subscribed = True
+        return self._subscriptions()
+
+    def hello_done(self, unique_name: str) -> list[bytes]:
+        """Learn our name and snapshot current owners; subscribe if not done yet."""
         self.own_name = unique_name
         self._snapshot()
-        return self._subscriptions()
+        return [] if self._subscribed else self._subscriptions()
 
     def _snapshot(self) -> None:
         """Current owners of the policy's names (all names only if it has wildcards)."""
@@ -166,7 +174,7 @@ class PolicyFilter:
         old = self.policy
         self.policy = policy
         self._level_cache.clear()
-        self.call_passes.clear()
+        self.call_passes = policy.call_passes
         if self.own_name is None:
             return []
         self._snapshot()

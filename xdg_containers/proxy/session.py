@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 
 #: Send buffer asked for on our connections to the bus (see _bus_connected).
 BUS_SNDBUF = 1024 * 1024
-#: A client that has not finished the handshake by then is dropped (as dbus-daemon does).
-HANDSHAKE_TIMEOUT = 30.0
 #: After a client half-closes, replies it still waits for are delivered for this long.
 HALF_CLOSE_GRACE = 25.0
 _TYPE_NAMES = {METHOD_CALL: "call", METHOD_RETURN: "return", ERROR: "error", SIGNAL: "signal"}
@@ -74,6 +72,9 @@ class MessageFilter(Protocol):
 
     def from_bus(self, hdr: Header, data: Raw) -> Decision | None:
         """Bus -> client. None means pass unchanged."""
+
+    def hello_sent(self) -> list[bytes]:
+        """The client's Hello goes to the bus now; return messages to send right after it."""
 
     def hello_done(self, unique_name: str) -> list[bytes]:
         """The client's unique name is known; return messages to send to the bus."""
@@ -123,6 +124,7 @@ class Session:
         self._bus_began = False  # ours with the bus is over (cached: done is a property)
         self._hello_serial: int | None = None
         self._hold_client = True  # until both handshakes finished
+        self._release_client = False  # Hello answered: pump the client after this chunk
         self._outstanding: dict[int, int] = {}  # client call serial -> count
         self._denied_pings: dict[int, Decision] = {}  # serial -> what answers it
         self._error_serial = 0
@@ -136,17 +138,14 @@ class Session:
     def start(self) -> None:
         """Begin the handshake with the client and the connection to the bus."""
         self._client.start_reading()
-        self._timers.append(self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout))
-        # A client usually writes its first handshake line as soon as it has connected:
-        # answer it now, before connecting to the bus, which that answer does not need.
-        self._client.read_now()
-        if self.closed:
-            return
+        self.server.handshake_started(self)
         if not self._connect_bus_now():
             self._connect_task = self.loop.create_task(self._connect_bus())
+        self._client.read_now()
 
-    def _handshake_timeout(self) -> None:
-        if self._hold_client and self._hello_serial is None and not self.closed:
+    def handshake_expired(self) -> None:
+        """The auth timeout passed before the client's Hello went to the bus: drop it."""
+        if not self.closed:
             self.close("handshake not finished in time")
 
     def close(self, reason: str | None = None) -> None:
@@ -432,6 +431,9 @@ class Session:
         reader.check_no_stray_fds()
         client.flush()
         self._forwarded_to_client()
+        if self._release_client:
+            self._release_client = False
+            self._pump_client()
 
     def _forwarded_to_client(self) -> None:
         """Backpressure (stop reading the bus while the client lags) and half-close."""
@@ -466,7 +468,8 @@ class Session:
                 self._inject(self.filter.hello_done(name))
                 self.server.session_named(self)
         self._hold_client = False
-        self.loop.call_soon(self._pump_client)
+        # Messages the client sent after its Hello go once this chunk is done.
+        self._release_client = True
 
     def _inject(self, messages: list[bytes]) -> None:
         """Send the proxy's own messages to the bus (never expecting replies)."""
@@ -532,15 +535,20 @@ class Session:
                 return
             self._client_began = True
             self._client.receive_fds = self._sasl.negotiated_unix_fd
-            if self._bus is not None:
-                self._bus.queue(self._sasl_client.begin(self._sasl.negotiated_unix_fd))
-                self._bus.flush()
+            bus = self._bus
+            if bus is not None:
+                # Queued, not sent: the pump below writes these lines and the first
+                # messages (Hello) in one write when the bus said OK already.
+                bus.queue(self._sasl_client.begin(self._sasl.negotiated_unix_fd))
                 if self._sasl_client.may_send_messages:
                     # The bus said OK already; fd-less messages may go now.
                     self._hold_client = False
             data = self._sasl.leftover
-            if not data:
-                return
+            if not data or self._hold_client:
+                if bus is not None:
+                    bus.flush()
+                if not data:
+                    return
         reader = self._client_reader
         try:
             if not fds:
@@ -656,6 +664,16 @@ class Session:
                     ):
                         self._hello_serial = hdr.serial
                         self._hold_client = True
+                        server.handshake_done(self)
+                        forwarded += 1
+                        if log_all:
+                            self._log_message("out", hdr, None)
+                        bus.queue(data, fds)
+                        # The filter's own subscriptions go in the same write, right
+                        # after the Hello (the bus takes nothing before it).
+                        for m in self.filter.hello_sent():
+                            bus.queue(m)
+                        continue
                 forwarded += 1
                 if log_all:
                     self._log_message("out", hdr, None)

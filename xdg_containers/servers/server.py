@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import Limits
+from ..deadlines import DeadlineQueue
 from ..proxy.basic_filter import BasicFilter
+from ..proxy.dispatch import direct_selector
 from ..proxy.peercred import read_peer_credentials
 from ..proxy.session import MessageFilter, Session
 from ..wire.address import escape_value
@@ -109,6 +111,12 @@ class ContainerServer:
         self._service_names = service_names
         self._filter_factory = filter_factory
         self._listen_sock: socket.socket | None = None
+        self._direct = direct_selector(self.loop)
+        self._basic_passes: dict[bytes, str] = {}  # shared by the unfiltered connections
+        # Sessions from accept until their Hello went to the bus (the auth timeout).
+        self._handshakes: DeadlineQueue[Session] = DeadlineQueue(
+            self.loop, self.limits.auth_timeout / 1000, Session.handshake_expired
+        )
         self._notify_fd: int | None = None
         self._finished = False
         self._denial_window_start = 0.0
@@ -194,7 +202,11 @@ class ContainerServer:
         sock.setblocking(False)
         self._listen_sock = sock
         self.listening = True
-        self.loop.add_reader(sock.fileno(), self._on_accept)
+        if self._direct is not None:
+            # Accept straight from epoll_wait, like the proxied sockets' reads.
+            self._direct.watch(sock.fileno(), self._on_accept, None)
+        else:
+            self.loop.add_reader(sock.fileno(), self._on_accept)
 
     def watch_notify_fd(self, fd: int) -> None:
         """StopOnNotify: stop listening once ``fd`` is readable or hung up."""
@@ -266,7 +278,10 @@ class ContainerServer:
             sock = self._listen_sock
             self._listen_sock = None
             if sock is not None:
-                self.loop.remove_reader(sock.fileno())
+                if self._direct is not None:
+                    self._direct.watch(sock.fileno(), None, None)
+                else:
+                    self.loop.remove_reader(sock.fileno())
                 sock.close()
             if self.socket_path is not None:
                 try:
@@ -285,6 +300,7 @@ class ContainerServer:
     def _maybe_finished(self) -> None:
         if not self.listening and not self.sessions and not self._finished:
             self._finished = True
+            self._handshakes.close()
             self.registry.server_finished(self)
 
     @property
@@ -298,7 +314,7 @@ class ContainerServer:
         """The filter for a new session, following the current settings."""
         if self.spec.filter.enabled and self._filter_factory is not None:
             return self._filter_factory(session, self.spec.filter)
-        return BasicFilter(self.service_names)
+        return BasicFilter(self.service_names, self._basic_passes)
 
     def set_filter(self, settings: FilterSettings) -> None:
         """SetPolicy: new filter settings for future and live connections, at once."""
@@ -308,6 +324,14 @@ class ContainerServer:
                 continue
             session.replace_filter(self.make_filter(session))
 
+    def handshake_started(self, session: Session) -> None:
+        """A new session's auth timeout starts now."""
+        self._handshakes.add(session)
+
+    def handshake_done(self, session: Session) -> None:
+        """The session's Hello went to the bus: no auth timeout any more."""
+        self._handshakes.discard(session)
+
     def session_named(self, session: Session) -> None:
         """A session learned its unique name."""
         self.registry.session_named(session)
@@ -315,6 +339,7 @@ class ContainerServer:
     def session_closed(self, session: Session) -> None:
         """A session ended."""
         self.sessions.discard(session)
+        self._handshakes.discard(session)
         self.registry.session_closed(session)
         self._maybe_finished()
 

@@ -1,0 +1,151 @@
+"""The connection set-up path: the auth timeout, and the filter's subscriptions riding with Hello.
+
+Each test uses a real dbus-daemon, the real service and a client we did not write
+(gdbus, dbus-monitor) where the behaviour is visible to one.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from typing import Any
+
+from dbus_fast import Variant
+
+from tests.conftest import ServiceProcess, add_server, call, connect, ok
+from tests.integration.test_hostile_wire import DRIVER, DRIVER_PATH, RawConn
+
+EXT = "org.freedesktop.XdgContainers1."
+
+
+def _wait_closed(conn: RawConn, timeout: float) -> float:
+    """Seconds until the service closes ``conn`` (reads until EOF)."""
+    start = time.monotonic()
+    conn.sock.settimeout(timeout)
+    while conn.sock.recv(4096):
+        pass
+    return time.monotonic() - start
+
+
+async def test_auth_timeout_drops_slow_handshakes_but_not_finished_ones(
+    service_factory: Any, manager_bus: Any
+) -> None:
+    sp: ServiceProcess = service_factory("--limit", "auth_timeout=400")
+    _path, results = await add_server(manager_bus)
+    address = results["Address"].value
+
+    silent = RawConn(address)  # connects, says nothing
+    no_hello = RawConn(address)
+    no_hello.handshake()  # SASL done and BEGIN sent, but never a Hello
+    done = RawConn(address).setup()  # Hello answered
+
+    assert 0.2 < _wait_closed(silent, 10) < 8
+    assert _wait_closed(no_hello, 10) < 8
+    assert sp.log().count("handshake not finished in time") == 2
+    # Well past the timeout, the finished connection still works.
+    time.sleep(0.6)
+    serial = done.send_call(DRIVER, DRIVER_PATH, DRIVER, "GetId")
+    assert len(done.read_reply(serial).msg.body[0]) == 32
+    done.sock.close()
+
+
+async def test_auth_timeout_is_counted_from_accept_for_each_connection(
+    service_factory: Any, manager_bus: Any
+) -> None:
+    # A connection accepted later gets its full timeout, however many came before.
+    service_factory("--limit", "auth_timeout=600")
+    _path, results = await add_server(manager_bus)
+    address = results["Address"].value
+    first = RawConn(address)
+    time.sleep(0.4)
+    second = RawConn(address)
+    assert _wait_closed(first, 10) < 8
+    late = time.monotonic()
+    assert _wait_closed(second, 10) > 0.05  # still open when the first one went
+    assert time.monotonic() - late < 8
+
+
+def _monitor_lines(bus_address: str) -> subprocess.Popen[str]:
+    mon = subprocess.Popen(
+        ["dbus-monitor", "--address", bus_address, "--monitor"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    return mon
+
+
+def _read_until(mon: subprocess.Popen[str], marker: str, timeout: float = 10) -> list[str]:
+    assert mon.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = mon.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if marker in line:
+            return lines
+    raise AssertionError(f"{marker!r} not seen by dbus-monitor; got:\n" + "\n".join(lines))
+
+
+def _calls(lines: list[str]) -> list[dict[str, str]]:
+    """dbus-monitor's method calls: sender, member, flags line and first string argument."""
+    out: list[dict[str, str]] = []
+    for line in lines:
+        if line.startswith("method call "):
+            fields = dict(
+                part.split("=", 1) for part in line.replace(";", "").split() if "=" in part
+            )
+            out.append({"sender": fields.get("sender", ""), "member": fields.get("member", ""),
+                        "arg": ""})
+        elif out and line.strip().startswith("string ") and not out[-1]["arg"]:
+            out[-1]["arg"] = line.strip()[len("string ") :].strip('"')
+    return out
+
+
+async def test_the_filters_subscriptions_follow_the_hello_once(
+    service: ServiceProcess, manager_bus: Any, bus: Any
+) -> None:
+    named = {
+        EXT + "Filter": Variant("b", True),
+        EXT + "Policy": Variant(
+            "a{ss}", {"org.example.Talk": "talk", "org.example.ns.*": "see"}
+        ),
+    }
+    _path, results = await add_server(manager_bus, named=named)
+    address = results["Address"].value
+    mon = _monitor_lines(bus.address)
+    try:
+        _read_until(mon, "NameLost")  # dbus-monitor is a monitor now
+        out = subprocess.run(
+            ["gdbus", "call", "--address", address, "-d", DRIVER, "-o", DRIVER_PATH,
+             "-m", "org.freedesktop.DBus.GetId"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+        assert len(out.strip().strip("(',)")) == 32
+        # A marker call on the real bus: once the monitor shows it, it has shown
+        # everything gdbus's connection did before.
+        probe = await connect(bus.address)
+        ok(await call(probe, "GetId", destination=DRIVER, path=DRIVER_PATH, interface=DRIVER))
+        probe.disconnect()
+        lines = _read_until(mon, "member=GetId", timeout=10)
+        while sum("member=GetId" in line for line in lines) < 2:
+            lines += _read_until(mon, "member=GetId", timeout=10)
+    finally:
+        mon.terminate()
+        mon.wait()
+    calls = _calls(lines)
+    gdbus_name = next(
+        c["sender"] for c in calls if c["member"] == "GetId" and c["sender"] != probe.unique_name
+    )
+    ours = [c for c in calls if c["sender"] == gdbus_name]
+    assert ours[0]["member"] == "Hello"
+    subscriptions = [c["arg"] for c in ours if c["member"] == "AddMatch" and
+                     "NameOwnerChanged" in c["arg"] and "arg0" in c["arg"]]
+    assert len(subscriptions) == 2, ours
+    assert any("arg0='org.example.Talk'" in s for s in subscriptions)
+    assert any("arg0namespace='org.example.ns'" in s for s in subscriptions)
+    # Both come right behind the Hello, before anything the client asked for itself.
+    assert [c["member"] for c in ours[1:3]] == ["AddMatch", "AddMatch"]
+    assert ours[1]["arg"] in subscriptions and ours[2]["arg"] in subscriptions
