@@ -47,3 +47,28 @@ def test_basic_filters_share_the_dict_they_are_given() -> None:
     names = frozenset({"org.freedesktop.DBus.Containers1"})
     assert BasicFilter(names, shared).call_passes is BasicFilter(names, shared).call_passes
     assert BasicFilter(names).call_passes is not BasicFilter(names).call_passes
+
+
+def test_a_policy_change_between_hello_and_its_reply_subscribes_the_new_names() -> None:
+    flt = _filter(_policy())
+    assert len(flt.hello_sent()) == 2
+    new = flt.update_policy(Policy({"org.example.Other": Level.TALK}, {}, {}))
+    assert len(new) == 1 and b"org.example.Other" in new[0]
+    assert flt.hello_done(":1.5") == []  # everything needed is subscribed already
+
+
+def test_a_policy_change_before_the_hello_waits_for_it() -> None:
+    flt = _filter(_policy())
+    assert flt.update_policy(Policy({"org.example.Other": Level.TALK}, {}, {})) == []
+    sent = flt.hello_sent()
+    assert len(sent) == 1 and b"org.example.Other" in sent[0]
+
+
+def test_a_policy_change_after_the_hello_subscribes_only_what_is_new() -> None:
+    flt = _filter(_policy())
+    flt.hello_sent()
+    flt.hello_done(":1.5")
+    assert flt.update_policy(_policy()) == []
+    grown = Policy({"org.example.Talk": Level.TALK, "org.example.More": Level.SEE}, {}, {})
+    new = flt.update_policy(grown)
+    assert len(new) == 1 and b"org.example.More" in new[0]

@@ -22,6 +22,8 @@ class NameTracker:
     def __init__(self) -> None:
         """Start knowing nothing; feed ``name_owner_changed`` and ``learn_owner``."""
         self._owner: dict[str, str] = {}
+        # The reverse of _owner, so a departure costs what the peer owned, not every name.
+        self._owned_by: dict[str, set[str]] = {}
         self._gone: OrderedDict[str, None] = OrderedDict()
         self.on_unique_gone: list[Callable[[str], None]] = []
 
@@ -43,7 +45,24 @@ class NameTracker:
             return
         if unique_name in self._gone:
             return
+        self._set_owner(name, unique_name)
+
+    def _set_owner(self, name: str, unique_name: str) -> None:
+        previous = self._owner.get(name)
+        if previous == unique_name:
+            return
+        if previous is not None:
+            self._drop_owner(name, previous)
         self._owner[name] = unique_name
+        self._owned_by.setdefault(unique_name, set()).add(name)
+
+    def _drop_owner(self, name: str, unique_name: str) -> None:
+        del self._owner[name]
+        names = self._owned_by.get(unique_name)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self._owned_by[unique_name]
 
     def name_owner_changed(self, name: str, old_owner: str, new_owner: str) -> None:
         """Apply one NameOwnerChanged; idempotent and tolerant of late delivery."""
@@ -56,9 +75,9 @@ class NameTracker:
                 return
             current = self._owner.get(name)
             if current is None or current == old_owner or not old_owner:
-                self._owner[name] = new_owner
+                self._set_owner(name, new_owner)
         elif self._owner.get(name) == old_owner:
-            del self._owner[name]
+            self._drop_owner(name, old_owner)
 
     def _unique_gone(self, unique_name: str) -> None:
         if unique_name in self._gone:
@@ -66,7 +85,7 @@ class NameTracker:
         self._gone[unique_name] = None
         while len(self._gone) > _GONE_MEMORY:
             self._gone.popitem(last=False)
-        for n in [n for n, o in self._owner.items() if o == unique_name]:
+        for n in self._owned_by.pop(unique_name, ()):
             del self._owner[n]
         for cb in self.on_unique_gone:
             cb(unique_name)

@@ -78,7 +78,9 @@ class Endpoint:
         self.closed = False
         self._reading = False
         self._writing = False
-        self._queue: deque[list[object]] = deque()  # [memoryview, fds | None]
+        # [memoryview, fds | None] per queued message; made when first needed and
+        # dropped once drained (an idle connection's empty deque would cost ~600 bytes).
+        self._queue: deque[list[object]] | None = None
         self.pending_bytes = 0
         self._direct = direct_selector(loop)
         if self._direct is not None:
@@ -183,7 +185,10 @@ class Endpoint:
             if fds:
                 close_fds(fds)
             return
-        self._queue.append([memoryview(data), fds or None])
+        q = self._queue
+        if q is None:
+            q = self._queue = deque()
+        q.append([memoryview(data), fds or None])
         self.pending_bytes += len(data)
 
     def send(self, data: bytes | memoryview) -> None:
@@ -232,6 +237,10 @@ class Endpoint:
 
     def _write_some(self) -> None:
         q = self._queue
+        if q is None:
+            if self.on_drained is not None:
+                self.on_drained()
+            return
         while q:
             head = q[0]
             head_fds = head[1]
@@ -278,6 +287,8 @@ class Endpoint:
                     sent = 0
             if partial:
                 break
+        if not q:
+            self._queue = None
         if self.on_drained is not None:
             self.on_drained()
 
@@ -309,8 +320,9 @@ class Endpoint:
             if self._writing:
                 self.loop.remove_writer(self.fd)
                 self._writing = False
-        while self._queue:
-            item = self._queue.popleft()
+        q, self._queue = self._queue, None
+        while q:
+            item = q.popleft()
             fds = item[1]
             if isinstance(fds, list):
                 close_fds(fds)

@@ -80,6 +80,16 @@ def _name_owner_changed_rule(arg: str) -> str:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _policy_rules(policy: Policy) -> tuple[str, ...]:
+    """The owner-change match rules a policy needs (the same for all its connections)."""
+    rules = [_name_owner_changed_rule(f"arg0='{n}'") for n in sorted(policy.names_exact)]
+    rules += [
+        _name_owner_changed_rule(f"arg0namespace='{p}'") for p in sorted(policy.wildcard_prefixes)
+    ]
+    return tuple(rules)
+
+
 @functools.lru_cache(maxsize=1024)
 def _add_match(rule: str) -> bytes:
     body = BodyWriter()
@@ -123,7 +133,8 @@ class PolicyFilter:
         # Header-field arrays of calls that passed -> their destination (fastpath.py);
         # the policy's own, shared with the other connections under it.
         self.call_passes: dict[bytes, str] = policy.call_passes
-        self._subscribed = False  # hello_sent gave the subscriptions
+        self._hello_sent = False
+        self._subscribed: frozenset[str] = frozenset()  # match rules sent to the bus
 
     # -- set-up and policy changes ------------------------------------------------------
 
@@ -135,14 +146,14 @@ class PolicyFilter:
         level is known before its next message arrives. Sent right behind the
         Hello, it is in place before the client hears its name.
         """
-        self._subscribed = True
-        return self._subscriptions()
+        self._hello_sent = True
+        return self._new_subscriptions()
 
     def hello_done(self, unique_name: str) -> list[bytes]:
-        """Learn our name and snapshot current owners; subscribe if not done yet."""
+        """Learn our name and snapshot current owners; subscribe to what is not yet."""
         self.own_name = unique_name
         self._snapshot()
-        return [] if self._subscribed else self._subscriptions()
+        return self._new_subscriptions()
 
     def _snapshot(self) -> None:
         """Current owners of the policy's names (all names only if it has wildcards)."""
@@ -164,35 +175,27 @@ class PolicyFilter:
             names = self._history[owner] = set()
         names.add(name)
 
-    def _subscriptions(self) -> list[bytes]:
-        return [_add_match(r) for r in self._rules(self.policy)]
+    def _new_subscriptions(self) -> list[bytes]:
+        """AddMatch messages for the current policy's rules not subscribed yet."""
+        new = [r for r in _policy_rules(self.policy) if r not in self._subscribed]
+        if not new:
+            return []
+        self._subscribed = self._subscribed.union(new)
+        return [_add_match(r) for r in new]
 
     def update_policy(self, policy: Policy | None) -> list[bytes]:
         """SetPolicy: judge the next message by the new policy; subscribe to new names."""
         if policy is None:
             policy = Policy({}, {}, {})
-        old = self.policy
         self.policy = policy
         self._level_cache.clear()
         self.call_passes = policy.call_passes
         if self.own_name is None:
-            return []
+            # Before the Hello, hello_sent subscribes for the policy of that moment;
+            # after it (the reply still on its way) anything new can follow it now.
+            return self._new_subscriptions() if self._hello_sent else []
         self._snapshot()
-        new = [
-            _add_match(r)
-            for r in self._rules(policy)
-            if r not in set(self._rules(old))
-        ]
-        return new
-
-    @staticmethod
-    def _rules(policy: Policy) -> list[str]:
-        rules = [_name_owner_changed_rule(f"arg0='{n}'") for n in sorted(policy.names_exact)]
-        rules += [
-            _name_owner_changed_rule(f"arg0namespace='{p}'")
-            for p in sorted(policy.wildcard_prefixes)
-        ]
-        return rules
+        return self._new_subscriptions()
 
     def reply_delivered(self, serial: int) -> None:
         """The proxy answered the client's call itself: nothing to forget, since a

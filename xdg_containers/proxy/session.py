@@ -256,10 +256,10 @@ class Session:
         self._bus = Endpoint(self.loop, sock, self._bus_data, self._bus_error, self._bus_eof)
         self._bus.on_filled = self._bus_filled
         self._bus.receive_fds = unix
-        self._bus.queue(self._sasl_client.start())
+        opening = self._sasl_client.start()
         if self._client_began:
-            self._bus.queue(self._sasl_client.begin(self._sasl.negotiated_unix_fd))
-        self._bus.flush()
+            opening += self._sasl_client.begin(self._sasl.negotiated_unix_fd)
+        self._bus.send(opening)
         self._bus.start_reading()
 
     def _bus_error(self, reason: str) -> None:
@@ -529,8 +529,7 @@ class Session:
                 self.close(f"client handshake failed: {exc}")
                 return
             if reply:
-                self._client.queue(reply)
-                self._client.flush()
+                self._client.send(reply)
             if not self._sasl.done:
                 return
             self._client_began = True
