@@ -12,12 +12,13 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageType, RequestNameReply
+from dbus_fast import BusType, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
 from .config import Limits
 from .filtering import PolicyFilterFactory
+from .ownerfeed import FeedError, OwnerChangeFeed
 from .policy.tracker import NameTracker
 from .proxy.session import MessageFilter, Session
 from .servers.registry import ServerRegistry
@@ -98,6 +99,8 @@ class Service:
         self.manager: ManagerInterface | None = None
         self._dirty_connections: dict[str, ContainerServer] = {}
         self._signalled_connections: dict[str, list[str]] = {}  # path -> last signalled
+        self.feed: OwnerChangeFeed | None = None
+        self._feed_gone: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     async def start(self) -> None:
         """Connect, export the manager, subscribe to owner changes, claim the name."""
@@ -115,19 +118,20 @@ class Service:
         manager = ManagerInterface(ctx)
         self.manager = manager
         install_dispatch_hooks(ctx, manager)
-        bus.add_message_handler(self._on_bus_message)
         bus.export(PATH, manager)
         self.registry.on_removed.append(self._server_removed)
         self.registry.on_connections_changed.append(self._connections_changed)
         self.registry.on_listening_changed.append(self._listening_changed)
-        await ctx.bus_call(
-            "AddMatch",
-            "s",
-            [
-                "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',"
-                "interface='org.freedesktop.DBus',member='NameOwnerChanged'"
-            ],
-        )
+        # Owner changes come on a connection of their own (ownerfeed.py); subscribed
+        # (the bus answered the AddMatch) before the current owners are listed, so
+        # no change falls between the two.
+        feed = OwnerChangeFeed(self.tracker, self._feed_lost)
+        try:
+            await feed.start(address)
+        except FeedError as exc:
+            bus.disconnect()
+            raise ServiceError(f"cannot subscribe to name owner changes: {exc}") from exc
+        self.feed = feed
         await self._sync_names(ctx)
         remove_stale_sockets()
         reply = await bus.request_name(NAME, NameFlag.DO_NOT_QUEUE)
@@ -152,16 +156,10 @@ class Service:
                 continue  # released meanwhile
             self.tracker.learn_owner(name, str(owner.body[0]))
 
-    def _on_bus_message(self, msg: Message) -> None:
-        if (
-            msg.message_type == MessageType.SIGNAL
-            and msg.member == "NameOwnerChanged"
-            and msg.sender == "org.freedesktop.DBus"
-            and msg.signature == "sss"
-        ):
-            name, old, new = msg.body
-            self.tracker.name_owner_changed(name, old, new)
-        return None
+    def _feed_lost(self, reason: str) -> None:
+        log.error("the connection watching name owners was lost: %s", reason)
+        if not self._feed_gone.done():
+            self._feed_gone.set_result(reason)
 
     def _server_removed(self, server: ContainerServer) -> None:
         assert self.bus is not None and self.manager is not None and self.ctx is not None
@@ -208,13 +206,21 @@ class Service:
         """Stop every server (unlinking its socket) and leave the bus."""
         for server in self.registry:
             server.stop()
+        if self.feed is not None:
+            self.feed.close()
         if self.bus is not None and self.bus.connected:
             self.bus.disconnect()
 
     async def wait_for_disconnect(self) -> Any:
-        """Return when the bus connection ends."""
+        """Return when the bus connection (or the owner-change feed's) ends."""
         assert self.bus is not None
-        return await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+        lost = asyncio.ensure_future(self.bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+        try:
+            await asyncio.wait({lost, self._feed_gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not lost.done():
+                lost.cancel()
+        return lost.result() if lost.done() and not lost.cancelled() else None
 
 
 def _address_of(bus: MessageBus) -> str:

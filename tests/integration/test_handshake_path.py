@@ -149,3 +149,31 @@ async def test_the_filters_subscriptions_follow_the_hello_once(
     # Both come right behind the Hello, before anything the client asked for itself.
     assert [c["member"] for c in ours[1:3]] == ["AddMatch", "AddMatch"]
     assert ours[1]["arg"] in subscriptions and ours[2]["arg"] in subscriptions
+
+
+async def test_the_owner_change_feed_answers_calls_instead_of_leaving_them_waiting(
+    service: ServiceProcess, manager_bus: Any, bus: Any
+) -> None:
+    # The service's second connection (ownerfeed.py) only listens; a call to it must
+    # still get an answer, as from any well-behaved peer.
+    names = ok(await call(manager_bus, "ListNames", destination=DRIVER, path=DRIVER_PATH,
+                          interface=DRIVER))[0]
+    manager_owner = ok(await call(manager_bus, "GetNameOwner", "s",
+                                  ["org.freedesktop.DBus.Containers1"], destination=DRIVER,
+                                  path=DRIVER_PATH, interface=DRIVER))[0]
+    ours = []
+    for name in names:
+        if not name.startswith(":") or name == manager_owner:
+            continue
+        pid = await call(manager_bus, "GetConnectionUnixProcessID", "s", [name],
+                         destination=DRIVER, path=DRIVER_PATH, interface=DRIVER)
+        if pid.body and pid.body[0] == service.process.pid:
+            ours.append(name)
+    assert len(ours) == 1, ours
+    out = subprocess.run(
+        ["dbus-send", f"--bus={bus.address}", "--print-reply", f"--dest={ours[0]}", "/",
+         "org.example.Anything.Hello"],
+        capture_output=True, text=True, timeout=10,
+    )
+    assert out.returncode != 0
+    assert "org.freedesktop.DBus.Error.UnknownMethod" in out.stderr

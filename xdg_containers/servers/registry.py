@@ -31,6 +31,8 @@ class ServerRegistry:
         self.limits = limits
         self._next = 0
         self._servers: dict[str, ContainerServer] = {}
+        # Creator's unique name -> its servers: every departure on the bus asks.
+        self._by_creator: dict[str, dict[str, ContainerServer]] = {}
         self._per_uid: dict[int, int] = {}
         self._sessions: dict[str, Session] = {}
         self.on_removed: list[Callable[[ContainerServer], None]] = []
@@ -61,6 +63,7 @@ class ServerRegistry:
         """Register a server that has started listening."""
         self.check_can_add(server.creator_uid)
         self._servers[server.path] = server
+        self._by_creator.setdefault(server.creator_name, {})[server.path] = server
         self._per_uid[server.creator_uid] = self._per_uid.get(server.creator_uid, 0) + 1
 
     def get(self, path: str) -> ContainerServer | None:
@@ -75,7 +78,7 @@ class ServerRegistry:
 
     def servers_created_by(self, unique_name: str) -> list[ContainerServer]:
         """Servers whose AddServer caller had this unique name."""
-        return [s for s in self._servers.values() if s.creator_name == unique_name]
+        return list(self._by_creator.get(unique_name, {}).values())
 
     # -- events from servers ---------------------------------------------------------
 
@@ -83,6 +86,11 @@ class ServerRegistry:
         """A server is neither listening nor has connections: forget it, tell listeners."""
         if self._servers.pop(server.path, None) is None:
             return
+        mine = self._by_creator.get(server.creator_name)
+        if mine is not None:
+            mine.pop(server.path, None)
+            if not mine:
+                del self._by_creator[server.creator_name]
         n = self._per_uid.get(server.creator_uid, 1) - 1
         if n:
             self._per_uid[server.creator_uid] = n
