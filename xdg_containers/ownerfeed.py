@@ -33,6 +33,7 @@ from .wire.header import (
     FIELD_SIGNATURE,
     METHOD_CALL,
     SIGNAL,
+    SPEC_MAX_MESSAGE_BYTES,
     MessageError,
     parse_header,
 )
@@ -44,8 +45,6 @@ NAME_OWNER_CHANGED_RULE = (
     "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',"
     "interface='org.freedesktop.DBus',member='NameOwnerChanged'"
 )
-#: The feed's own messages need no more than a few KiB; a bus message over this is a bug.
-_MAX_MESSAGE = 1 << 20
 _HELLO_SERIAL = 1
 _ADD_MATCH_SERIAL = 2
 _SETUP_TIMEOUT = 30.0
@@ -81,7 +80,9 @@ class OwnerChangeFeed:
         self.on_lost = on_lost
         self.unique_name: str | None = None
         self._endpoint: Endpoint | None = None
-        self._reader = MessageReader(_MAX_MESSAGE)
+        # Any peer may send this connection anything the bus lets through: a smaller
+        # limit would let one large message end the service.
+        self._reader = MessageReader(SPEC_MAX_MESSAGE_BYTES)
         self._closed = False
         self._serial = _ADD_MATCH_SERIAL
 

@@ -6,11 +6,12 @@ Each test uses a real dbus-daemon, the real service and a client we did not writ
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 from typing import Any
 
-from dbus_fast import Variant
+from dbus_fast import Message, Variant
 
 from tests.conftest import ServiceProcess, add_server, call, connect, ok
 from tests.integration.test_hostile_wire import DRIVER, DRIVER_PATH, RawConn
@@ -177,3 +178,11 @@ async def test_the_owner_change_feed_answers_calls_instead_of_leaving_them_waiti
     )
     assert out.returncode != 0
     assert "org.freedesktop.DBus.Error.UnknownMethod" in out.stderr
+    # Anyone can send it anything the bus lets through, big messages included: the
+    # service must carry on (a smaller limit there would let any peer end it).
+    big = Message(destination=ours[0], path="/", interface="org.example.Big", member="Blob",
+                  signature="ay", body=[b"\0" * (3 << 20)])
+    reply = await asyncio.wait_for(manager_bus.call(big), 20)
+    assert reply is not None and reply.error_name == "org.freedesktop.DBus.Error.UnknownMethod"
+    ok(await call(manager_bus, "ListServers"))
+    assert service.process.poll() is None
