@@ -95,7 +95,9 @@ class OwnerChangeFeed:
         except BaseException:
             sock.close()
             raise
-        self._endpoint = Endpoint(loop, sock, self._data, self._lost, self._eof)
+        # Served after proxied sockets that are ready at the same time: the bus sends
+        # a newcomer's NameOwnerChanged just before its Hello reply.
+        self._endpoint = Endpoint(loop, sock, self._data, self._lost, self._eof, later=True)
         self._endpoint.start_reading()
         # Signals that arrived with the AddMatch reply are already in the reader.
         self._pump()

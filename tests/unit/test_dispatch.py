@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -284,3 +284,38 @@ def test_many_direct_wakeups_in_one_select_call(loop: asyncio.AbstractEventLoop)
     assert count == 200
     a.close()
     b.close()
+
+
+def test_a_later_fd_runs_after_the_others_ready_with_it(loop: asyncio.AbstractEventLoop) -> None:
+    """Several fds ready in one epoll_wait: those watched with later=True run last,
+    whichever became ready first (the feed yields to proxied sockets)."""
+    sel = _selector(loop)
+    pairs = [socket.socketpair() for _ in range(3)]
+    order: list[str] = []
+    done: asyncio.Future[object] = loop.create_future()
+
+    def reader(name: str, sock: socket.socket) -> Callable[[], None]:
+        def on_read() -> None:
+            sock.recv(100)
+            order.append(name)
+            if len(order) == 3 and not done.done():
+                done.set_result(None)
+
+        return on_read
+
+    (feed, feed_peer), (one, one_peer), (two, two_peer) = pairs
+    for s in (feed, one, two):
+        s.setblocking(False)
+    sel.watch(feed.fileno(), reader("feed", feed), None, later=True)
+    sel.watch(one.fileno(), reader("one", one), None)
+    sel.watch(two.fileno(), reader("two", two), None)
+    feed_peer.send(b"x")  # ready first
+    one_peer.send(b"x")
+    two_peer.send(b"x")
+    _spin(loop, done)
+    assert order[-1] == "feed" and sorted(order[:2]) == ["one", "two"]
+    for s in (feed, one, two):
+        sel.watch(s.fileno(), None, None)
+    for pair in pairs:
+        for s in pair:
+            s.close()

@@ -33,14 +33,20 @@ class DispatchingSelector(selectors.EpollSelector):
     def __init__(self) -> None:
         """An empty selector; asyncio registers its fds as usual."""
         super().__init__()
-        # fd -> [reader, writer, epoll mask]
+        # fd -> [reader, writer, epoll mask, run after the others]
         self._direct: dict[int, list[Any]] = {}
         # The loop this selector serves (set by new_event_loop): lets select() keep
         # waiting while only proxy sockets wake it and they give asyncio nothing to do.
         self.loop: asyncio.BaseEventLoop | None = None
 
-    def watch(self, fd: int, reader: Callback | None, writer: Callback | None) -> None:
-        """Set (or with both None, drop) the callbacks run when ``fd`` is readable/writable."""
+    def watch(
+        self, fd: int, reader: Callback | None, writer: Callback | None, *, later: bool = False
+    ) -> None:
+        """Set (or with both None, drop) the callbacks run when ``fd`` is readable/writable.
+
+        ``later``: in a batch of ready fds, run this one after the others (for work
+        that is nobody's round trip, such as the owner-change feed).
+        """
         mask = (_EPOLLIN if reader is not None else 0) | (_EPOLLOUT if writer is not None else 0)
         epoll: select.epoll = self._selector  # type: ignore[attr-defined]
         entry = self._direct.get(fd)
@@ -54,7 +60,7 @@ class DispatchingSelector(selectors.EpollSelector):
             return
         if entry is None:
             epoll.register(fd, mask)
-            self._direct[fd] = [reader, writer, mask]
+            self._direct[fd] = [reader, writer, mask, later]
             return
         if entry[2] != mask:
             try:
@@ -64,6 +70,7 @@ class DispatchingSelector(selectors.EpollSelector):
         entry[0] = reader
         entry[1] = writer
         entry[2] = mask
+        entry[3] = later
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         """Wait like EpollSelector; run direct callbacks now, return asyncio's events.
@@ -95,19 +102,16 @@ class DispatchingSelector(selectors.EpollSelector):
                 fd_event_list = poll(wait, max(len(fd_to_key) + len(direct), 1))
             except InterruptedError:
                 return ready
+            deferred: list[tuple[int, int, list[Any]]] | None = None
             for fd, event in fd_event_list:
                 entry = direct.get(fd)
                 if entry is not None:
-                    # Same reading of the event bits as asyncio: errors wake both sides.
-                    if event & ~_EPOLLOUT and entry[0] is not None:
-                        try:
-                            entry[0]()
-                        except Exception:
-                            _log_failure()
-                        if entry[1] is None or direct.get(fd) is not entry:
-                            continue
-                    if event & ~_EPOLLIN and entry[1] is not None:
-                        _run(entry[1])
+                    if entry[3]:
+                        if deferred is None:
+                            deferred = []
+                        deferred.append((fd, event, entry))
+                        continue
+                    _dispatch(direct, fd, event, entry)
                     continue
                 key = fd_to_key.get(fd)
                 if key:
@@ -117,6 +121,10 @@ class DispatchingSelector(selectors.EpollSelector):
                     if event & ~_EPOLLOUT:
                         events |= selectors.EVENT_READ
                     ready.append((key, events & key.events))
+            if deferred is not None:
+                for fd, event, entry in deferred:
+                    if direct.get(fd) is entry:
+                        _dispatch(direct, fd, event, entry)
             if ready or not fd_event_list or loop is None or wait == 0:
                 return ready
             if loop._ready or loop._stopping or len(loop._scheduled) != timers:  # type: ignore[attr-defined]
@@ -130,6 +138,20 @@ class DispatchingSelector(selectors.EpollSelector):
         """Forget the direct fds too (their owners close the sockets)."""
         self._direct.clear()
         super().close()
+
+
+def _dispatch(direct: dict[int, list[Any]], fd: int, event: int, entry: list[Any]) -> None:
+    """Run a direct fd's callbacks for ``event``, reading the bits as asyncio does
+    (errors wake both sides); the writer only if the reader left the entry in place."""
+    if event & ~_EPOLLOUT and entry[0] is not None:
+        try:
+            entry[0]()
+        except Exception:
+            _log_failure()
+        if entry[1] is None or direct.get(fd) is not entry:
+            return
+    if event & ~_EPOLLIN and entry[1] is not None:
+        _run(entry[1])
 
 
 def _run(callback: Callback) -> None:

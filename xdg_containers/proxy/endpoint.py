@@ -60,8 +60,15 @@ class Endpoint:
         on_data: Callable[[bytes, list[int]], None],
         on_closed: Callable[[str], None],
         on_eof: Callable[[], None],
+        *,
+        later: bool = False,
     ) -> None:
-        """``on_data`` gets every chunk read; ``on_eof`` a half-close; ``on_closed`` errors."""
+        """``on_data`` gets every chunk read; ``on_eof`` a half-close; ``on_closed`` errors.
+
+        ``later``: when several sockets are ready at once, serve this one after the
+        others (see DispatchingSelector.watch).
+        """
+        self._later = later
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
@@ -94,6 +101,7 @@ class Endpoint:
             self.fd,
             self._on_readable if self._reading else None,
             self._on_writable if self._writing else None,
+            later=self._later,
         )
 
     # -- reading -----------------------------------------------------------------
