@@ -18,26 +18,19 @@ import socket
 from collections.abc import Callable
 
 from .policy.tracker import NameTracker
-from .proxy.endpoint import Endpoint, close_fds
+from .proxy.endpoint import ConnectError, Endpoint, close_fds, connect_address
 from .sasl.client import SaslClient
 from .sasl.server import SaslError
-from .wire.address import AddressError, parse_address
-from .wire.build import BUS_INTERFACE, BUS_NAME, BUS_PATH, build_message, error_reply
+from .wire.build import BUS_NAME, bus_call, error_reply
 from .wire.framing import MessageReader
 from .wire.header import (
     ERROR,
-    FIELD_DESTINATION,
-    FIELD_INTERFACE,
-    FIELD_MEMBER,
-    FIELD_PATH,
-    FIELD_SIGNATURE,
-    METHOD_CALL,
     SIGNAL,
     SPEC_MAX_MESSAGE_BYTES,
     MessageError,
     parse_header,
 )
-from .wire.types import BodyWriter, SignatureError, read_string
+from .wire.types import SignatureError, read_string
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +46,6 @@ UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
 
 class FeedError(Exception):
     """The feed could not be set up (the message says why)."""
-
-
-def _driver_call(serial: int, member: str, arg: str | None = None) -> bytes:
-    fields: dict[int, str | int] = {
-        FIELD_PATH: BUS_PATH,
-        FIELD_INTERFACE: BUS_INTERFACE,
-        FIELD_MEMBER: member,
-        FIELD_DESTINATION: BUS_NAME,
-    }
-    body = b""
-    if arg is not None:
-        w = BodyWriter()
-        w.string(arg)
-        body = w.bytes()
-        fields[FIELD_SIGNATURE] = "s"
-    return build_message(METHOD_CALL, serial, fields, body)
 
 
 class OwnerChangeFeed:
@@ -89,7 +66,10 @@ class OwnerChangeFeed:
     async def start(self, bus_address: str) -> None:
         """Connect, authenticate, Hello, subscribe; return once the bus took the match rule."""
         loop = asyncio.get_running_loop()
-        sock = await self._connect(loop, bus_address)
+        try:
+            sock = await connect_address(loop, bus_address)
+        except ConnectError as exc:
+            raise FeedError(str(exc)) from exc
         try:
             await asyncio.wait_for(self._handshake(loop, sock), _SETUP_TIMEOUT)
         except BaseException:
@@ -101,28 +81,6 @@ class OwnerChangeFeed:
         self._endpoint.start_reading()
         # Signals that arrived with the AddMatch reply are already in the reader.
         self._pump()
-
-    @staticmethod
-    async def _connect(loop: asyncio.AbstractEventLoop, bus_address: str) -> socket.socket:
-        try:
-            entries = parse_address(bus_address)
-        except AddressError as exc:
-            raise FeedError(f"bad bus address: {exc}") from exc
-        last: Exception | None = None
-        for entry in entries:
-            try:
-                family, addr = entry.sockaddr()
-                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-                sock.setblocking(False)
-                try:
-                    await loop.sock_connect(sock, addr)
-                except BaseException:
-                    sock.close()
-                    raise
-                return sock
-            except (OSError, AddressError) as exc:
-                last = exc
-        raise FeedError(f"cannot connect to the bus: {last}")
 
     async def _handshake(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         sasl = SaslClient(os.getuid())
@@ -140,8 +98,8 @@ class OwnerChangeFeed:
             await loop.sock_sendall(
                 sock,
                 sasl.begin(False)
-                + _driver_call(_HELLO_SERIAL, "Hello")
-                + _driver_call(_ADD_MATCH_SERIAL, "AddMatch", NAME_OWNER_CHANGED_RULE),
+                + bus_call(_HELLO_SERIAL, "Hello")
+                + bus_call(_ADD_MATCH_SERIAL, "AddMatch", arg=NAME_OWNER_CHANGED_RULE),
             )
         reader = self._reader
         if sasl.leftover:

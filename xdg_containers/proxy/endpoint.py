@@ -16,6 +16,7 @@ import socket
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from ..wire.address import AddressError, parse_address
 from .dispatch import direct_selector
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,33 @@ def close_fds(fds: Sequence[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+class ConnectError(Exception):
+    """No entry of a D-Bus address could be connected to (the message says why)."""
+
+
+async def connect_address(loop: asyncio.AbstractEventLoop, address: str) -> socket.socket:
+    """A non-blocking stream socket connected to the first reachable entry of ``address``."""
+    try:
+        entries = parse_address(address)
+    except AddressError as exc:
+        raise ConnectError(f"bad bus address: {exc}") from exc
+    last: Exception | None = None
+    for entry in entries:
+        try:
+            family, addr = entry.sockaddr()
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, addr)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        except (OSError, AddressError) as exc:
+            last = exc
+    raise ConnectError(f"cannot connect to the bus: {last}")
 
 
 def _fds_from_ancillary(anc: list[tuple[int, int, bytes]]) -> list[int]:

@@ -12,14 +12,9 @@ from collections.abc import Collection
 
 from ..policy import Level, Policy
 from ..policy.tracker import NameTracker
-from ..wire.build import build_message, method_return
+from ..wire.build import bus_call, method_return
 from ..wire.header import (
     ERROR,
-    FIELD_DESTINATION,
-    FIELD_INTERFACE,
-    FIELD_MEMBER,
-    FIELD_PATH,
-    FIELD_SIGNATURE,
     METHOD_CALL,
     METHOD_RETURN,
     NO_AUTO_START,
@@ -92,21 +87,7 @@ def _policy_rules(policy: Policy) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=1024)
 def _add_match(rule: str) -> bytes:
-    body = BodyWriter()
-    body.string(rule)
-    return build_message(
-        METHOD_CALL,
-        INTERNAL_SERIAL,
-        {
-            FIELD_PATH: "/org/freedesktop/DBus",
-            FIELD_INTERFACE: DRIVER_IFACE,
-            FIELD_MEMBER: "AddMatch",
-            FIELD_DESTINATION: BUS_NAME,
-            FIELD_SIGNATURE: "s",
-        },
-        body.bytes(),
-        flags=NO_REPLY_EXPECTED,
-    )
+    return bus_call(INTERNAL_SERIAL, "AddMatch", flags=NO_REPLY_EXPECTED, arg=rule)
 
 
 class PolicyFilter:

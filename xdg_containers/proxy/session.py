@@ -35,7 +35,7 @@ from ..wire.header import (
 )
 from ..wire.types import SignatureError, read_string
 from .decision import BUS_NAME, Decision, Verdict
-from .endpoint import Endpoint, close_fds
+from .endpoint import ConnectError, Endpoint, close_fds, connect_address
 from .fastpath import scan_calls, scan_replies
 from .peercred import PeerCredentials
 
@@ -218,27 +218,9 @@ class Session:
 
     async def _connect_bus(self) -> None:
         try:
-            entries = parse_address(self.server.bus_address)
-        except AddressError as exc:
-            self.close(f"bad bus address: {exc}")
-            return
-        last_error: Exception | None = None
-        for entry in entries:
-            try:
-                family, addr = entry.sockaddr()
-                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-                sock.setblocking(False)
-                try:
-                    await self.loop.sock_connect(sock, addr)
-                except BaseException:
-                    sock.close()
-                    raise
-            except (OSError, AddressError) as exc:
-                last_error = exc
-                continue
-            break
-        else:
-            self.close(f"cannot connect to the bus: {last_error}")
+            sock = await connect_address(self.loop, self.server.bus_address)
+        except ConnectError as exc:
+            self.close(str(exc))
             return
         if self.closed:
             sock.close()

@@ -76,19 +76,28 @@ def error_reply(
     return build_message(ERROR, serial, fields, body.bytes())
 
 
-def bus_call(serial: int, member: str, interface: str = BUS_INTERFACE, flags: int = 0) -> bytes:
-    """A body-less method call to the bus driver (used for Ping substitution)."""
-    return build_message(
-        METHOD_CALL,
-        serial,
-        {
-            FIELD_PATH: BUS_PATH,
-            FIELD_INTERFACE: interface,
-            FIELD_MEMBER: member,
-            FIELD_DESTINATION: BUS_NAME,
-        },
-        flags=flags,
-    )
+def bus_call(
+    serial: int,
+    member: str,
+    interface: str = BUS_INTERFACE,
+    flags: int = 0,
+    arg: str | None = None,
+) -> bytes:
+    """A method call to the bus driver, body-less or with one string argument
+    (Ping substitution, the filter's AddMatch, the owner feed's Hello and AddMatch)."""
+    fields: dict[int, str | int] = {
+        FIELD_PATH: BUS_PATH,
+        FIELD_INTERFACE: interface,
+        FIELD_MEMBER: member,
+        FIELD_DESTINATION: BUS_NAME,
+    }
+    body = b""
+    if arg is not None:
+        w = BodyWriter()
+        w.string(arg)
+        body = w.bytes()
+        fields[FIELD_SIGNATURE] = "s"
+    return build_message(METHOD_CALL, serial, fields, body, flags=flags)
 
 
 def method_return(
