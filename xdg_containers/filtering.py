@@ -21,7 +21,7 @@ class PolicyFilterFactory:
     """Callable given to servers: one PolicyFilter per session, all on one tracker."""
 
     def __init__(self, tracker: NameTracker) -> None:
-        """``tracker`` is fed by the service's own bus connection."""
+        """``tracker`` is fed by the owner-change feed (ownerfeed.py)."""
         self.tracker = tracker
         self._filters: weakref.WeakSet[PolicyFilter] = weakref.WeakSet()
         self._departed: DeadlineQueue[str] | None = None  # made on the first departure

@@ -3,10 +3,10 @@
 asyncio turns every ready fd into a handle queued and run by ``_run_once``; for
 proxied sockets, woken once per message in a round trip, that bookkeeping
 costs about as much as forwarding the message. Sockets registered here with
-``watch`` are dispatched inline, as soon as ``epoll_wait`` returns; all other
-fds (the service's own bus connection, listening sockets, signals) go through
-asyncio unchanged. Used by ``serve``; endpoints fall back to ``add_reader`` on
-any other loop.
+``watch`` are dispatched inline, as soon as ``epoll_wait`` returns (proxied
+sockets, listening sockets, the owner-change feed); all other fds (the
+service's dbus-fast connection, signals) go through asyncio unchanged. Used by
+``serve``; endpoints fall back to ``add_reader`` on any other loop.
 """
 
 from __future__ import annotations
