@@ -17,7 +17,8 @@ apart. ``--own-bus VARIANT...``: each variant (``xdg`` or ``NAME=REPO_DIR``) get
 echo service of its own, so two versions of ours can be compared; with a gap, every
 process involved is as cold as it is when a desktop app starts. Columns: median
 microseconds per phase, the whole set-up, and the proxy's CPU; the summary line gives the
-total of each variant over the first one's.
+total of each variant over the first one's. On one shared bus it also prints what
+each proxy spends on a connection it does not proxy (a client of the direct variant).
 """
 
 from __future__ import annotations
@@ -64,15 +65,18 @@ def _messages(buf: bytes) -> int:
     """Whole messages at the start of ``buf``."""
     n = pos = 0
     while len(buf) - pos >= 16:
-        body, fields = struct.unpack_from("<I", buf, pos + 4)[0], struct.unpack_from(
-            "<I", buf, pos + 12
-        )[0]
+        (body,) = struct.unpack_from("<I", buf, pos + 4)
+        (fields,) = struct.unpack_from("<I", buf, pos + 12)
         size = 16 + fields + (-fields % 8) + body
         if pos + size > len(buf):
             break
         pos += size
         n += 1
     return n
+
+
+def _line_done(buf: bytes) -> bool:
+    return buf.endswith(b"\r\n")
 
 
 def _until(sock: socket.socket, done: object) -> None:
@@ -90,12 +94,11 @@ def one_connection(path: str) -> list[float]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
-        line = lambda b: b.endswith(b"\r\n")  # noqa: E731
         sock.sendall(AUTH)
-        _until(sock, line)
+        _until(sock, _line_done)
         t.append(time.perf_counter())
         sock.sendall(b"NEGOTIATE_UNIX_FD\r\n")
-        _until(sock, line)
+        _until(sock, _line_done)
         t.append(time.perf_counter())
         sock.sendall(b"BEGIN\r\n" + HELLO)
         _until(sock, lambda b: _messages(b) >= 2)  # Hello reply, NameAcquired
@@ -125,6 +128,7 @@ class Variant:
         self.label, self.path, self.pid = label, path, pid
         self.phases: list[list[float]] = []
         self.cpu: list[int] = []
+        self.foreign_cpu: list[int] = []  # while a client connected straight to the bus
 
 
 def _unix_path(address: str) -> str:
@@ -198,10 +202,18 @@ def main() -> int:
             k = rep % len(variants)
             for v in variants[k:] + variants[:k]:
                 time.sleep(args.gap)
-                c0 = cpu_ns(v.pid) if v.pid else 0
+                if v.pid is None:  # direct: what it costs the proxies on the same bus
+                    others = {o.label: cpu_ns(o.pid) for o in variants if o.pid}
+                    v.phases.append(one_connection(v.path))
+                    time.sleep(0.002)
+                    for o in variants:
+                        if o.pid:
+                            o.foreign_cpu.append(cpu_ns(o.pid) - others[o.label])
+                    continue
+                c0 = cpu_ns(v.pid)
                 v.phases.append(one_connection(v.path))
                 time.sleep(0.002)  # let the proxy finish the close
-                v.cpu.append(cpu_ns(v.pid) - c0 if v.pid else 0)
+                v.cpu.append(cpu_ns(v.pid) - c0)
     finally:
         for p in procs:
             p.terminate()
@@ -219,6 +231,10 @@ def main() -> int:
         cpu = f"{statistics.median(v.cpu) / 1e3:8.0f}" if v.pid else f"{'-':>8}"
         print(f"  {v.label:8}" + "".join(f"{c:13.0f}" for c in cols)
               + f"{totals[v.label]:9.0f}{cpu}")
+    for v in variants:
+        if v.foreign_cpu:
+            print(f"# {v.label}: {statistics.median(v.foreign_cpu) / 1e3:.0f} us CPU per "
+                  "connection made straight to the bus (its NameOwnerChanged signals)")
     first = variants[0].label
     print("SUMMARY connphase total/" + first + ": "
           + " ".join(f"{k}={t / totals[first]:.2f}" for k, t in totals.items()))

@@ -93,17 +93,17 @@ class OwnerChangeFeed:
                 sasl.feed(data)
             except SaslError as exc:
                 raise FeedError(f"bus authentication failed: {exc}") from exc
-            if sasl.may_send_messages or not sasl.bus_guid:
-                continue
+            if not sasl.bus_guid:
+                continue  # the OK line is not complete yet
             await loop.sock_sendall(
                 sock,
                 sasl.begin(False)
                 + bus_call(_HELLO_SERIAL, "Hello")
                 + bus_call(_ADD_MATCH_SERIAL, "AddMatch", arg=NAME_OWNER_CHANGED_RULE),
             )
+        # SaslClient refuses bytes after OK until BEGIN is sent, so nothing of the bus's
+        # answer to BEGIN and what follows went to it: everything from here is messages.
         reader = self._reader
-        if sasl.leftover:
-            reader.feed(sasl.leftover)
         while True:
             item = reader.next_message()
             if item is None:
@@ -117,8 +117,8 @@ class OwnerChangeFeed:
             if hdr.sender != BUS_NAME or rs not in (_HELLO_SERIAL, _ADD_MATCH_SERIAL):
                 self._handle(item[0])
             elif hdr.message_type == ERROR:
-                raise FeedError(f"the bus refused {'Hello' if rs == 1 else 'AddMatch'}: "
-                                f"{hdr.error_name}")
+                what = "Hello" if rs == _HELLO_SERIAL else "AddMatch"
+                raise FeedError(f"the bus refused {what}: {hdr.error_name}")
             elif rs == _HELLO_SERIAL:
                 self.unique_name = read_string(item[0], hdr.body_offset, hdr.little_endian)[0]
             else:
