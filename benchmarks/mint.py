@@ -63,7 +63,9 @@ def main() -> int:
     child = subprocess.Popen(
         [args.python, "-m", "xdg_containers", "serve", "--address", args.bus,
          "--ready-fd", str(w)],
-        pass_fds=(w,), env=env, stderr=subprocess.DEVNULL,
+        # cwd: ``-m`` puts the working directory first on sys.path, ahead of
+        # PYTHONPATH; without it an A/B run from one checkout measures that one twice.
+        pass_fds=(w,), env=env, stderr=subprocess.DEVNULL, cwd=REPO,
     )
     os.close(w)
     if b"READY=1" not in os.read(r, 100):

@@ -84,8 +84,15 @@ class OwnerChangeFeed:
 
     async def _handshake(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         sasl = SaslClient(os.getuid())
-        await loop.sock_sendall(sock, sasl.start())
-        while not sasl.may_send_messages:
+        # All pipelined: the bus reads AUTH, BEGIN and the messages in order.
+        await loop.sock_sendall(
+            sock,
+            sasl.start()
+            + sasl.begin(False)
+            + bus_call(_HELLO_SERIAL, "Hello")
+            + bus_call(_ADD_MATCH_SERIAL, "AddMatch", arg=NAME_OWNER_CHANGED_RULE),
+        )
+        while not sasl.done:
             data = await loop.sock_recv(sock, 4096)
             if not data:
                 raise FeedError("the bus closed the connection during authentication")
@@ -93,17 +100,9 @@ class OwnerChangeFeed:
                 sasl.feed(data)
             except SaslError as exc:
                 raise FeedError(f"bus authentication failed: {exc}") from exc
-            if not sasl.bus_guid:
-                continue  # the OK line is not complete yet
-            await loop.sock_sendall(
-                sock,
-                sasl.begin(False)
-                + bus_call(_HELLO_SERIAL, "Hello")
-                + bus_call(_ADD_MATCH_SERIAL, "AddMatch", arg=NAME_OWNER_CHANGED_RULE),
-            )
-        # SaslClient refuses bytes after OK until BEGIN is sent, so nothing of the bus's
-        # answer to BEGIN and what follows went to it: everything from here is messages.
         reader = self._reader
+        if sasl.leftover:
+            reader.feed(sasl.leftover)
         while True:
             item = reader.next_message()
             if item is None:

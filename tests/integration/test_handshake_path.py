@@ -186,3 +186,45 @@ async def test_the_owner_change_feed_answers_calls_instead_of_leaving_them_waiti
     assert reply is not None and reply.error_name == "org.freedesktop.DBus.Error.UnknownMethod"
     ok(await call(manager_bus, "ListServers"))
     assert service.process.poll() is None
+
+
+async def test_a_burst_of_clients_is_accepted_one_per_wake_up_and_all_served(
+    service: ServiceProcess, manager_bus: Any
+) -> None:
+    # The listening socket is read one accept() per wake-up (level-triggered): 24
+    # dbus-send clients started at once must all be accepted and answered.
+    _path, results = await add_server(manager_bus)
+    address = results["Address"].value
+    procs = [
+        subprocess.Popen(
+            ["dbus-send", f"--bus={address}", "--print-reply", f"--dest={DRIVER}",
+             DRIVER_PATH, f"{DRIVER}.GetId"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for _ in range(24)
+    ]
+    outs = [p.communicate(timeout=20) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 24, [err for _out, err in outs]
+    assert all('string "' in out for out, _err in outs)
+
+
+async def test_the_hello_reply_comes_first_and_the_name_is_known_when_it_does(
+    service: ServiceProcess, manager_bus: Any
+) -> None:
+    # The Hello reply is passed on before the bookkeeping behind it; a peer asking
+    # about the name the moment the client has it must still get the answer.
+    _path, results = await add_server(manager_bus, named={EXT + "Filter": Variant("b", True)})
+    address = results["Address"].value
+    for _ in range(5):
+        conn = RawConn(address)
+        conn.handshake(fds=True)
+        serial = conn.send_call(DRIVER, DRIVER_PATH, DRIVER, "Hello")
+        first = conn.read_message()
+        assert first is not None and first.msg.reply_serial == serial
+        name = str(first.msg.body[0])
+        info = ok(await call(manager_bus, "GetConnectionInfo", "s", [name]))
+        assert info[0] == _path
+        second = conn.read_message()
+        assert second is not None
+        assert (second.msg.member, second.msg.body) == ("NameAcquired", [name])
+        conn.sock.close()

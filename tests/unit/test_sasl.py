@@ -402,6 +402,30 @@ def test_client_without_fds() -> None:
     assert cl.leftover == HELLO
 
 
+def test_client_may_send_messages_right_after_begin_before_the_ok() -> None:
+    # Pipelined like sd-bus: BEGIN and fd-less messages follow AUTH at once; the bus
+    # reads its lines in order. Fds still wait for the whole answer (done).
+    cl = SaslClient(UID)
+    cl.start()
+    assert not cl.may_send_messages  # no BEGIN yet
+    cl.begin(True)
+    assert cl.may_send_messages
+    assert not cl.done
+    cl.feed(OK)
+    assert cl.may_send_messages and not cl.done  # AGREE_UNIX_FD still to come
+    cl.feed(b"AGREE_UNIX_FD\r\n" + HELLO)
+    assert cl.done and cl.unix_fd_agreed and cl.leftover == HELLO
+
+
+def test_client_pipelined_then_refused_raises() -> None:
+    # BEGIN went before the answer; a refusal must still end the handshake.
+    cl = SaslClient(UID)
+    cl.begin(False)
+    with pytest.raises(SaslError, match="refused"):
+        cl.feed(REJECTED)
+    assert not cl.done
+
+
 def test_client_pipelined_one_byte_at_a_time() -> None:
     cl = SaslClient(UID)
     cl.begin(True)

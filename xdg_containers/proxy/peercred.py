@@ -1,8 +1,11 @@
-"""Kernel-reported credentials of a unix socket peer, taken once at accept time.
+"""Kernel-reported credentials of a unix socket peer, taken at accept time.
 
 Python 3.11 lacks the newer constants, so the Linux values are spelled here.
 A pidfd (SO_PEERPIDFD, Linux 6.5+) names the process race-free; where the
 kernel lacks it we record none rather than opening one by pid (that would race).
+uid, gid, pid and the pidfd are read at accept; the groups and the security
+label, which the kernel fixed at connect time too, are read by ``complete``
+once the client has its answer (they are only needed once it has a name).
 """
 
 from __future__ import annotations
@@ -30,6 +33,15 @@ class PeerCredentials:
     groups: list[int] = field(default_factory=list)
     pidfd: int | None = None
     security_label: bytes | None = None
+    completed: bool = False
+
+    def complete(self, sock: socket.socket) -> None:
+        """Read the groups and security label (both fixed at connect time); once."""
+        if self.completed:
+            return
+        self.completed = True
+        self.groups = _peer_groups(sock)
+        self.security_label = _peer_security_label(sock)
 
     def close(self) -> None:
         """Release the pidfd."""
@@ -64,8 +76,7 @@ def _peer_pidfd(sock: socket.socket) -> int | None:
         return None
     if fd < 0:
         return None
-    os.set_inheritable(fd, False)
-    return int(fd)
+    return int(fd)  # the kernel makes it close-on-exec
 
 
 def _peer_security_label(sock: socket.socket) -> bytes | None:
@@ -81,15 +92,12 @@ def _peer_security_label(sock: socket.socket) -> bytes | None:
     return label + b"\0"
 
 
-def read_peer_credentials(sock: socket.socket) -> PeerCredentials:
-    """SO_PEERCRED plus groups, pidfd and security label of a connected unix socket."""
+def read_peer_credentials(sock: socket.socket, complete: bool = True) -> PeerCredentials:
+    """SO_PEERCRED and the pidfd of a connected unix socket; with ``complete``, the
+    groups and security label too (else ``PeerCredentials.complete`` reads them)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
-    return PeerCredentials(
-        pid=pid,
-        uid=uid,
-        gid=gid,
-        groups=_peer_groups(sock),
-        pidfd=_peer_pidfd(sock),
-        security_label=_peer_security_label(sock),
-    )
+    creds = PeerCredentials(pid=pid, uid=uid, gid=gid, pidfd=_peer_pidfd(sock))
+    if complete:
+        creds.complete(sock)
+    return creds

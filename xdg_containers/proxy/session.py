@@ -136,12 +136,19 @@ class Session:
     # -- start and stop ----------------------------------------------------------------
 
     def start(self) -> None:
-        """Begin the handshake with the client and the connection to the bus."""
+        """Answer the client's opening lines, then connect to the bus.
+
+        The client first: its AUTH is usually waiting already, and our own
+        handshake with the bus is pipelined (BEGIN and Hello need not wait for
+        the bus's OK), so the bus's side stays off the client's path.
+        """
         self._client.start_reading()
         self.server.handshake_started(self)
+        self._client.read_now()
+        if self.closed:
+            return
         if not self._connect_bus_now():
             self._connect_task = self.loop.create_task(self._connect_bus())
-        self._client.read_now()
 
     def handshake_expired(self) -> None:
         """The auth timeout passed before the client's Hello went to the bus: drop it."""
@@ -239,10 +246,18 @@ class Session:
         self._bus.on_filled = self._bus_filled
         self._bus.receive_fds = unix
         opening = self._sasl_client.start()
-        if self._client_began:
-            opening += self._sasl_client.begin(self._sasl.negotiated_unix_fd)
-        self._bus.send(opening)
+        if not self._client_began:
+            self._bus.send(opening)
+            self._bus.start_reading()
+            return
+        # The client finished its handshake first (pipelined, or the connect took a
+        # task): its messages, Hello first, may follow our BEGIN at once.
+        self._bus.queue(opening + self._sasl_client.begin(self._sasl.negotiated_unix_fd))
         self._bus.start_reading()
+        if self._hello_serial is None:
+            self._hold_client = False
+        self._pump_client()
+        self._bus.flush()
 
     def _bus_error(self, reason: str) -> None:
         self.close(f"bus connection: {reason}")
@@ -264,10 +279,7 @@ class Session:
                 self.close(f"bus handshake failed: {exc}")
                 return
             if not self._sasl_client.done:
-                if self._sasl_client.may_send_messages and self._hold_client:
-                    self._hold_client = False
-                    self._pump_client()
-                return
+                return  # fd-less messages went already (pipelined); fds wait for done
             if self._sasl.negotiated_unix_fd and not self._sasl_client.unix_fd_agreed:
                 self.close("the bus refused unix fd passing that the client negotiated")
                 return
@@ -391,7 +403,9 @@ class Session:
                     client.queue(data)
                     continue
                 if rs == self._hello_serial:
-                    self._hello_answered(hdr, data)
+                    self._reply_seen(rs)
+                    forwarded += self._hello_reply(hdr, data, fds)
+                    continue
                 self._reply_seen(rs)
             decision = self.filter.from_bus(hdr, data)
             if decision is not None:
@@ -437,6 +451,27 @@ class Session:
         ):
             self._client.on_drained = None
             bus.start_reading()
+
+    def _hello_reply(self, hdr: Header, data: Raw, fds: list[int] | None) -> int:
+        """The bus answered the client's Hello: pass the answer on at once (what the
+        client waits for before its first call), then learn the name before anything
+        after it is judged. No peer's question is served in between: the service's
+        own calls wait for this callback to return. Returns 1 if it was forwarded."""
+        decision = self.filter.from_bus(hdr, data)
+        forwarded = 0
+        if decision is None or decision.verdict is Verdict.REPLACE:
+            if self.server.log_messages:
+                self._log_message("in", hdr, None)
+            self._client.queue(data if decision is None else decision.data, fds)
+            self._client.flush()
+            forwarded = 1
+        else:
+            if fds:
+                close_fds(fds)
+            self.server.count_denied()
+            self._log_message("in", hdr, decision)
+        self._hello_answered(hdr, data)
+        return forwarded
 
     def _hello_answered(self, hdr: Header, data: Raw) -> None:
         self._hello_serial = None
@@ -666,6 +701,9 @@ class Session:
             return
         server.messages_forwarded += forwarded
         bus.flush()
+        if not self.creds.completed:
+            # Off the client's path: the bus is busy with its Hello now.
+            self.creds.complete(self._client.sock)
         self._forwarded_to_bus(bus)
 
     def _forwarded_to_bus(self, bus: Endpoint) -> None:

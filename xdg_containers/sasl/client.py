@@ -1,8 +1,9 @@
 """Client side of the D-Bus SASL handshake, toward the real bus (sans-I/O).
 
-The service authenticates as itself (EXTERNAL, its own uid). Lines are sent
-pipelined to save round trips, but no message may flow before the bus has said
-``OK`` (and ``AGREE_UNIX_FD`` when fds were asked for).
+The service authenticates as itself (EXTERNAL, its own uid). Everything is
+pipelined, as sd-bus does: BEGIN and the first messages may follow AUTH before
+the bus has said ``OK`` (the bus reads its lines in order); only messages
+carrying fds wait for ``AGREE_UNIX_FD``.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ class SaslClient:
 
     @property
     def may_send_messages(self) -> bool:
-        """True once the bus said OK and we sent BEGIN: fd-less messages may flow.
+        """True once we sent BEGIN: fd-less messages may follow it at once.
 
-        The answer to NEGOTIATE_UNIX_FD may still be on its way; only messages
-        carrying fds must wait for it (see ``done``).
+        The bus's OK and its answer to NEGOTIATE_UNIX_FD may still be on their
+        way; only messages carrying fds must wait for them (see ``done``). Should
+        the bus refuse us, ``feed`` raises and the connection closes.
         """
-        return self._begin_sent and self._ok
+        return self._begin_sent
 
     @property
     def done(self) -> bool:

@@ -218,18 +218,20 @@ class ContainerServer:
         self.stop_listening()
 
     def _on_accept(self) -> None:
+        # One per wake-up: the listening socket is level-triggered, so another
+        # pending client wakes us again at once, and no accept() is spent (and no
+        # exception raised) on learning that none is left.
         sock = self._listen_sock
         if sock is None:
             return
-        for _ in range(32):
-            try:
-                conn, _addr = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("%s: accept failed: %s", self.path, exc)
-                return
-            self._accepted(conn)
+        try:
+            conn, _addr = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("%s: accept failed: %s", self.path, exc)
+            return
+        self._accepted(conn)
 
     def _accepted(self, conn: socket.socket) -> None:
         if len(self.sessions) >= self.limits.max_connections_per_server:
@@ -242,7 +244,7 @@ class ContainerServer:
             conn.close()
             return
         try:
-            creds = read_peer_credentials(conn)
+            creds = read_peer_credentials(conn, complete=False)
         except OSError as exc:
             log.warning("%s: cannot read peer credentials: %s", self.path, exc)
             conn.close()
