@@ -21,6 +21,7 @@ from .filtering import PolicyFilterFactory
 from .ownerfeed import FeedError, OwnerChangeFeed
 from .policy.tracker import NameTracker
 from .proxy.session import MessageFilter, Session
+from .proxy.spare import spares_for
 from .servers.registry import ServerRegistry
 from .servers.server import ContainerServer, FilterSettings, runtime_socket_dir
 from .service import (
@@ -206,6 +207,7 @@ class Service:
         """Stop every server (unlinking its socket) and leave the bus."""
         for server in self.registry:
             server.stop()
+        spares_for(asyncio.get_running_loop()).close()
         if self.feed is not None:
             self.feed.close()
         if self.bus is not None and self.bus.connected:
@@ -271,4 +273,5 @@ async def serve(
     log.error("the bus connection was lost; exiting")
     for server in service.registry:
         server.stop()
+    spares_for(loop).close()
     return EXIT_BUS_LOST

@@ -52,6 +52,7 @@ from tests.integration.test_hostile_wire import (
     method_return,
     rss_kib,
     signal,
+    stable_fd_count,
     wait_for,
 )
 from xdg_containers.privatebus import PrivateBus
@@ -91,6 +92,13 @@ class Target:
     def client(self, fds: bool = False) -> RawConn:
         """A well-behaved client: handshake and Hello done."""
         return self.connect().setup(fds)
+
+    def settled_fd_count(self) -> int:
+        """The service's fds once a client came and went: the spare bus connection kept
+        for the next client (proxy/spare.py) is then part of the baseline."""
+        with self.client() as c:
+            c.driver("GetId")
+        return stable_fd_count(self.pid)
 
     def assert_healthy(self, reason: str | None = None) -> None:
         """Service alive, a fresh client works through this server, ``reason`` logged."""
@@ -326,7 +334,7 @@ def test_header_claiming_127_mib_on_8_connections(target: Target) -> None:
     """Under max_message_bytes: the connections wait for the bytes; nothing is reserved."""
     pid = target.pid
     rss_before = rss_kib(pid)
-    fds_before = fd_count(pid)
+    fds_before = target.settled_fd_count()
     conns = [target.client() for _ in range(8)]
     try:
         for c in conns:
@@ -405,9 +413,7 @@ def test_fd_count_not_matching_the_header(
     target: Target, declared: int, sent: int, reason: str
 ) -> None:
     pid = target.pid
-    with target.client(fds=True) as warm:  # let the service allocate what it keeps
-        warm.driver("GetId")
-    fds_before = fd_count(pid)
+    fds_before = target.settled_fd_count()  # after a client: what the service keeps
     with target.client(fds=True) as c:
         fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(sent)]
         try:
@@ -425,7 +431,7 @@ def test_fd_count_not_matching_the_header(
 
 def test_fds_declared_without_negotiating_them(target: Target) -> None:
     pid = target.pid
-    fds_before = fd_count(pid)
+    fds_before = target.settled_fd_count()
     with target.client(fds=False) as c:
         fd = os.open(os.devnull, os.O_RDONLY)
         try:
@@ -647,7 +653,7 @@ def test_first_message_not_hello_as_on_the_bus(target: Target) -> None:
 
 def test_half_a_message_then_disconnect(target: Target) -> None:
     pid = target.pid
-    fds_before = fd_count(pid)
+    fds_before = target.settled_fd_count()
     for cut in (1, 15, 16, 40):
         with target.client() as c:
             c.send(driver_call(2, "GetId")[:cut])
@@ -659,7 +665,7 @@ def test_disconnect_mid_handshake_releases_everything(target: Target) -> None:
     """A client that leaves in the middle of the handshake owes nothing and is owed
     nothing: its session (client socket, bus socket, pidfd) goes at once."""
     pid = target.pid
-    fds_before = fd_count(pid)
+    fds_before = target.settled_fd_count()
     opening = b"\0" + auth_line() + b"NEGOTIATE_UNIX_FD\r\nBEGIN\r\n"
     for cut in (0, 1, 5, 20, len(opening) - 8, len(opening) - 2):
         with target.connect() as c:

@@ -755,6 +755,19 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def stable_fd_count(pid: int, timeout: float = 5.0) -> int:
+    """Open fds of a process once two readings 50 ms apart agree."""
+    deadline = time.monotonic() + timeout
+    last = fd_count(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = fd_count(pid)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the fd count of {pid} did not settle")
+
+
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
     """Poll ``predicate`` until true; fail naming ``what``."""
     deadline = time.monotonic() + timeout

@@ -131,6 +131,11 @@ class Session:
         self._closing_after_flush = False
         self._timers: list[asyncio.TimerHandle] = []
         self._connect_task: asyncio.Task[None] | None = None
+        self._spare_addr: str | bytes | None = None  # the bus socket, for spares.py
+        # With a spare taken: what went to the bus after BEGIN until the Hello's answer
+        # (to send again should the bus drop the spare); None otherwise.
+        self._spare_replay: list[bytes] | None = None
+        self._spare_taken = 0.0
         self._stalled: tuple[bytes | bytearray, Header, list[int] | None] | None = None
 
     # -- start and stop ----------------------------------------------------------------
@@ -181,6 +186,8 @@ class Session:
             close_fds(self._stalled[2])
         self.creds.close()
         self.server.session_closed(self)
+        if self._spare_addr is not None:
+            self.server.spares.session_ended(self._spare_addr)
 
     def close_when_flushed(self) -> None:
         """Close once everything queued toward the client has been written."""
@@ -212,6 +219,17 @@ class Session:
         addr = _unix_sockaddr(self.server.bus_address)
         if addr is None:
             return False
+        self._spare_addr = addr
+        spare = self.server.spares.take(addr)
+        if spare is not None:
+            sock, self._sasl_client = spare  # its AUTH went out already
+            self._spare_replay = []
+            self._spare_taken = self.loop.time()
+            self._bus_connected(sock, auth_sent=True)
+            return True
+        return self._connect_fresh(addr)
+
+    def _connect_fresh(self, addr: str | bytes) -> bool:
         family = socket.AF_UNIX
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
@@ -234,7 +252,9 @@ class Session:
             return
         self._bus_connected(sock)
 
-    def _bus_connected(self, sock: socket.socket) -> None:
+    def _bus_connected(
+        self, sock: socket.socket, auth_sent: bool = False, replay: list[bytes] | None = None
+    ) -> None:
         unix = sock.family == socket.AF_UNIX
         if unix:
             # The bus reads promptly: a larger send buffer lets a large message go in
@@ -245,14 +265,17 @@ class Session:
         self._bus = Endpoint(self.loop, sock, self._bus_data, self._bus_error, self._bus_eof)
         self._bus.on_filled = self._bus_filled
         self._bus.receive_fds = unix
-        opening = self._sasl_client.start()
+        opening = b"" if auth_sent else self._sasl_client.start()
         if not self._client_began:
-            self._bus.send(opening)
+            if opening:
+                self._bus.send(opening)
             self._bus.start_reading()
             return
         # The client finished its handshake first (pipelined, or the connect took a
         # task): its messages, Hello first, may follow our BEGIN at once.
         self._bus.queue(opening + self._sasl_client.begin(self._sasl.negotiated_unix_fd))
+        for m in replay or ():
+            self._bus.queue(m)
         self._bus.start_reading()
         if self._hello_serial is None:
             self._hold_client = False
@@ -260,12 +283,45 @@ class Session:
         self._bus.flush()
 
     def _bus_error(self, reason: str) -> None:
-        self.close(f"bus connection: {reason}")
+        if not self._retry_without_spare():
+            self.close(f"bus connection: {reason}")
 
     def _bus_eof(self) -> None:
+        if self._retry_without_spare():
+            return
         log.debug("%s: bus closed the connection of %s", self.server.path, self.unique_name)
         self._client_reader.close()
         self.close_when_flushed()
+
+    def _retry_without_spare(self) -> bool:
+        """The bus dropped a spare connection (spare.py) before answering our Hello, as a
+        bus with a short auth_timeout does: start again on a fresh connection, sending
+        what went on the old one. No message of the client's is lost or doubled: the
+        bus takes nothing from a connection before its Hello, and nothing of the
+        client's but the Hello goes before the Hello's answer."""
+        replay = self._spare_replay
+        addr = self._spare_addr
+        if replay is None or addr is None or self.unique_name is not None or self.closed:
+            return False
+        self._spare_replay = None
+        self.server.spares.dropped(addr, self.loop.time() - self._spare_taken)
+        assert self._bus is not None
+        self._bus.close()
+        self._bus = None
+        self._bus_reader.close()
+        self._bus_reader = MessageReader(self.server.limits.max_message_bytes)
+        self._sasl_client = SaslClient(os.getuid())
+        self._bus_began = False
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            sock.connect(addr)
+        except OSError as exc:
+            sock.close()
+            self.close(f"bus connection: {exc.strerror or exc}")
+            return True
+        self._bus_connected(sock, replay=replay)
+        return True
 
     def _bus_data(self, data: bytes, fds: list[int]) -> None:
         if self.closed:
@@ -475,6 +531,7 @@ class Session:
 
     def _hello_answered(self, hdr: Header, data: Raw) -> None:
         self._hello_serial = None
+        self._spare_replay = None  # the bus took the connection: no retry from here
         if hdr.message_type == METHOD_RETURN and hdr.signature == "s":
             try:
                 name = read_string(data, hdr.body_offset, hdr.little_endian)[0]
@@ -490,6 +547,8 @@ class Session:
 
     def _inject(self, messages: list[bytes]) -> None:
         """Send the proxy's own messages to the bus (never expecting replies)."""
+        if messages and self._spare_replay is not None:
+            self._spare_replay += messages
         if messages and self._bus is not None:
             for m in messages:
                 self._bus.queue(m)
@@ -612,6 +671,8 @@ class Session:
         # Send first: the bookkeeping below is off the round trip's critical path
         # (no reply can be handled before this callback returns).
         bus.send(data if pos == len(data) else memoryview(data)[:pos])
+        if self._spare_replay is not None:
+            self._spare_replay.append(bytes(data[:pos]))
         flt = self.filter
         for serial, dest in owed:
             flt.note_client_call(serial, dest)
@@ -668,9 +729,14 @@ class Session:
                         # its reply is swapped for our answer, so order holds.
                         self._denied_pings[hdr.serial] = decision
                         self._note_call(hdr.serial)
-                        bus.queue(bus_call(hdr.serial, "Ping", "org.freedesktop.DBus.Peer"))
+                        sent = bus_call(hdr.serial, "Ping", "org.freedesktop.DBus.Peer")
+                        bus.queue(sent)
+                        if self._spare_replay is not None:
+                            self._spare_replay.append(sent)
                     elif decision.verdict is Verdict.REPLACE:
                         bus.queue(decision.data)
+                        if self._spare_replay is not None:
+                            self._spare_replay.append(bytes(decision.data))
                     continue
                 if hdr.message_type == METHOD_CALL:
                     if hdr.expects_reply:
@@ -687,13 +753,20 @@ class Session:
                         bus.queue(data, fds)
                         # The filter's own subscriptions go in the same write, right
                         # after the Hello (the bus takes nothing before it).
-                        for m in self.filter.hello_sent():
+                        extra = self.filter.hello_sent()
+                        for m in extra:
                             bus.queue(m)
+                        if self._spare_replay is not None:
+                            self._spare_replay += [bytes(data), *extra]
                         continue
                 forwarded += 1
                 if log_all:
                     self._log_message("out", hdr, None)
                 bus.queue(data, fds)
+                if self._spare_replay is not None:
+                    self._spare_replay.append(bytes(data))
+                    if fds:
+                        self._spare_replay = None  # fds cannot be sent twice: no retry
         except (MessageError, SignatureError) as exc:
             server.messages_forwarded += forwarded
             bus.flush()

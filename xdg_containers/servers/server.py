@@ -23,6 +23,7 @@ from ..proxy.basic_filter import BasicFilter
 from ..proxy.dispatch import direct_selector
 from ..proxy.peercred import read_peer_credentials
 from ..proxy.session import MessageFilter, Session
+from ..proxy.spare import spares_for
 from ..wire.address import escape_value
 from ..wire.header import Header
 
@@ -112,6 +113,7 @@ class ContainerServer:
         self._filter_factory = filter_factory
         self._listen_sock: socket.socket | None = None
         self._direct = direct_selector(self.loop)
+        self.spares = spares_for(self.loop)  # ready bus connections, shared by all servers
         self._basic_passes: dict[bytes, str] = {}  # shared by the unfiltered connections
         # Sessions from accept until their Hello went to the bus (the auth timeout).
         self._handshakes: DeadlineQueue[Session] = DeadlineQueue(

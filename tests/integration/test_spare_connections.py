@@ -1,0 +1,113 @@
+"""Spare bus connections (proxy/spare.py) with a real dbus-daemon and clients we did not write.
+
+The bus here drops unauthenticated connections after 300 ms (dbus-daemon's
+auth_timeout; 5 s by default), so the spare kept for the next client is
+regularly dropped under it: no client may ever pay for that.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import ServiceProcess, add_server
+from tests.integration.test_hostile_wire import RawConn
+from xdg_containers.privatebus import PrivateBus
+
+DRIVER = "org.freedesktop.DBus"
+
+
+@pytest.fixture
+def bus(runtime_dir: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBus]:
+    """A private dbus-daemon that drops unfinished handshakes after 300 ms."""
+    b = PrivateBus(limits={"auth_timeout": 300})
+    b.start()
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", b.address)
+    yield b
+    b.stop()
+
+
+def _get_id(address: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["dbus-send", f"--bus={address}", "--print-reply", f"--dest={DRIVER}",
+         "/org/freedesktop/DBus", f"{DRIVER}.GetId"],
+        capture_output=True, text=True, timeout=10,
+    )
+
+
+def _sockets(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                n += 1
+        except OSError:
+            pass  # closed meanwhile
+    return n
+
+
+def _settle(pid: int, want: int, timeout: float = 5.0) -> int:
+    deadline = time.monotonic() + timeout
+    n = _sockets(pid)
+    while n != want and time.monotonic() < deadline:
+        time.sleep(0.02)
+        n = _sockets(pid)
+    return n
+
+
+async def test_clients_are_served_when_the_bus_dropped_the_spare(
+    service: ServiceProcess, manager_bus: Any
+) -> None:
+    _path, results = await add_server(manager_bus)
+    address = results["Address"].value
+    for gap in (0.0, 0.6, 0.0, 0.6, 1.2, 0.0):
+        time.sleep(gap)  # 0.6 s and more: the bus dropped the spare made meanwhile
+        out = _get_id(address)
+        assert out.returncode == 0, (out.stderr, service.log())
+        assert 'string "' in out.stdout
+    assert "bus connection" not in service.log()  # no session lost its bus side
+
+
+async def test_one_spare_is_kept_while_clients_come_and_none_leaks(
+    service: ServiceProcess, manager_bus: Any
+) -> None:
+    _path, results = await add_server(manager_bus)
+    address = results["Address"].value
+    pid = service.process.pid
+    idle = _sockets(pid)  # listening sockets, the service's bus connections
+    assert _get_id(address).returncode == 0
+    # The client's session ended: one connection to the bus is kept for the next.
+    assert _settle(pid, idle + 1) == idle + 1
+    for _ in range(10):
+        assert _get_id(address).returncode == 0
+    assert _settle(pid, idle + 1) == idle + 1  # taken and remade each time, never more
+
+
+async def test_a_spare_dropped_under_a_client_is_replaced_without_it_noticing(
+    service: ServiceProcess, manager_bus: Any
+) -> None:
+    # A client takes a fresh spare, then dawdles past the bus's 300 ms: the bus drops
+    # the spare under it. The session starts again on a new connection; the client
+    # finishes its handshake and works, and spares are not used on that bus again.
+    _path, results = await add_server(manager_bus)
+    address = results["Address"].value
+    assert _get_id(address).returncode == 0  # a client came: a spare is made as it ends
+    time.sleep(0.05)
+    slow = RawConn(address)
+    slow.sock.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
+    assert slow.read_line().startswith(b"OK ")
+    service.wait_for_log("closed an idle connection after", timeout=5)
+    slow.sock.sendall(b"NEGOTIATE_UNIX_FD\r\n")
+    assert slow.read_line() == b"AGREE_UNIX_FD\r\n"
+    slow.sock.sendall(b"BEGIN\r\n")
+    name = slow.hello()
+    assert name.startswith(":")
+    assert len(slow.driver("GetId").body[0]) == 32
+    slow.sock.close()
+    assert "bus connection" not in service.log()
+    assert _get_id(address).returncode == 0

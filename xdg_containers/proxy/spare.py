@@ -1,0 +1,191 @@
+"""A bus connection kept ready for the next confined client: connected, AUTH sent.
+
+Connecting to the bus and sending our AUTH costs a new client's handshake
+50-100 µs of cold Python and syscalls, right between its first answer and its
+next line. A spare made while the service was idle takes that off the
+client's path: the session takes it, sends BEGIN and the Hello behind the AUTH
+already there (the bus reads them in order), and a new spare is made when the
+session ends (or at the next housekeeping tick, for a long one).
+
+A spare is an unauthenticated connection as far as the bus knows, so it is
+replaced before the bus would drop it (dbus-daemon's default auth_timeout is
+5 s) and only kept while clients connect: one per bus address, for at most
+``DEMAND`` seconds after the last client. One that the bus closed anyway is
+noticed before use (a peek) and a fresh connection is made instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import select
+import socket
+import weakref
+
+from ..sasl.client import SaslClient
+
+log = logging.getLogger(__name__)
+
+#: A spare older than this is not used (well under dbus-daemon's 5 s auth_timeout).
+MAX_AGE = 3.0
+#: Spares are kept for this long after the last client connected.
+DEMAND = 30.0
+#: Housekeeping period: replace old spares, make missing ones, drop unwanted ones.
+TICK = 1.0
+
+SockAddr = str | bytes
+
+
+class _Spare:
+    __slots__ = ("made", "sasl", "sock")
+
+    def __init__(self, sock: socket.socket, sasl: SaslClient, made: float) -> None:
+        self.sock = sock
+        self.sasl = sasl
+        self.made = made
+
+
+class SpareBusConnections:
+    """At most one ready connection per unix bus address, made when the service is idle.
+
+    No timer is made per client (a new asyncio timer ends the dispatching
+    selector's inline wait, a loop turn on the client's path): a new spare is
+    made when a session ends, and one housekeeping tick per second, armed while
+    clients come, covers long sessions and ageing spares.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Nothing is connected until a client asks (``take``)."""
+        self._loop = loop
+        self._spares: dict[SockAddr, _Spare] = {}
+        self._demand_until: dict[SockAddr, float] = {}
+        self._tick: asyncio.TimerHandle | None = None
+        # Buses that dropped a spare before MAX_AGE: they get none any more.
+        self._disabled: set[SockAddr] = set()
+        self.closed = False
+        self.made = 0  # spares connected so far (tests, debugging)
+
+    def take(self, addr: SockAddr) -> tuple[socket.socket, SaslClient] | None:
+        """The spare for ``addr`` if there is a live one (its AUTH sent), else None.
+
+        Either way a client has come: spares for ``addr`` are kept from now on
+        until nobody connected for ``DEMAND`` seconds.
+        """
+        if self.closed or addr in self._disabled:
+            return None
+        now = self._loop.time()
+        self._demand_until[addr] = now + DEMAND
+        if self._tick is None:
+            self._tick = self._loop.call_later(TICK, self._housekeeping)
+        spare = self._spares.pop(addr, None)
+        if spare is None:
+            return None
+        if now - spare.made > MAX_AGE:
+            spare.sock.close()
+            return None
+        if not _alive(spare.sock):
+            spare.sock.close()
+            self.dropped(addr, now - spare.made)
+            return None
+        return spare.sock, spare.sasl
+
+    def dropped(self, addr: SockAddr, age: float) -> None:
+        """The bus closed a spare ``age`` seconds old (a short auth_timeout): no more
+        spares for it, since the next one could go just as a client takes it."""
+        if addr not in self._disabled:
+            self._disabled.add(addr)
+            log.info(
+                "the bus at %r closed an idle connection after %.1f s: not keeping spare "
+                "connections to it", addr, age,
+            )
+
+    def session_ended(self, addr: SockAddr) -> None:
+        """A session on ``addr`` ended: a good moment for the next spare (nobody waits)."""
+        if addr not in self._spares:
+            self._refill(addr)
+
+    def _refill(self, addr: SockAddr) -> None:
+        if self.closed or addr in self._disabled:
+            return
+        if self._loop.time() >= self._demand_until.get(addr, 0.0):
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        sasl = SaslClient(os.getuid())
+        try:
+            sock.connect(addr)
+            sock.send(sasl.start())
+        except OSError as exc:
+            sock.close()
+            log.debug("no spare bus connection: %s", exc)
+            return
+        self._spares[addr] = _Spare(sock, sasl, self._loop.time())
+        self.made += 1
+
+    def _housekeeping(self) -> None:
+        """Each second while clients come: no spare older than MAX_AGE at the next tick,
+        one made where a long session took it, none kept once demand is over."""
+        self._tick = None
+        now = self._loop.time()
+        for addr, until in list(self._demand_until.items()):
+            spare = self._spares.get(addr)
+            if now >= until:
+                del self._demand_until[addr]
+                if spare is not None:
+                    del self._spares[addr]
+                    spare.sock.close()
+                continue
+            if spare is not None and now - spare.made >= MAX_AGE - TICK:
+                del self._spares[addr]
+                spare.sock.close()
+                spare = None
+            if spare is None:
+                self._refill(addr)
+        if self._demand_until and not self.closed:
+            self._tick = self._loop.call_later(TICK, self._housekeeping)
+
+    def close(self) -> None:
+        """Close every spare and stop making new ones."""
+        self.closed = True
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        for spare in self._spares.values():
+            spare.sock.close()
+        self._spares.clear()
+        self._demand_until.clear()
+
+    def __len__(self) -> int:
+        return len(self._spares)
+
+
+def _alive(sock: socket.socket) -> bool:
+    """False if the bus closed the spare (even with its OK still unread) or refused us."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | _POLLRDHUP)
+    events = poller.poll(0)
+    if not events:
+        return True  # no answer yet: the bus has not got to our AUTH
+    if events[0][1] & (select.POLLHUP | select.POLLERR | _POLLRDHUP):
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b"O"  # the start of OK, not a refusal
+    except OSError:
+        return False
+
+
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
+
+
+_POOLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SpareBusConnections] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def spares_for(loop: asyncio.AbstractEventLoop) -> SpareBusConnections:
+    """The loop's pool of spare bus connections (one per loop, shared by every server)."""
+    pool = _POOLS.get(loop)
+    if pool is None:
+        pool = _POOLS[loop] = SpareBusConnections(loop)
+    return pool
