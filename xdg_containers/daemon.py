@@ -205,9 +205,9 @@ class Service:
 
     def shutdown(self) -> None:
         """Stop every server (unlinking its socket) and leave the bus."""
+        spares_for(asyncio.get_running_loop()).close()  # first: ending sessions make none
         for server in self.registry:
             server.stop()
-        spares_for(asyncio.get_running_loop()).close()
         if self.feed is not None:
             self.feed.close()
         if self.bus is not None and self.bus.connected:
@@ -271,7 +271,7 @@ async def serve(
     if not bus_task.cancelled() and bus_task.exception() is not None:
         log.debug("bus connection ended with %r", bus_task.exception())
     log.error("the bus connection was lost; exiting")
+    spares_for(loop).close()
     for server in service.registry:
         server.stop()
-    spares_for(loop).close()
     return EXIT_BUS_LOST

@@ -5,7 +5,8 @@ A pidfd (SO_PEERPIDFD, Linux 6.5+) names the process race-free; where the
 kernel lacks it we record none rather than opening one by pid (that would race).
 uid, gid, pid and the pidfd are read at accept; the groups and the security
 label, which the kernel fixed at connect time too, are read by ``complete``
-once the client has its answer (they are only needed once it has a name).
+when the client's first messages (its Hello) go to the bus: they are only
+needed once it has a name, and the bus's answer is being waited for then.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """One confined connection: the client socket, its own connection to the real bus, the pumps.
 
-Life of a session: authenticate the client ourselves (server-side SASL) while
-opening and authenticating our own connection to the bus (client-side SASL);
-after both sides began, forward whole messages each way, judged by the
-server's filter. The client's Hello goes through, so it keeps its own unique
-name on the bus; nothing after Hello is forwarded until the bus has answered
-it, so the name is known before any peer can ask about it.
+Life of a session: answer the client's first handshake line ourselves
+(server-side SASL), then take a spare bus connection (spare.py) or open one,
+whose handshake (client-side SASL) is pipelined behind the client's: BEGIN and
+the Hello follow our AUTH without waiting for the bus's OK. Then forward whole
+messages each way, judged by the server's filter. The client's Hello goes
+through, so it keeps its own unique name on the bus; nothing after Hello is
+forwarded until the bus has answered it, so the name is known before any peer
+can ask about it.
 """
 
 from __future__ import annotations
@@ -123,7 +125,9 @@ class Session:
         self._client_began = False  # the client's handshake is over
         self._bus_began = False  # ours with the bus is over (cached: done is a property)
         self._hello_serial: int | None = None
-        self._hold_client = True  # until both handshakes finished
+        # Client messages wait: until the client began and we have a bus connection,
+        # while its Hello is unanswered, and while fds wait for AGREE_UNIX_FD.
+        self._hold_client = True
         self._release_client = False  # Hello answered: pump the client after this chunk
         self._outstanding: dict[int, int] = {}  # client call serial -> count
         self._denied_pings: dict[int, Decision] = {}  # serial -> what answers it
@@ -135,7 +139,7 @@ class Session:
         # With a spare taken: what went to the bus after BEGIN until the Hello's answer
         # (to send again should the bus drop the spare); None otherwise.
         self._spare_replay: list[bytes] | None = None
-        self._spare_taken = 0.0
+        self._replay_on_connect: list[bytes] | None = None
         self._stalled: tuple[bytes | bytearray, Header, list[int] | None] | None = None
 
     # -- start and stop ----------------------------------------------------------------
@@ -224,7 +228,6 @@ class Session:
         if spare is not None:
             sock, self._sasl_client = spare  # its AUTH went out already
             self._spare_replay = []
-            self._spare_taken = self.loop.time()
             self._bus_connected(sock, auth_sent=True)
             return True
         return self._connect_fresh(addr)
@@ -252,9 +255,7 @@ class Session:
             return
         self._bus_connected(sock)
 
-    def _bus_connected(
-        self, sock: socket.socket, auth_sent: bool = False, replay: list[bytes] | None = None
-    ) -> None:
+    def _bus_connected(self, sock: socket.socket, auth_sent: bool = False) -> None:
         unix = sock.family == socket.AF_UNIX
         if unix:
             # The bus reads promptly: a larger send buffer lets a large message go in
@@ -274,6 +275,7 @@ class Session:
         # The client finished its handshake first (pipelined, or the connect took a
         # task): its messages, Hello first, may follow our BEGIN at once.
         self._bus.queue(opening + self._sasl_client.begin(self._sasl.negotiated_unix_fd))
+        replay, self._replay_on_connect = self._replay_on_connect, None
         for m in replay or ():
             self._bus.queue(m)
         self._bus.start_reading()
@@ -294,17 +296,19 @@ class Session:
         self.close_when_flushed()
 
     def _retry_without_spare(self) -> bool:
-        """The bus dropped a spare connection (spare.py) before answering our Hello, as a
-        bus with a short auth_timeout does: start again on a fresh connection, sending
-        what went on the old one. No message of the client's is lost or doubled: the
-        bus takes nothing from a connection before its Hello, and nothing of the
-        client's but the Hello goes before the Hello's answer."""
+        """The bus closed a spare connection (spare.py) before sending us any message, as
+        a bus whose auth_timeout is shorter than the spare's age does: start again on a
+        fresh connection with the same bytes. Only while nothing but the Hello (and the
+        filter's subscriptions) went after BEGIN and nothing but handshake lines came
+        back, so nothing the client sent is lost, doubled or answered twice."""
         replay = self._spare_replay
-        addr = self._spare_addr
-        if replay is None or addr is None or self.unique_name is not None or self.closed:
+        if replay is None or self._spare_addr is None or self.closed:
             return False
-        self._spare_replay = None
-        self.server.spares.dropped(addr, self.loop.time() - self._spare_taken)
+        self._spare_replay = None  # once only
+        log.info(
+            "%s: the bus closed a spare connection under the client of pid %d; "
+            "starting again on a fresh one", self.server.path, self.creds.pid,
+        )
         assert self._bus is not None
         self._bus.close()
         self._bus = None
@@ -312,15 +316,11 @@ class Session:
         self._bus_reader = MessageReader(self.server.limits.max_message_bytes)
         self._sasl_client = SaslClient(os.getuid())
         self._bus_began = False
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.setblocking(False)
-        try:
-            sock.connect(addr)
-        except OSError as exc:
-            sock.close()
-            self.close(f"bus connection: {exc.strerror or exc}")
-            return True
-        self._bus_connected(sock, replay=replay)
+        self._replay_on_connect = replay
+        if not self._connect_fresh(self._spare_addr):
+            self._connect_task = self.loop.create_task(self._connect_bus())
+        if not self._client.reading and not self._client.eof and not self.closed:
+            self._client.start_reading()  # paused for the old connection's backlog
         return True
 
     def _bus_data(self, data: bytes, fds: list[int]) -> None:
@@ -402,6 +402,7 @@ class Session:
 
     def _fast_bus(self, data: bytes) -> bytes:
         """Forward the leading peer replies the filter passes; return the rest of ``data``."""
+        self._spare_replay = None  # the bus took something: no starting again from here
         if self._hello_serial is not None or self.server.spec.log_messages:
             return data
         found = scan_replies(data, self._bus_reader.max_message_bytes)
@@ -427,6 +428,7 @@ class Session:
         return b""
 
     def _pump_bus(self) -> None:
+        self._spare_replay = None  # the bus took something: no starting again from here
         reader = self._bus_reader
         client = self._client
         server = self.server
@@ -521,6 +523,8 @@ class Session:
             self._client.queue(data if decision is None else decision.data, fds)
             self._client.flush()
             forwarded = 1
+            if self.closed:
+                return forwarded  # the client was gone (the write failed): no name to keep
         else:
             if fds:
                 close_fds(fds)
@@ -530,6 +534,8 @@ class Session:
         return forwarded
 
     def _hello_answered(self, hdr: Header, data: Raw) -> None:
+        if self.closed:
+            return  # never register the name of a session that already ended
         self._hello_serial = None
         self._spare_replay = None  # the bus took the connection: no retry from here
         if hdr.message_type == METHOD_RETURN and hdr.signature == "s":
@@ -613,11 +619,10 @@ class Session:
             bus = self._bus
             if bus is not None:
                 # Queued, not sent: the pump below writes these lines and the first
-                # messages (Hello) in one write when the bus said OK already.
+                # messages (Hello) in one write. Our handshake is pipelined: fd-less
+                # messages may follow BEGIN whether or not the bus said OK yet.
                 bus.queue(self._sasl_client.begin(self._sasl.negotiated_unix_fd))
-                if self._sasl_client.may_send_messages:
-                    # The bus said OK already; fd-less messages may go now.
-                    self._hold_client = False
+                self._hold_client = False
             data = self._sasl.leftover
             if not data or self._hold_client:
                 if bus is not None:
@@ -668,11 +673,10 @@ class Session:
         pos, count, owed = scan_calls(data, self._client_reader.max_message_bytes, passes)
         if not pos:
             return data
+        self._spare_replay = None  # more than the Hello goes: no starting again
         # Send first: the bookkeeping below is off the round trip's critical path
         # (no reply can be handled before this callback returns).
         bus.send(data if pos == len(data) else memoryview(data)[:pos])
-        if self._spare_replay is not None:
-            self._spare_replay.append(bytes(data[:pos]))
         flt = self.filter
         for serial, dest in owed:
             flt.note_client_call(serial, dest)
@@ -729,14 +733,10 @@ class Session:
                         # its reply is swapped for our answer, so order holds.
                         self._denied_pings[hdr.serial] = decision
                         self._note_call(hdr.serial)
-                        sent = bus_call(hdr.serial, "Ping", "org.freedesktop.DBus.Peer")
-                        bus.queue(sent)
-                        if self._spare_replay is not None:
-                            self._spare_replay.append(sent)
+                        bus.queue(bus_call(hdr.serial, "Ping", "org.freedesktop.DBus.Peer"))
                     elif decision.verdict is Verdict.REPLACE:
                         bus.queue(decision.data)
-                        if self._spare_replay is not None:
-                            self._spare_replay.append(bytes(decision.data))
+                    self._spare_replay = None  # more than the Hello went: no starting again
                     continue
                 if hdr.message_type == METHOD_CALL:
                     if hdr.expects_reply:
@@ -757,16 +757,16 @@ class Session:
                         for m in extra:
                             bus.queue(m)
                         if self._spare_replay is not None:
-                            self._spare_replay += [bytes(data), *extra]
+                            if fds:
+                                self._spare_replay = None  # fds cannot be sent twice
+                            else:
+                                self._spare_replay += [bytes(data), *extra]
                         continue
                 forwarded += 1
                 if log_all:
                     self._log_message("out", hdr, None)
                 bus.queue(data, fds)
-                if self._spare_replay is not None:
-                    self._spare_replay.append(bytes(data))
-                    if fds:
-                        self._spare_replay = None  # fds cannot be sent twice: no retry
+                self._spare_replay = None  # more than the Hello went: no starting again
         except (MessageError, SignatureError) as exc:
             server.messages_forwarded += forwarded
             bus.flush()

@@ -21,7 +21,6 @@ import logging
 import os
 import select
 import socket
-import weakref
 
 from ..sasl.client import SaslClient
 
@@ -57,7 +56,7 @@ class SpareBusConnections:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         """Nothing is connected until a client asks (``take``)."""
-        self._loop = loop
+        self._loop = loop  # the pools' registry holds the loop weakly; see spares_for
         self._spares: dict[SockAddr, _Spare] = {}
         self._demand_until: dict[SockAddr, float] = {}
         self._tick: asyncio.TimerHandle | None = None
@@ -91,8 +90,9 @@ class SpareBusConnections:
         return spare.sock, spare.sasl
 
     def dropped(self, addr: SockAddr, age: float) -> None:
-        """The bus closed a spare ``age`` seconds old (a short auth_timeout): no more
-        spares for it, since the next one could go just as a client takes it."""
+        """The bus closed an idle spare ``age`` seconds old (a short auth_timeout; nothing
+        but our AUTH went on it, so no client caused it): no more spares for that bus,
+        since the next one could go just as a client takes it."""
         if addr not in self._disabled:
             self._disabled.add(addr)
             log.info(
@@ -178,14 +178,20 @@ def _alive(sock: socket.socket) -> bool:
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
 
 
-_POOLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SpareBusConnections] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def spares_for(loop: asyncio.AbstractEventLoop) -> SpareBusConnections:
-    """The loop's pool of spare bus connections (one per loop, shared by every server)."""
-    pool = _POOLS.get(loop)
-    if pool is None:
-        pool = _POOLS[loop] = SpareBusConnections(loop)
+    """The loop's pool of spare bus connections (one per loop, shared by every server).
+
+    Kept on the loop object itself: a registry keyed by loop would keep every loop
+    (and its spares) alive through the pool's own reference to it.
+    """
+    pool = getattr(loop, _ATTR, None)
+    if not isinstance(pool, SpareBusConnections):
+        pool = SpareBusConnections(loop)
+        try:
+            setattr(loop, _ATTR, pool)
+        except AttributeError:
+            pass  # a loop type without a __dict__: each caller gets a pool of its own
     return pool
+
+
+_ATTR = "_xdg_containers_spares"
