@@ -460,7 +460,7 @@ class Session:
                     self.filter.reply_delivered(rs)
                     client.queue(data)
                     continue
-                if rs == self._hello_serial:
+                if rs == self._hello_serial and hdr.sender == BUS_NAME:
                     self._reply_seen(rs)
                     forwarded += self._hello_reply(hdr, data, fds)
                     continue
@@ -514,24 +514,24 @@ class Session:
         """The bus answered the client's Hello: pass the answer on at once (what the
         client waits for before its first call), then learn the name before anything
         after it is judged. No peer's question is served in between: the service's
-        own calls wait for this callback to return. Returns 1 if it was forwarded."""
+        own calls wait for this callback to return. Returns 1 (it is forwarded).
+
+        The filter sees it for its bookkeeping, but the bus's answer to the client's own
+        Hello always goes through: a filter swapped in by SetPolicy while the Hello was
+        on its way never saw the call, and would drop its answer (found in review)."""
         decision = self.filter.from_bus(hdr, data)
-        forwarded = 0
-        if decision is None or decision.verdict is Verdict.REPLACE:
-            if self.server.log_messages:
-                self._log_message("in", hdr, None)
-            self._client.queue(data if decision is None else decision.data, fds)
-            self._client.flush()
-            forwarded = 1
-            if self.closed:
-                return forwarded  # the client was gone (the write failed): no name to keep
-        else:
-            if fds:
-                close_fds(fds)
-            self.server.count_denied()
-            self._log_message("in", hdr, decision)
-        self._hello_answered(hdr, data)
-        return forwarded
+        out = data
+        if decision is not None and decision.verdict is Verdict.REPLACE:
+            out = decision.data
+        if fds:
+            close_fds(fds)  # the driver sends none; a reply carrying some loses them
+        if self.server.log_messages:
+            self._log_message("in", hdr, None)
+        self._client.queue(out)
+        self._client.flush()
+        if not self.closed:  # else the client was gone (the write failed): no name to keep
+            self._hello_answered(hdr, data)
+        return 1
 
     def _hello_answered(self, hdr: Header, data: Raw) -> None:
         if self.closed:
