@@ -68,6 +68,19 @@ async def connect_address(loop: asyncio.AbstractEventLoop, address: str) -> sock
     raise ConnectError(f"cannot connect to the bus: {last}")
 
 
+def connect_unix_now(path: str | bytes) -> socket.socket:
+    """A non-blocking unix stream socket connected to ``path`` without waiting (a local
+    bus accepts at once); OSError (the socket closed) when that is not possible."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _fds_from_ancillary(anc: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, data in anc:

@@ -37,7 +37,7 @@ from ..wire.header import (
 )
 from ..wire.types import SignatureError, read_string
 from .decision import BUS_NAME, Decision, Verdict
-from .endpoint import ConnectError, Endpoint, close_fds, connect_address
+from .endpoint import ConnectError, Endpoint, close_fds, connect_address, connect_unix_now
 from .fastpath import scan_calls, scan_replies
 from .peercred import PeerCredentials
 
@@ -233,14 +233,10 @@ class Session:
         return self._connect_fresh(addr)
 
     def _connect_fresh(self, addr: str | bytes) -> bool:
-        family = socket.AF_UNIX
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.setblocking(False)
         try:
-            sock.connect(addr)
+            sock = connect_unix_now(addr)
         except OSError:
-            sock.close()
-            return False
+            return False  # the caller falls back to the connect task
         self._bus_connected(sock)
         return True
 
@@ -347,6 +343,7 @@ class Session:
             if not data:
                 return
         self._bus_began = True
+        self._spare_replay = None  # the bus sent a message: no starting again from here
         reader = self._bus_reader
         try:
             if not fds:
@@ -402,7 +399,6 @@ class Session:
 
     def _fast_bus(self, data: bytes) -> bytes:
         """Forward the leading peer replies the filter passes; return the rest of ``data``."""
-        self._spare_replay = None  # the bus took something: no starting again from here
         if self._hello_serial is not None or self.server.spec.log_messages:
             return data
         found = scan_replies(data, self._bus_reader.max_message_bytes)
@@ -428,7 +424,6 @@ class Session:
         return b""
 
     def _pump_bus(self) -> None:
-        self._spare_replay = None  # the bus took something: no starting again from here
         reader = self._bus_reader
         client = self._client
         server = self.server
@@ -528,16 +523,14 @@ class Session:
         if self.server.log_messages:
             self._log_message("in", hdr, None)
         self._client.queue(out)
-        self._client.flush()
-        if not self.closed:  # else the client was gone (the write failed): no name to keep
-            self._hello_answered(hdr, data)
+        self._client.flush()  # may find the client gone and close the session
+        self._hello_answered(hdr, data)
         return 1
 
     def _hello_answered(self, hdr: Header, data: Raw) -> None:
         if self.closed:
             return  # never register the name of a session that already ended
         self._hello_serial = None
-        self._spare_replay = None  # the bus took the connection: no retry from here
         if hdr.message_type == METHOD_RETURN and hdr.signature == "s":
             try:
                 name = read_string(data, hdr.body_offset, hdr.little_endian)[0]

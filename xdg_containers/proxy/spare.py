@@ -11,7 +11,8 @@ A spare is an unauthenticated connection as far as the bus knows, so it is
 replaced before the bus would drop it (dbus-daemon's default auth_timeout is
 5 s) and only kept while clients connect: one per bus address, for at most
 ``DEMAND`` seconds after the last client. One that the bus closed anyway is
-noticed before use (a peek) and a fresh connection is made instead.
+noticed before use (poll for a hang-up, then a peek) and a fresh connection is
+made instead.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import select
 import socket
 
 from ..sasl.client import SaslClient
+from .endpoint import connect_unix_now
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class SpareBusConnections:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         """Nothing is connected until a client asks (``take``)."""
-        self._loop = loop  # the pools' registry holds the loop weakly; see spares_for
+        self._loop = loop
         self._spares: dict[SockAddr, _Spare] = {}
         self._demand_until: dict[SockAddr, float] = {}
         self._tick: asyncio.TimerHandle | None = None
@@ -85,11 +87,11 @@ class SpareBusConnections:
             return None
         if not _alive(spare.sock):
             spare.sock.close()
-            self.dropped(addr, now - spare.made)
+            self._dropped(addr, now - spare.made)
             return None
         return spare.sock, spare.sasl
 
-    def dropped(self, addr: SockAddr, age: float) -> None:
+    def _dropped(self, addr: SockAddr, age: float) -> None:
         """The bus closed an idle spare ``age`` seconds old (a short auth_timeout; nothing
         but our AUTH went on it, so no client caused it): no more spares for that bus,
         since the next one could go just as a client takes it."""
@@ -110,11 +112,13 @@ class SpareBusConnections:
             return
         if self._loop.time() >= self._demand_until.get(addr, 0.0):
             return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.setblocking(False)
         sasl = SaslClient(os.getuid())
         try:
-            sock.connect(addr)
+            sock = connect_unix_now(addr)
+        except OSError as exc:
+            log.debug("no spare bus connection: %s", exc)
+            return
+        try:
             sock.send(sasl.start())
         except OSError as exc:
             sock.close()
