@@ -15,7 +15,12 @@ from dbus_fast import Message, Variant
 
 from tests.conftest import ServiceProcess, add_server, call, connect, ok
 from tests.integration.test_hostile_wire import DRIVER, DRIVER_PATH, RawConn
-from tests.integration.test_spare_connections import get_id, settle_sockets, socket_count
+from tests.integration.test_spare_connections import (
+    get_id,
+    get_id_argv,
+    settle_sockets,
+    socket_count,
+)
 
 EXT = "org.freedesktop.XdgContainers1."
 
@@ -198,9 +203,7 @@ async def test_a_burst_of_clients_is_accepted_one_per_wake_up_and_all_served(
     address = results["Address"].value
     procs = [
         subprocess.Popen(
-            ["dbus-send", f"--bus={address}", "--print-reply", f"--dest={DRIVER}",
-             DRIVER_PATH, f"{DRIVER}.GetId"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            get_id_argv(address), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         for _ in range(24)
     ]

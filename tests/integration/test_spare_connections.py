@@ -32,12 +32,14 @@ def bus(runtime_dir: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBu
     b.stop()
 
 
+def get_id_argv(address: str) -> list[str]:
+    """dbus-send asking the bus driver for its GetId through ``address``."""
+    return ["dbus-send", f"--bus={address}", "--print-reply", f"--dest={DRIVER}",
+            "/org/freedesktop/DBus", f"{DRIVER}.GetId"]
+
+
 def get_id(address: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["dbus-send", f"--bus={address}", "--print-reply", f"--dest={DRIVER}",
-         "/org/freedesktop/DBus", f"{DRIVER}.GetId"],
-        capture_output=True, text=True, timeout=10,
-    )
+    return subprocess.run(get_id_argv(address), capture_output=True, text=True, timeout=10)
 
 
 def socket_count(pid: int) -> int:

@@ -40,6 +40,14 @@ def _accept(srv: socket.socket) -> socket.socket:
     return conn
 
 
+def _pool_with_spare(srv: socket.socket, path: str) -> tuple[SpareBusConnections, socket.socket]:
+    """A pool after one client came and went (so it holds a spare), and the bus's side."""
+    pool = SpareBusConnections(asyncio.get_running_loop())
+    pool.take(path)
+    pool.session_ended(path)
+    return pool, _accept(srv)
+
+
 async def test_first_client_gets_none_and_its_end_makes_a_spare(
     listener: tuple[socket.socket, str],
 ) -> None:
@@ -71,10 +79,7 @@ async def test_a_spare_the_bus_closed_or_refused_is_not_used_and_none_follows(
     # handed to a session, and that bus gets no more spares (the next could die just
     # as a client takes it).
     srv, path = listener
-    pool = SpareBusConnections(asyncio.get_running_loop())
-    pool.take(path)
-    pool.session_ended(path)
-    bus_side = _accept(srv)
+    pool, bus_side = _pool_with_spare(srv, path)
     if answer:
         bus_side.sendall(answer)
     if not answer.startswith(b"OK"):
@@ -93,10 +98,7 @@ async def test_a_spare_the_bus_closed_or_refused_is_not_used_and_none_follows(
 async def test_an_unanswered_spare_is_usable(listener: tuple[socket.socket, str]) -> None:
     # The bus may not have read our AUTH yet: the session's BEGIN and Hello follow it.
     srv, path = listener
-    pool = SpareBusConnections(asyncio.get_running_loop())
-    pool.take(path)
-    pool.session_ended(path)
-    bus_side = _accept(srv)
+    pool, bus_side = _pool_with_spare(srv, path)
     taken = pool.take(path)
     assert taken is not None
     taken[0].close()
@@ -106,10 +108,7 @@ async def test_an_unanswered_spare_is_usable(listener: tuple[socket.socket, str]
 
 async def test_an_old_spare_is_not_used(listener: tuple[socket.socket, str]) -> None:
     srv, path = listener
-    pool = SpareBusConnections(asyncio.get_running_loop())
-    pool.take(path)
-    pool.session_ended(path)
-    bus_side = _accept(srv)
+    pool, bus_side = _pool_with_spare(srv, path)
     pool._spares[path].made -= MAX_AGE + 0.1  # as if made long ago
     assert pool.take(path) is None
     assert bus_side.recv(100) == AUTH and bus_side.recv(100) == b""  # closed by us
@@ -143,10 +142,7 @@ async def test_housekeeping_replaces_ageing_spares_and_stops_when_nobody_comes(
 
 async def test_close_closes_spares_and_makes_no_more(listener: tuple[socket.socket, str]) -> None:
     srv, path = listener
-    pool = SpareBusConnections(asyncio.get_running_loop())
-    pool.take(path)
-    pool.session_ended(path)
-    bus_side = _accept(srv)
+    pool, bus_side = _pool_with_spare(srv, path)
     pool.close()
     assert bus_side.recv(100) == AUTH and bus_side.recv(100) == b""
     assert pool.take(path) is None
