@@ -208,6 +208,8 @@ class Service:
         spares_for(asyncio.get_running_loop()).close()  # first: ending sessions make none
         for server in self.registry:
             server.stop()
+        if self.ctx is not None:
+            self.ctx.anchors.close()
         if self.feed is not None:
             self.feed.close()
         if self.bus is not None and self.bus.connected:

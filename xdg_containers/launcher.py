@@ -23,6 +23,7 @@ from typing import Any
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
+from .anchor.launch import AnchorSpawnError, SpawnedAnchor, spawn_anchor
 from .client import (
     NOT_RUNNING,
     PROPERTIES,
@@ -260,6 +261,19 @@ def _host_socket_paths(address: str) -> tuple[list[str], bool]:
     return paths, other
 
 
+#: What of $XDG_RUNTIME_DIR an app in the sandbox keeps: display and sound sockets.
+#: Everything else stays on the host side: systemd/private and systemd/notify
+#: (control of the user manager), gnupg, keyring, gcr and ssh agents (the user's
+#: keys), p11-kit, other containers' sockets, our own state. An allow-list: a new
+#: control socket some session adds later is hidden by default.
+RUNTIME_ALLOWED = ("wayland-", "pipewire-", "pulse")
+
+
+def runtime_entry_allowed(entry: str) -> bool:
+    """True for $XDG_RUNTIME_DIR entries a sandboxed app may see (display, sound)."""
+    return entry.startswith(RUNTIME_ALLOWED)
+
+
 def _is_within(path: str, directory: str) -> bool:
     """True if ``path`` is ``directory`` or below it."""
     return path == directory or path.startswith(directory.rstrip("/") + "/")
@@ -320,7 +334,7 @@ def sandbox_command(
             argv += ["--ro-bind", "/dev/null", path]
     argv += ["--perms", "0700", "--tmpfs", runtime]
     for entry in sorted(os.listdir(runtime)):
-        if entry in skip:
+        if entry in skip or not runtime_entry_allowed(entry):
             continue
         host = os.path.join(runtime, entry)
         if os.path.islink(host):
@@ -376,10 +390,18 @@ async def _add_server(
     instance_id: str,
     named: dict[str, Variant],
     notify_fd: int,
+    anchors: list[SpawnedAnchor],
 ) -> _Minted:
-    """AddServer (activating the service if needed) with StopOnNotify on ``notify_fd``."""
+    """AddServer (activating the service if needed) with StopOnNotify on ``notify_fd`` and
+    a new anchor of ours as Connector (appended to ``anchors``)."""
+    try:
+        anchor = spawn_anchor(args.container_type, args.app_id, instance_id)
+    except AnchorSpawnError as exc:
+        raise ClientError(str(exc)) from exc
+    anchors.append(anchor)
     named = dict(named)
     named["StopOnNotify"] = Variant("h", 0)
+    named[EXT + "Connector"] = Variant("h", 1)
     metadata = {k: Variant("s", v) for k, v in args.metadata}
     try:
         reply = await call(
@@ -388,7 +410,7 @@ async def _add_server(
             "sssa{sv}a{sv}",
             [args.container_type, args.app_id, instance_id, metadata, named],
             auto_start=True,
-            unix_fds=[notify_fd],
+            unix_fds=[notify_fd, anchor.connector.fileno()],
             timeout=120.0,
         )
     except CallError as exc:
@@ -398,6 +420,7 @@ async def _add_server(
                 "is org.freedesktop.DBus.Containers1.service installed?"
             ) from exc
         raise ClientError(f"AddServer failed: {exc.short_name}: {exc.text}") from exc
+    anchor.connector.close()  # the service holds its end now
     path, results = reply.body
     address = results.get("Address")
     socket_path = results.get("SocketPath")
@@ -413,18 +436,21 @@ async def _launch(args: argparse.Namespace) -> int:
     bus = await connect(address)
     read_end, write_end = os.pipe()
     minted: list[_Minted] = []
+    anchors: list[SpawnedAnchor] = []
     try:
         instance_id = args.instance_id if args.instance_id is not None else secrets.token_hex(8)
         named = named_arguments(args)
         main_named = dict(named)
         if args.bus is not None:
             main_named[EXT + "Bus"] = Variant("s", args.bus)
-        minted.append(await _add_server(bus, args, instance_id, main_named, read_end))
+        minted.append(await _add_server(bus, args, instance_id, main_named, read_end, anchors))
         system: _Minted | None = None
         if args.system_bus:
             system_named = dict(named)
             system_named[EXT + "Bus"] = Variant("s", args.system_bus_address or "system")
-            system = await _add_server(bus, args, instance_id, system_named, read_end)
+            system = await _add_server(
+                bus, args, instance_id, system_named, read_end, anchors
+            )
             minted.append(system)
         os.close(read_end)
         read_end = -1
@@ -448,6 +474,8 @@ async def _launch(args: argparse.Namespace) -> int:
             await _wait_stopped(bus, [m.path for m in minted])
         finally:
             bus.disconnect()
+            for anchor in anchors:
+                anchor.close()
 
 
 def _sandbox(

@@ -28,11 +28,14 @@ from dbus_fast.service import (
 )
 
 from . import errors
+from .anchor.link import AnchorLink
+from .anchor.zygote import AnchorFactory, AnchorStartError
 from .policy.tracker import NameTracker
 from .proxy.endpoint import close_fds
 from .proxy.peercred import PeerCredentials
 from .proxy.session import Session
 from .servers.arguments import (
+    CONNECTOR,
     SUPPORTED_ARGUMENTS,
     ArgumentError,
     parse_named_arguments,
@@ -90,6 +93,8 @@ class ServiceContext:
         self.bus_address = bus_address
         self.tracker = tracker
         self.filter_factory = filter_factory
+        #: Starts the anchors of servers created without a Connector (SPEC 10).
+        self.anchors = AnchorFactory(asyncio.get_running_loop())
         tracker.on_unique_gone.append(self.peer_left)
         self.server_objects: dict[str, ServerObject] = {}
         self._fd_replies: dict[int, Message] = {}
@@ -350,6 +355,18 @@ class ManagerInterface(ServiceInterface):
                 filter=FilterSettings(parsed.filter, parsed.policy),
                 on_service_bus=bus_address == ctx.bus_address,
             )
+            if parsed.connector is not None:
+                anchor = AnchorLink(
+                    asyncio.get_running_loop(),
+                    _check_connector(dup_fds.pop(CONNECTOR)),
+                    lambda _reason: None,
+                )
+            else:
+                try:
+                    anchor = await ctx.anchors.start_anchor(container_type, app_id, instance_id)
+                except AnchorStartError as exc:
+                    log.error("AddServer from %s: cannot start an anchor: %s", sender, exc)
+                    raise errors.failed(f"cannot start the server's anchor: {exc}") from exc
             server = ContainerServer(
                 spec,
                 ctx.registry.allocate_path(),
@@ -357,6 +374,7 @@ class ManagerInterface(ServiceInterface):
                 ctx.service_names,
                 ctx.filter_factory,
             )
+            server.attach_anchor(anchor)
             if listen_sock is not None:
                 server.listen_on(listen_sock)
                 listen_sock = None
@@ -364,6 +382,7 @@ class ManagerInterface(ServiceInterface):
                 try:
                     server.listen_new()
                 except OSError as exc:
+                    anchor.close()
                     log.error("cannot create a socket: %s", exc)
                     raise errors.failed(f"cannot create a listening socket: {exc}") from exc
         finally:
@@ -635,6 +654,28 @@ async def _run_without_reply(method: Any, target: ServiceInterface, msg: Message
         log.debug("%s from %s (no reply wanted): %s", msg.member, msg.sender, exc.text)
     except Exception:
         log.exception("%s from %s failed", msg.member, msg.sender)
+
+
+def _check_connector(fd: int) -> socket.socket:
+    """Take a launcher's Connector: a connected unix SOCK_SEQPACKET socket (SPEC 10)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        os.close(fd)
+        raise errors.invalid_args(f"{CONNECTOR} is not a socket: {exc.strerror}") from exc
+    try:
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        family = sock.family
+        if family == socket.AF_UNIX and kind == socket.SOCK_SEQPACKET:
+            sock.getpeername()  # connected (a socketpair end answers '')
+            return sock
+    except OSError as exc:
+        sock.close()
+        raise errors.invalid_args(
+            f"{CONNECTOR} must be a connected unix SOCK_SEQPACKET socket: {exc.strerror}"
+        ) from exc
+    sock.close()
+    raise errors.invalid_args(f"{CONNECTOR} must be a connected unix SOCK_SEQPACKET socket")
 
 
 def _check_listen_fd(fd: int) -> socket.socket:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 
 import pytest
@@ -41,6 +42,14 @@ async def test_sandbox_hides_the_real_bus(
     """Inside: no real bus, the minted one at $XDG_RUNTIME_DIR/bus; outside: identified."""
     real = service.bus_address
     go = os.path.join(tmp_path, "go")
+    # what a desktop session keeps there: the user manager's control socket, an agent,
+    # and a display socket (the only one of the three an app may see)
+    os.makedirs(os.path.join(runtime_dir, "systemd"), exist_ok=True)
+    private = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    private.bind(os.path.join(runtime_dir, "systemd", "private"))
+    private.listen(1)
+    os.makedirs(os.path.join(runtime_dir, "gnupg"), exist_ok=True)
+    open(os.path.join(runtime_dir, "wayland-0"), "w").close()
     before = sorted(os.listdir(runtime_dir))
     proc = subprocess.Popen(
         cli_argv(
@@ -62,6 +71,8 @@ async def test_sandbox_hides_the_real_bus(
         # the minted socket sits where the session bus usually is
         assert report["env"] == f"unix:path={runtime_dir}/bus"
         assert "bus" in report["runtime"] and "dbus-1" not in report["runtime"]
+        assert "wayland-0" in report["runtime"]
+        assert "systemd" not in report["runtime"] and "gnupg" not in report["runtime"]
         assert report["info"]["app_id"] == "org.example.Boxed"
         assert report["info"]["metadata"] == {"org.example.Where": "box"}
         real_id = (await driver_call(manager_bus, "GetId"))[0]
@@ -76,6 +87,17 @@ async def test_sandbox_hides_the_real_bus(
         assert data["ProcessFDPid"] == data["ProcessID"]
         with open(f"/proc/{data['ProcessID']}/cmdline", "rb") as fh:
             assert b"--wait" in fh.read()
+        # the bus sees the launcher's anchor (SPEC 10): alive, not the service, not the
+        # launcher, not the app, outside the app's pid namespace, with the app's identity
+        anchor = (await driver_call(manager_bus, "GetConnectionUnixProcessID", "s",
+                                    [report["unique_name"]]))[0]
+        assert anchor not in (service.process.pid, proc.pid, data["ProcessID"])
+        with open(f"/proc/{anchor}/root/.xdg-containers-info", encoding="utf-8") as fh:
+            info = fh.read()
+        assert "app-id=org.example.Boxed\n" in info and "type=org.example.Sandboxed\n" in info
+        assert os.readlink(f"/proc/{anchor}/ns/pid") != os.readlink(
+            f"/proc/{data['ProcessID']}/ns/pid"
+        )
         open(go, "w").close()
         assert proc.wait(20) == 0
     finally:
@@ -84,6 +106,7 @@ async def test_sandbox_hides_the_real_bus(
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+        private.close()
     # nothing was created on the host side, and the server is gone
     assert sorted(os.listdir(runtime_dir)) == before
     await wait_until(lambda: _no_servers(manager_bus), "the server to go")
@@ -192,7 +215,8 @@ def test_sandbox_command_line(tmp_path: str) -> None:
     # the runtime dir's entries come back, but not bus or dbus-1
     kept = [p[0] for p in _pairs(argv, "--bind-try", 2)]
     assert kept == [os.path.join(runtime, "wayland-0")]
-    assert ["elsewhere", os.path.join(runtime, "link")] in _pairs(argv, "--symlink", 2)
+    # only display and sound sockets come back: no symlink, nothing that controls the host
+    assert _pairs(argv, "--symlink", 2) == []
     assert sb.env == {"DBUS_SESSION_BUS_ADDRESS": f"unix:path={runtime}/bus"}
 
 

@@ -109,7 +109,7 @@ async def test_an_unanswered_spare_is_usable(listener: tuple[socket.socket, str]
 async def test_an_old_spare_is_not_used(listener: tuple[socket.socket, str]) -> None:
     srv, path = listener
     pool, bus_side = _pool_with_spare(srv, path)
-    pool._spares[path].made -= MAX_AGE + 0.1  # as if made long ago
+    pool._spares[(None, path)].made -= MAX_AGE + 0.1  # as if made long ago
     assert pool.take(path) is None
     assert bus_side.recv(100) == AUTH and bus_side.recv(100) == b""  # closed by us
     bus_side.close()
@@ -129,7 +129,7 @@ async def test_housekeeping_replaces_ageing_spares_and_stops_when_nobody_comes(
     assert len(pool) == 1
     await asyncio.sleep(0.25)  # ageing spares are replaced, never older than MAX_AGE
     assert pool.made >= 2
-    assert asyncio.get_running_loop().time() - pool._spares[path].made < 0.12
+    assert asyncio.get_running_loop().time() - pool._spares[(None, path)].made < 0.12
     await asyncio.sleep(0.35)  # demand over: the spare is closed, the tick stops
     assert len(pool) == 0 and pool._tick is None
     made = pool.made

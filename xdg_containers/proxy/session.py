@@ -20,6 +20,7 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
+from ..anchor.link import AnchorError, AnchorLink, request_address
 from ..sasl.client import SaslClient
 from ..sasl.server import SaslError, SaslServer
 from ..wire.address import AddressError, parse_address
@@ -191,7 +192,7 @@ class Session:
         self.creds.close()
         self.server.session_closed(self)
         if self._spare_addr is not None:
-            self.server.spares.session_ended(self._spare_addr)
+            self.server.spares.session_ended(self._spare_addr, self.server.anchor)
 
     def close_when_flushed(self) -> None:
         """Close once everything queued toward the client has been written."""
@@ -219,12 +220,17 @@ class Session:
     # -- the bus side ------------------------------------------------------------------
 
     def _connect_bus_now(self) -> bool:
-        """Connect a local bus socket without a task (the common, fast case)."""
+        """Take a spare bus connection, or ask for one; False: the connect task must.
+
+        A server's connections are made by its anchor (SPEC 10), so that the bus
+        records the anchor's pid, never ours; only a server with no anchor (this
+        process is the anchor: the in-process drop-in) connects here itself.
+        """
         addr = _unix_sockaddr(self.server.bus_address)
         if addr is None:
             return False
         self._spare_addr = addr
-        spare = self.server.spares.take(addr)
+        spare = self.server.spares.take(addr, self.server.anchor)
         if spare is not None:
             sock, self._sasl_client = spare  # its AUTH went out already
             self._spare_replay = []
@@ -233,12 +239,27 @@ class Session:
         return self._connect_fresh(addr)
 
     def _connect_fresh(self, addr: str | bytes) -> bool:
+        anchor = self.server.anchor
+        if anchor is not None:
+            self._connect_task = self.loop.create_task(self._connect_via_anchor(anchor, addr))
+            return True
         try:
             sock = connect_unix_now(addr)
         except OSError:
             return False  # the caller falls back to the connect task
         self._bus_connected(sock)
         return True
+
+    async def _connect_via_anchor(self, anchor: AnchorLink, addr: str | bytes) -> None:
+        try:
+            sock = await anchor.request(request_address(addr))
+        except AnchorError as exc:
+            self.close(f"no bus connection: {exc}")
+            return
+        if self.closed:
+            sock.close()
+            return
+        self._bus_connected(sock)
 
     async def _connect_bus(self) -> None:
         try:
@@ -279,6 +300,8 @@ class Session:
             self._hold_client = False
         self._pump_client()
         self._bus.flush()
+        if self._client.eof:
+            self._finish_after_eof()
 
     def _bus_error(self, reason: str) -> None:
         if not self._retry_without_spare():
@@ -578,6 +601,8 @@ class Session:
         """After client EOF: close once nothing it sent is unsent and nothing is owed to it."""
         if self.closed or not self._client.eof:
             return
+        if self._bus is None and self._sasl.done and self._connect_task is not None:
+            return  # the anchor's connection is on its way: _bus_connected comes back here
         if self._bus is None or self._bus.closed or not self._sasl.done:
             # Nothing can reach the bus any more (or the client left mid-handshake).
             self.close_when_flushed()

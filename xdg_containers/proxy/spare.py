@@ -9,7 +9,7 @@ session ends (or at the next housekeeping tick, for a long one).
 
 A spare is an unauthenticated connection as far as the bus knows, so it is
 replaced before the bus would drop it (dbus-daemon's default auth_timeout is
-5 s) and only kept while clients connect: one per bus address, for at most
+5 s) and only kept while clients connect: one per anchor and bus address, for at most
 ``DEMAND`` seconds after the last client. One that the bus closed anyway is
 noticed before use (poll for a hang-up, then a peek) and a fresh connection is
 made instead.
@@ -22,9 +22,14 @@ import logging
 import os
 import select
 import socket
+from typing import TYPE_CHECKING
 
+from ..anchor.link import request_address
 from ..sasl.client import SaslClient
 from .endpoint import connect_unix_now
+
+if TYPE_CHECKING:
+    from ..anchor.link import AnchorLink
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,10 @@ DEMAND = 30.0
 TICK = 1.0
 
 SockAddr = str | bytes
+#: Spares are kept per (anchor, bus socket): a spare must be made by the anchor of
+#: the server whose client takes it (SPEC 10), or by this process when it is the
+#: anchor itself (None: the in-process drop-in, unit tests).
+SpareKey = tuple["AnchorLink | None", SockAddr]
 
 
 class _Spare:
@@ -48,7 +57,7 @@ class _Spare:
 
 
 class SpareBusConnections:
-    """At most one ready connection per unix bus address, made when the service is idle.
+    """At most one ready connection per anchor and unix bus address, made while idle.
 
     No timer is made per client (a new asyncio timer ends the dispatching
     selector's inline wait, a loop turn on the client's path): a new spare is
@@ -59,15 +68,18 @@ class SpareBusConnections:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         """Nothing is connected until a client asks (``take``)."""
         self._loop = loop
-        self._spares: dict[SockAddr, _Spare] = {}
-        self._demand_until: dict[SockAddr, float] = {}
+        self._spares: dict[SpareKey, _Spare] = {}
+        self._demand_until: dict[SpareKey, float] = {}
+        self._asked: set[SpareKey] = set()  # an anchor is making one
         self._tick: asyncio.TimerHandle | None = None
         # Buses that dropped a spare before MAX_AGE: they get none any more.
         self._disabled: set[SockAddr] = set()
         self.closed = False
         self.made = 0  # spares connected so far (tests, debugging)
 
-    def take(self, addr: SockAddr) -> tuple[socket.socket, SaslClient] | None:
+    def take(
+        self, addr: SockAddr, anchor: AnchorLink | None = None
+    ) -> tuple[socket.socket, SaslClient] | None:
         """The spare for ``addr`` if there is a live one (its AUTH sent), else None.
 
         Either way a client has come: spares for ``addr`` are kept from now on
@@ -75,11 +87,12 @@ class SpareBusConnections:
         """
         if self.closed or addr in self._disabled:
             return None
+        key: SpareKey = (anchor, addr)
         now = self._loop.time()
-        self._demand_until[addr] = now + DEMAND
+        self._demand_until[key] = now + DEMAND
         if self._tick is None:
             self._tick = self._loop.call_later(TICK, self._housekeeping)
-        spare = self._spares.pop(addr, None)
+        spare = self._spares.pop(key, None)
         if spare is None:
             return None
         if now - spare.made > MAX_AGE:
@@ -102,29 +115,61 @@ class SpareBusConnections:
                 "connections to it", addr, age,
             )
 
-    def session_ended(self, addr: SockAddr) -> None:
+    def session_ended(self, addr: SockAddr, anchor: AnchorLink | None = None) -> None:
         """A session on ``addr`` ended: a good moment for the next spare (nobody waits)."""
-        if addr not in self._spares:
-            self._refill(addr)
+        if (anchor, addr) not in self._spares:
+            self._refill((anchor, addr))
 
-    def _refill(self, addr: SockAddr) -> None:
-        if self.closed or addr in self._disabled:
+    def forget(self, anchor: AnchorLink) -> None:
+        """The anchor's server ended: close its spares, make no more."""
+        for key in [k for k in self._spares if k[0] is anchor]:
+            self._spares.pop(key).sock.close()
+        for key in [k for k in self._demand_until if k[0] is anchor]:
+            del self._demand_until[key]
+
+    def _refill(self, key: SpareKey) -> None:
+        anchor, addr = key
+        if self.closed or addr in self._disabled or key in self._asked:
             return
-        if self._loop.time() >= self._demand_until.get(addr, 0.0):
+        if self._loop.time() >= self._demand_until.get(key, 0.0):
             return
-        sasl = SaslClient(os.getuid())
+        if anchor is not None:
+            if anchor.closed:
+                return
+            self._asked.add(key)
+            fut = anchor.request(request_address(addr))
+            fut.add_done_callback(lambda f: self._anchor_answered(key, f))
+            return
         try:
             sock = connect_unix_now(addr)
         except OSError as exc:
             log.debug("no spare bus connection: %s", exc)
             return
+        self._store(key, sock)
+
+    def _anchor_answered(self, key: SpareKey, fut: asyncio.Future[socket.socket]) -> None:
+        self._asked.discard(key)
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.debug("no spare bus connection from the anchor: %s", exc)
+            return
+        sock = fut.result()
+        if self.closed or key in self._spares or key not in self._demand_until:
+            sock.close()
+            return
+        self._store(key, sock)
+
+    def _store(self, key: SpareKey, sock: socket.socket) -> None:
+        sasl = SaslClient(os.getuid())
         try:
             sock.send(sasl.start())
         except OSError as exc:
             sock.close()
             log.debug("no spare bus connection: %s", exc)
             return
-        self._spares[addr] = _Spare(sock, sasl, self._loop.time())
+        self._spares[key] = _Spare(sock, sasl, self._loop.time())
         self.made += 1
 
     def _housekeeping(self) -> None:
@@ -132,20 +177,20 @@ class SpareBusConnections:
         one made where a long session took it, none kept once demand is over."""
         self._tick = None
         now = self._loop.time()
-        for addr, until in list(self._demand_until.items()):
-            spare = self._spares.get(addr)
+        for key, until in list(self._demand_until.items()):
+            spare = self._spares.get(key)
             if now >= until:
-                del self._demand_until[addr]
+                del self._demand_until[key]
                 if spare is not None:
-                    del self._spares[addr]
+                    del self._spares[key]
                     spare.sock.close()
                 continue
             if spare is not None and now - spare.made >= MAX_AGE - TICK:
-                del self._spares[addr]
+                del self._spares[key]
                 spare.sock.close()
                 spare = None
             if spare is None:
-                self._refill(addr)
+                self._refill(key)
         if self._demand_until and not self.closed:
             self._tick = self._loop.call_later(TICK, self._housekeeping)
 

@@ -22,6 +22,7 @@ CALL = EXT + "Call"
 BROADCAST = EXT + "Broadcast"
 LOG = EXT + "Log"
 BUS = EXT + "Bus"
+CONNECTOR = EXT + "Connector"
 
 #: Every named argument and its D-Bus signature.
 ARGUMENT_TYPES: dict[str, str] = {
@@ -34,6 +35,7 @@ ARGUMENT_TYPES: dict[str, str] = {
     BROADCAST: "a{sas}",
     LOG: "b",
     BUS: "s",
+    CONNECTOR: "h",
 }
 SUPPORTED_ARGUMENTS = sorted(ARGUMENT_TYPES)
 #: The subset SetPolicy accepts.
@@ -55,6 +57,7 @@ class NamedArguments:
     policy: Policy | None = None
     log: bool = False
     bus: str = ""
+    connector: int | None = None  # fd as delivered by the bus (not yet ours)
     present: set[str] = field(default_factory=set)
 
 
@@ -101,6 +104,8 @@ def parse_named_arguments(args: Mapping[str, Variant]) -> NamedArguments:
         out.stop_on_notify = _fd_value(args["StopOnNotify"], "StopOnNotify")
     if LISTEN_FD in args:
         out.listen_fd = _fd_value(args[LISTEN_FD], LISTEN_FD)
+    if CONNECTOR in args:
+        out.connector = _fd_value(args[CONNECTOR], CONNECTOR)
     if LOG in args:
         out.log = bool(args[LOG].value)
     if BUS in args:

@@ -28,6 +28,7 @@ from ..wire.address import escape_value
 from ..wire.header import Header
 
 if TYPE_CHECKING:
+    from ..anchor.link import AnchorLink
     from ..policy import Policy
     from .registry import ServerRegistry
 
@@ -120,6 +121,8 @@ class ContainerServer:
             self.loop, self.limits.auth_timeout / 1000, Session.handshake_expired
         )
         self._notify_fd: int | None = None
+        #: Makes this server's bus connections (SPEC 10); None: this process is the anchor.
+        self.anchor: AnchorLink | None = None
         self._finished = False
         self._denial_window_start = 0.0
         self._denials_in_window = 0
@@ -209,6 +212,32 @@ class ContainerServer:
             self._direct.watch(sock.fileno(), self._on_accept, None)
         else:
             self.loop.add_reader(sock.fileno(), self._on_accept)
+
+    def attach_anchor(self, anchor: AnchorLink) -> None:
+        """Every bus connection of this server is made by ``anchor`` from now on."""
+        self.anchor = anchor
+        anchor.on_lost = self.anchor_lost
+
+    def anchor_lost(self, reason: str) -> None:
+        """The Connector closed: stop listening and close every connection (SPEC 10).
+
+        Their bus-side pid is the anchor's: once it is gone the pid could be
+        reused by an unrelated process that consumers would then take for the app.
+        """
+        if self._finished:
+            return
+        log.warning(
+            "%s (%s): the anchor%s is gone (%s): stopping the server and closing its %d "
+            "connection(s)",
+            self.path,
+            self.app_id,
+            f" (pid {self.anchor.pid})" if self.anchor and self.anchor.pid else "",
+            reason,
+            len(self.sessions),
+        )
+        for session in list(self.sessions):
+            session.close()
+        self.stop_listening()
 
     def watch_notify_fd(self, fd: int) -> None:
         """StopOnNotify: stop listening once ``fd`` is readable or hung up."""
@@ -305,6 +334,9 @@ class ContainerServer:
         if not self.listening and not self.sessions and not self._finished:
             self._finished = True
             self._handshakes.close()
+            if self.anchor is not None:
+                self.spares.forget(self.anchor)
+                self.anchor.close()
             self.registry.server_finished(self)
 
     @property

@@ -1,0 +1,197 @@
+"""The service's end of a Connector: ask the anchor for bus connections (SPEC section 10).
+
+Requests go one packet each and are answered in order; a request not answered
+within ``REQUEST_TIMEOUT`` fails (that client loses its connection) and its late
+answer, if one comes, is discarded. What the anchor sends back is checked: one
+connected ``AF_UNIX`` ``SOCK_STREAM`` socket, nothing else. The Connector
+closing (the anchor died or quit) is the server's end: ``on_lost`` runs once.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+from ..wire.address import escape_value
+
+log = logging.getLogger(__name__)
+
+#: Seconds an anchor may take to answer one request.
+REQUEST_TIMEOUT = 5.0
+_MAX_FDS = 8
+_ANC_SPACE = socket.CMSG_SPACE(_MAX_FDS * 4)
+
+
+class AnchorError(Exception):
+    """The anchor could not give a usable bus connection; the text says why."""
+
+
+def request_address(sockaddr: str | bytes) -> str:
+    """The protocol's request: ``unix:path=...`` or ``unix:abstract=...``, escaped."""
+    if isinstance(sockaddr, bytes):
+        name = os.fsdecode(sockaddr[1:] if sockaddr.startswith(b"\0") else sockaddr)
+        return "unix:abstract=" + escape_value(name)
+    return "unix:path=" + escape_value(sockaddr)
+
+
+def check_upstream_socket(fd: int) -> socket.socket:
+    """Wrap ``fd`` if it is a connected unix stream socket; else close it and raise."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        os.close(fd)
+        raise AnchorError(f"the anchor sent an fd that is not a socket ({exc.strerror})") from exc
+    try:
+        family = sock.family
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if family != socket.AF_UNIX or kind != socket.SOCK_STREAM:
+            raise AnchorError("the anchor sent a socket that is not AF_UNIX SOCK_STREAM")
+        if listening:
+            raise AnchorError("the anchor sent a listening socket, not a connected one")
+        try:
+            sock.getpeername()
+        except OSError as exc:
+            raise AnchorError("the anchor sent a socket that is not connected") from exc
+    except AnchorError:
+        sock.close()
+        raise
+    except OSError as exc:
+        sock.close()
+        raise AnchorError(f"cannot inspect the anchor's socket: {exc.strerror}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def _received_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def parse_answer(data: bytes, fds: list[int], truncated: bool) -> socket.socket:
+    """One answer packet -> the checked socket, or AnchorError (every fd closed)."""
+    if truncated:
+        for fd in fds:
+            os.close(fd)
+        raise AnchorError("the anchor sent more fds than one answer may carry")
+    if data[:1] == b"\x00" and len(fds) == 1:
+        return check_upstream_socket(fds[0])
+    for fd in fds:
+        os.close(fd)
+    if data[:1] == b"\x00":
+        raise AnchorError(f"the anchor answered success with {len(fds)} fds instead of one")
+    if data[:1] == b"\x01":
+        text = data[1:513].decode("utf-8", "replace")
+        raise AnchorError(f"the anchor could not connect: {text}")
+    raise AnchorError(f"the anchor sent a malformed answer ({len(data)} bytes)")
+
+
+class AnchorLink:
+    """One Connector socket: ordered requests, checked answers, one ``on_lost``."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        on_lost: Callable[[str], None],
+        pid: int | None = None,
+    ) -> None:
+        """Take ownership of the service's end of a connected SOCK_SEQPACKET socket."""
+        self.loop = loop
+        self.sock = sock
+        self.pid = pid  # the anchor's pid when we started it (logs, tests)
+        self.on_lost = on_lost
+        self._pending: collections.deque[asyncio.Future[socket.socket]] = collections.deque()
+        self._stale = 0  # answers still owed to requests that timed out
+        self.closed = False
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._readable)
+
+    def request(self, address: str) -> asyncio.Future[socket.socket]:
+        """Ask for a new connection to ``address``; the future fails with AnchorError."""
+        fut: asyncio.Future[socket.socket] = self.loop.create_future()
+        if self.closed:
+            fut.set_exception(AnchorError("the anchor is gone"))
+            return fut
+        try:
+            self.sock.send(address.encode("utf-8"))
+        except OSError as exc:
+            fut.set_exception(AnchorError(f"cannot reach the anchor: {exc.strerror}"))
+            self._lost(f"cannot send to it: {exc.strerror}")
+            return fut
+        self._pending.append(fut)
+        timer = self.loop.call_later(REQUEST_TIMEOUT, self._timed_out, fut)
+        fut.add_done_callback(lambda _f: timer.cancel())
+        return fut
+
+    def _timed_out(self, fut: asyncio.Future[socket.socket]) -> None:
+        if fut.done():
+            return
+        try:
+            self._pending.remove(fut)
+        except ValueError:
+            return
+        self._stale += 1
+        fut.set_exception(AnchorError(f"the anchor did not answer within {REQUEST_TIMEOUT:g} s"))
+
+    def _readable(self) -> None:
+        try:
+            data, anc, flags, _ = self.sock.recvmsg(4096, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(f"read failed: {exc.strerror}")
+            return
+        fds = _received_fds(anc)
+        if not data and not fds:
+            self._lost("it closed the connector")
+            return
+        if self._stale:
+            self._stale -= 1
+            for fd in fds:
+                os.close(fd)
+            return
+        if not self._pending:
+            for fd in fds:
+                os.close(fd)
+            log.warning("anchor %s sent an answer nobody asked for; ignored", self.pid or "")
+            return
+        fut = self._pending.popleft()
+        try:
+            sock = parse_answer(data, fds, bool(flags & socket.MSG_CTRUNC))
+        except AnchorError as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        if fut.done():
+            sock.close()
+        else:
+            fut.set_result(sock)
+
+    def _lost(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.close(AnchorError(f"the anchor is gone ({reason})"))
+        self.on_lost(reason)
+
+    def close(self, exc: AnchorError | None = None) -> None:
+        """Close the Connector (the anchor exits on EOF) and fail what is pending."""
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        while self._pending:
+            fut = self._pending.popleft()
+            if not fut.done():
+                fut.set_exception(exc or AnchorError("the server ended"))
