@@ -76,6 +76,10 @@ class Row:
     setup_ms: float  # median AddServer reply (ours) / spawn + sync byte (xdg) in the segment
     hello_ms: float  # median connect + SASL + Hello in the segment
     fds: int = 0  # open fds of our service (ours only)
+    #: ours only: PSS of the service plus every process below it (the anchors, SPEC 10:
+    #: the zygote's bwrap and interpreter and one forked anchor per server), and their count
+    tree_pss_kib: int = 0
+    procs: int = 0
 
 
 def checkpoints(n: int) -> list[int]:
@@ -86,6 +90,33 @@ def checkpoints(n: int) -> list[int]:
         c *= 10
     out.append(n)
     return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc/*/stat parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def tree_pss_kib(pid: int) -> tuple[int, int]:
+    """(PSS sum, process count) of ``pid`` and its descendants."""
+    procs = [pid, *descendants(pid)]
+    return sum(memory_kib(p)[1] for p in procs), len(procs)
 
 
 def fd_count(pid: int) -> int:
@@ -134,6 +165,7 @@ async def run_ours(
                     break
             time.sleep(args.settle)
             rss, pss = memory_kib(service.pid)
+            tree, procs = tree_pss_kib(service.pid)
             rows.append(
                 Row(
                     reached,
@@ -142,6 +174,8 @@ async def run_ours(
                     statistics.median(adds) * 1e3,
                     statistics.median(hellos) * 1e3,
                     fd_count(service.pid),
+                    tree,
+                    procs,
                 )
             )
             adds.clear()
@@ -241,7 +275,8 @@ async def run(args: argparse.Namespace) -> int:
     header = (
         f"{'N':>6} | {'ours RSS':>9} {'PSS':>7} {'+KiB/srv':>8} {'fds':>5} "
         f"{'AddSrv ms':>9} {'Hello ms':>8} | {'xdg RSS sum':>11} {'PSS sum':>8} "
-        f"{'PSS KiB/p':>9} {'spawn ms':>8} {'Hello ms':>8} | {'ours RSS/xdg PSS':>16}"
+        f"{'PSS KiB/p':>9} {'spawn ms':>8} {'Hello ms':>8} | {'ours RSS/xdg PSS':>16} | "
+        f"{'procs':>5} {'+anchors PSS':>12} {'/xdg PSS':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -257,10 +292,14 @@ async def run(args: argparse.Namespace) -> int:
             right = (
                 f"{x.rss_kib / MiB:>9.1f}Mi {x.pss_kib / MiB:>6.1f}Mi "
                 f"{x.pss_kib / x.n:>9.0f} {x.setup_ms:>8.2f} {x.hello_ms:>8.2f} | "
-                f"{r.rss_kib / x.pss_kib:>16.3f}"
+                f"{r.rss_kib / x.pss_kib:>16.3f} | "
+                f"{r.procs:>5} {r.tree_pss_kib / MiB:>10.1f}Mi {r.tree_pss_kib / x.pss_kib:>8.3f}"
             )
         else:
-            right = f"{'-':>11} {'-':>8} {'-':>9} {'-':>8} {'-':>8} | {'-':>16}"
+            right = (
+                f"{'-':>11} {'-':>8} {'-':>9} {'-':>8} {'-':>8} | {'-':>16} | "
+                f"{r.procs:>5} {r.tree_pss_kib / MiB:>10.1f}Mi {'-':>8}"
+            )
         print(left + right)
     for x in theirs:
         if x.n not in {r.n for r in ours}:
@@ -293,6 +332,9 @@ async def run(args: argparse.Namespace) -> int:
             f"({pss_per:.0f} KiB each), RSS sum {x_rss / MiB:.1f} MiB"
             f" | ratios (target < 0.100): PSS/PSS={same:.3f} RSS/RSS={last.rss_kib / x_rss:.3f}"
             f" ours_RSS/xdg_PSS={strict:.3f} (strictest: {'met' if strict < 0.1 else 'MISSED'})"
+            f" | with anchors: service+anchors PSS {last.tree_pss_kib / MiB:.1f} MiB in "
+            f"{last.procs} processes, /xdg PSS sum = {last.tree_pss_kib / x_pss:.3f} "
+            f"(SPEC 10 goal < 1: {'met' if last.tree_pss_kib < x_pss else 'MISSED'})"
         )
     first = ours[0]
     summary += (

@@ -21,6 +21,7 @@ interpreter). No asyncio: an anchor blocks on its one socket.
 from __future__ import annotations
 
 import array
+import gc
 import os
 import signal
 import socket
@@ -35,6 +36,8 @@ MAX_ERROR = 1024
 
 _CLONE_NEWNS = 0x00020000
 _MS_RDONLY = 1
+_MS_NOSUID = 2
+_MS_NODEV = 4
 _MS_REMOUNT = 32
 _MS_BIND = 4096
 _MS_REC = 16384
@@ -138,13 +141,19 @@ def enter_identity(libc: object, kind: str, identity: bytes) -> None:
     finally:
         os.close(fd)
     _check(libc.mount(staged.encode(), target, None, _MS_BIND, None), "bind identity")  # type: ignore[attr-defined]
-    _check(
-        libc.mount(None, target, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY, None),  # type: ignore[attr-defined]
-        "make identity read-only",
-    )
+    # In a user namespace the staging tmpfs's nosuid/nodev are locked: a remount
+    # must keep them (else EPERM); as root either form works.
+    ro = _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV
+    _check(libc.mount(None, target, None, ro, None), "make identity read-only")  # type: ignore[attr-defined]
     os.unlink(staged)
-    # Other anchors' files pass through the staging dir: not visible from ours.
-    _check(libc.umount2(STAGING_DIR.encode(), _MNT_DETACH), "hide staging dir")  # type: ignore[attr-defined]
+    # Other anchors' files pass through the staging dir: not visible from ours. In a
+    # user namespace bwrap's mounts are locked (no umount): cover it with an empty one.
+    if libc.umount2(STAGING_DIR.encode(), _MNT_DETACH) != 0:  # type: ignore[attr-defined]
+        flags = _MS_RDONLY | _MS_NOSUID | _MS_NODEV
+        _check(
+            libc.mount(b"tmpfs", STAGING_DIR.encode(), b"tmpfs", flags, b"size=4k"),  # type: ignore[attr-defined]
+            "hide staging dir",
+        )
 
 
 def _reap(_signum: int, _frame: object) -> None:
@@ -166,6 +175,10 @@ def zygote(ctl: socket.socket, kind: str) -> int:
     """
     libc = _libc()
     signal.signal(signal.SIGCHLD, _reap)
+    # A collection in a child would walk (and so copy) every page of the heap it
+    # shares with us: no collections, and what exists now is never looked at again.
+    gc.disable()
+    gc.freeze()
     ctl.send(b"ready")
     while True:
         try:

@@ -1,0 +1,1 @@
+"""Shared test support: system packages, processes and clients the suites reuse."""
