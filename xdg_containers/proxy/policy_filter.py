@@ -62,7 +62,6 @@ _OWN_METHODS = frozenset({"RequestName", "ReleaseName", "ListQueuedOwners"})
 #: Bounds on per-connection bookkeeping (memory per connection is bounded).
 _MAX_EXPECTED_REPLIES = 16384
 _MAX_SEEN_PEERS = 4096
-_MAX_SAME_SERIAL = 64
 _NO_NAMES: frozenset[str] = frozenset()
 #: Our own AddMatch calls carry NO_REPLY_EXPECTED, so their serial never gets a reply.
 INTERNAL_SERIAL = 0xFFFFFFFF
@@ -101,9 +100,6 @@ class PolicyFilter:
         self.tracker = tracker
         self.service_names = service_names
         self.own_name: str | None = None
-        # Calls the client made: serial -> destinations (a serial may be reused while
-        # earlier calls with it are still unanswered).
-        self._client_calls: dict[int, list[str]] = {}
         # Calls peers made to the client: (peer, serial) awaiting the client's reply.
         self._expected: dict[tuple[str, int], None] = {}
         self._seen_peers: dict[str, None] = {}
@@ -178,10 +174,6 @@ class PolicyFilter:
         self._snapshot()
         return self._new_subscriptions()
 
-    def reply_delivered(self, serial: int) -> None:
-        """The proxy answered the client's call itself: nothing to forget, since a
-        denied call is never noted as outstanding (a reused serial stays owed)."""
-
     # -- levels ---------------------------------------------------------------------------
 
     def level_of(self, name: str) -> Level:
@@ -252,8 +244,6 @@ class PolicyFilter:
             decision = self._client_call(hdr, data)
             if decision is None:
                 to = hdr.destination or ""
-                if hdr.expects_reply:
-                    self.note_client_call(hdr.serial, to)
                 if not to.startswith(":") and to != BUS_NAME and to not in self.service_names:
                     # Judged by the policy alone (no peer history, no body): the same
                     # header fields pass again until the policy changes.
@@ -273,31 +263,6 @@ class PolicyFilter:
                 return None
             return drop(f"unicast signal to {dest} not allowed")
         return drop("unknown message type")
-
-    def note_client_call(self, serial: int, dest: str) -> None:
-        """Remember a call of the client that went to the bus, to let its reply through."""
-        calls = self._client_calls
-        dests = calls.get(serial)
-        if dests is None:
-            calls[serial] = [dest]
-            if len(calls) > _MAX_EXPECTED_REPLIES:
-                calls.pop(next(iter(calls)))
-        elif len(dests) < _MAX_SAME_SERIAL:
-            dests.append(dest)
-
-    def _take_client_call(self, serial: int, sender: str | None) -> str | None:
-        """The destination of the call this reply answers (removing it), or None."""
-        dests = self._client_calls.get(serial)
-        if not dests:
-            return None
-        # A bus-driver reply answers a call to the driver; any other reply, another one.
-        index = next(
-            (i for i, d in enumerate(dests) if (d == BUS_NAME) == (sender == BUS_NAME)), 0
-        )
-        dest = dests.pop(index)
-        if not dests:
-            del self._client_calls[serial]
-        return dest
 
     def _client_reply(self, hdr: Header) -> Decision | None:
         dest = hdr.destination
@@ -429,28 +394,31 @@ class PolicyFilter:
         self._level_cache.pop(unique_name, None)
         self._history.pop(unique_name, None)
 
-    def fast_reply(self, reply_serial: int, sender: str) -> bool:
-        """A reply from peer ``sender`` (not the driver): True if it passes (then noted as
-        delivered); False if it needs the general path, with nothing changed."""
-        dests = self._client_calls.get(reply_serial)
-        if dests is None or len(dests) != 1 or dests[0] == BUS_NAME:
-            return False
-        del self._client_calls[reply_serial]
+    def fast_reply(self, reply_serial: int, sender: str) -> None:
+        """A reply from peer ``sender`` (not the driver) answering a call of the client."""
         if sender.startswith(":") and sender not in self._seen_peers:
             self._mark_seen(sender)
-        return True
+
+    def unexpected_reply(self, hdr: Header) -> Decision | None:
+        """A reply answering no outstanding call of the client (the session keeps them,
+        by (peer, serial)): dropped."""
+        return drop(f"reply serial {hdr.reply_serial} answers no outstanding call of the client")
 
     def _bus_reply(self, hdr: Header, data: Raw) -> Decision | None:
-        rs = hdr.reply_serial
-        assert rs is not None
-        dest = self._take_client_call(rs, hdr.sender)
-        if dest is None:
-            return drop(f"reply serial {rs} answers no outstanding call of the client")
-        if hdr.sender != BUS_NAME or dest != BUS_NAME or hdr.message_type != METHOD_RETURN:
-            if hdr.sender is not None and hdr.sender.startswith(":"):
-                self._mark_seen(hdr.sender)
+        """A reply the session matched to a call of the client.
+
+        What is filtered is judged by the reply itself, not by the call it was matched
+        to: with reused serials the match is the oldest plausible call, so a driver
+        METHOD_RETURN listing names is filtered whichever call it answers.
+        """
+        sender = hdr.sender
+        if sender == BUS_NAME:
+            if hdr.message_type == METHOD_RETURN:
+                return self._driver_reply(hdr, data)
             return None
-        return self._driver_reply(hdr, data)
+        if sender is not None and sender.startswith(":"):
+            self._mark_seen(sender)
+        return None
 
     def _driver_reply(self, hdr: Header, data: Raw) -> Decision | None:
         sig = hdr.signature
