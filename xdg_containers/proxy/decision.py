@@ -14,6 +14,7 @@ BUS_NAME = "org.freedesktop.DBus"
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"
 NAME_HAS_NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"
+INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 
 #: Members of our own service a confined connection may never call (no nesting).
 MANAGER_ONLY_MEMBERS = frozenset({"AddServer", "StopServer", "StopListening", "Stop", "SetPolicy"})

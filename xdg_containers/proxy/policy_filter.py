@@ -21,12 +21,16 @@ from ..wire.header import (
     NO_REPLY_EXPECTED,
     SIGNAL,
     Header,
+    MessageError,
     Raw,
 )
+from ..wire.names import MAX_NAME_LENGTH, is_too_long
+from ..wire.names import shorten as _s
 from ..wire.types import BodyWriter, SignatureError, read_string, read_string_array
 from .decision import (
     ACCESS_DENIED,
     BUS_NAME,
+    INVALID_ARGS,
     NAME_HAS_NO_OWNER,
     SERVICE_UNKNOWN,
     Decision,
@@ -87,6 +91,28 @@ def _policy_rules(policy: Policy) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=1024)
 def _add_match(rule: str) -> bytes:
     return bus_call(INTERNAL_SERIAL, "AddMatch", flags=NO_REPLY_EXPECTED, arg=rule)
+
+
+#: What the bus answers a driver call naming an invalid (over-long) bus name with; the
+#: proxy answers the same before any policy lookup, so filtered and unfiltered agree.
+_INVALID_NAME_ERRORS = {
+    "RequestName": INVALID_ARGS,
+    "ReleaseName": INVALID_ARGS,
+    "StartServiceByName": SERVICE_UNKNOWN,
+}
+
+
+def _invalid_name(member: str, name: str) -> Decision:
+    """The answer to a driver call whose name argument is over 255 bytes (no valid name)."""
+    why = (
+        f"{member}: {_s(name, 64)} is not a valid bus name "
+        f"({len(name.encode('utf-8', 'surrogatepass'))} bytes, more than {MAX_NAME_LENGTH})"
+    )
+    if member == "NameHasOwner":
+        body = BodyWriter()
+        body.uint32(0)
+        return answer("b", body.bytes(), why)
+    return deny(_INVALID_NAME_ERRORS.get(member, NAME_HAS_NO_OWNER), why)
 
 
 class PolicyFilter:
@@ -235,8 +261,15 @@ class PolicyFilter:
     # -- client -> bus ---------------------------------------------------------------------
 
     def from_client(self, hdr: Header, data: Raw) -> Decision | None:
-        """Judge a message the client sends."""
+        """Judge a message the client sends; MessageError (the session closes the
+        connection) for a destination over 255 bytes, which no bus accepts either."""
         t = hdr.message_type
+        if hdr.destination is not None and is_too_long(hdr.destination):
+            # Before any lookup (a policy decision costs the name's length). The bus
+            # disconnects a client whose header names an invalid destination; so do we.
+            raise MessageError(
+                f"destination {_s(hdr.destination, 64)} is longer than {MAX_NAME_LENGTH} bytes"
+            )
         if t == METHOD_CALL:
             forbidden = always_forbidden(hdr, data, self.service_names)
             if forbidden is not None:
@@ -328,6 +361,8 @@ class PolicyFilter:
             name = first_string_arg(hdr, data)
             if name is None:
                 return None  # wrong signature: the bus answers InvalidArgs
+            if is_too_long(name):
+                return _invalid_name(member, name)
             if self._visible(name):
                 return None
             if member == "NameHasOwner":
@@ -344,6 +379,8 @@ class PolicyFilter:
             name = first_string_arg(hdr, data)
             if name is None:
                 return None
+            if is_too_long(name):
+                return _invalid_name(member, name)
             if member == "StartServiceByName":
                 if self.policy.start_service_allowed(name):
                     return None
