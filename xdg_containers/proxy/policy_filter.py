@@ -255,8 +255,10 @@ class PolicyFilter:
     def _hidden(self, hdr: Header, dest: str) -> Decision:
         """The error for a call to a name the client may not see (as if unowned)."""
         if dest.startswith(":") or hdr.flags & NO_AUTO_START:
-            return deny(NAME_HAS_NO_OWNER, f"The name {dest} is not owned by anyone")
-        return deny(SERVICE_UNKNOWN, f"The name {dest} was not provided by any .service files")
+            return deny(NAME_HAS_NO_OWNER, f"The name {_s(dest)} is not owned by anyone")
+        return deny(
+            SERVICE_UNKNOWN, f"The name {_s(dest)} was not provided by any .service files"
+        )
 
     # -- client -> bus ---------------------------------------------------------------------
 
@@ -294,7 +296,7 @@ class PolicyFilter:
                 return drop("signal to the bus driver")
             if self._call_allowed(dest, hdr):
                 return None
-            return drop(f"unicast signal to {dest} not allowed")
+            return drop(f"unicast signal to {_s(dest)} not allowed")
         return drop("unknown message type")
 
     def _client_reply(self, hdr: Header) -> Decision | None:
@@ -306,7 +308,7 @@ class PolicyFilter:
         if key in self._expected:
             del self._expected[key]
             return None
-        return drop(f"reply to {dest} serial {rs}, which did not call the client")
+        return drop(f"reply to {_s(dest)} serial {rs}, which did not call the client")
 
     def _client_call(self, hdr: Header, data: Raw) -> Decision | None:
         dest = hdr.destination
@@ -326,7 +328,8 @@ class PolicyFilter:
         if self._visible(dest):
             return deny(
                 ACCESS_DENIED,
-                f"{hdr.interface}.{hdr.member} on {dest} at {hdr.path} is not allowed "
+                f"{_s(hdr.interface)}.{_s(hdr.member)} on {_s(dest)} at {_s(hdr.path)} "
+                "is not allowed "
                 "by this container's policy",
             )
         return self._hidden(hdr, dest)
@@ -344,14 +347,15 @@ class PolicyFilter:
         if iface == PEER_IFACE:
             if member in ("Ping", "GetMachineId"):
                 return None
-            return deny(ACCESS_DENIED, f"{iface}.{member} is not allowed")
+            return deny(ACCESS_DENIED, f"{iface}.{_s(member)} is not allowed")
         if iface == INTROSPECT_IFACE:
             if member == "Introspect":
                 return None
-            return deny(ACCESS_DENIED, f"{iface}.{member} is not allowed")
+            return deny(ACCESS_DENIED, f"{iface}.{_s(member)} is not allowed")
         if iface not in (None, DRIVER_IFACE):
             return deny(
-                ACCESS_DENIED, f"{iface}.{member} on the bus driver is not allowed in a container"
+                ACCESS_DENIED,
+                f"{_s(iface)}.{_s(member)} on the bus driver is not allowed in a container",
             )
         if member in _DRIVER_SAFE:
             return None
@@ -392,7 +396,8 @@ class PolicyFilter:
                 ACCESS_DENIED, f"{member}({name}) is not allowed by this container's policy"
             )
         return deny(
-            ACCESS_DENIED, f"org.freedesktop.DBus.{member} is not allowed from inside a container"
+            ACCESS_DENIED,
+            f"org.freedesktop.DBus.{_s(member)} is not allowed from inside a container",
         )
 
     # -- bus -> client ---------------------------------------------------------------------
@@ -408,7 +413,7 @@ class PolicyFilter:
             dest = hdr.destination
             sender = hdr.sender
             if dest is None or not self._is_ours(dest) or sender is None:
-                return drop(f"call to {dest}, which is not this client")
+                return drop(f"call to {_s(dest)}, which is not this client")
             self._mark_seen(sender)
             if hdr.expects_reply:
                 expected = self._expected
@@ -498,10 +503,10 @@ class PolicyFilter:
             if self._is_ours(dest):
                 self._mark_seen(sender)
                 return None
-            return drop(f"unicast signal to {dest}, which is not this client")
+            return drop(f"unicast signal to {_s(dest)}, which is not this client")
         if self._broadcast_allowed(sender, hdr):
             return None
-        return drop(f"broadcast {hdr.interface}.{hdr.member} from {sender} not allowed")
+        return drop(f"broadcast {_s(hdr.interface)}.{_s(hdr.member)} from {sender} not allowed")
 
     def _name_owner_changed(self, hdr: Header, data: Raw) -> Decision | None:
         try:

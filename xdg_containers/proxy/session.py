@@ -35,6 +35,7 @@ from ..wire.header import (
     Raw,
     parse_header,
 )
+from ..wire.names import shorten
 from ..wire.types import SignatureError, read_string
 from .decision import BUS_NAME, Decision, Verdict
 from .endpoint import ConnectError, Endpoint, close_fds, connect_address, connect_unix_now
@@ -175,7 +176,7 @@ class Session:
                 self.server.path,
                 self.creds.pid,
                 self.unique_name or "no unique name yet",
-                reason,
+                shorten(reason, 800),
             )
         for t in self._timers:
             t.cancel()
@@ -803,11 +804,13 @@ class Session:
             _TYPE_NAMES.get(hdr.message_type, "?"),
             hdr.serial,
             hdr.reply_serial if hdr.reply_serial is not None else "-",
-            hdr.sender or "-",
-            hdr.destination or "-",
-            hdr.path or "-",
-            hdr.interface or "-",
-            hdr.member or hdr.error_name or "-",
+            shorten(hdr.sender or "-"),
+            shorten(hdr.destination or "-"),
+            shorten(hdr.path or "-"),
+            shorten(hdr.interface or "-"),
+            shorten(hdr.member or hdr.error_name or "-"),
             verdict,
-            f' reason="{decision.reason}"' if decision is not None and decision.reason else "",
+            f' reason="{shorten(decision.reason, 800)}"'
+            if decision is not None and decision.reason
+            else "",
         )
