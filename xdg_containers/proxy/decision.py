@@ -97,8 +97,9 @@ def always_forbidden(
 ) -> Decision | None:
     """Rules that hold for every confined connection, filtered or not.
 
-    No nesting (manager methods of our own service), no monitors, no
-    eavesdropping match rules, no changing the activation environment.
+    No nesting (manager methods of our own service), no owning or queueing for the
+    service's own name, no monitors, no eavesdropping match rules, no changing the
+    activation environment.
     """
     if hdr.message_type != METHOD_CALL:
         return None
@@ -111,6 +112,16 @@ def always_forbidden(
             rule = first_string_arg(hdr, data)
             if rule is not None and rule_requests_eavesdrop(rule):
                 return deny(ACCESS_DENIED, "eavesdropping is not allowed from inside a container")
+        elif member == "RequestName":
+            # Whatever the policy grants: a confined client waiting in the queue would
+            # take the service's name (and every call to it) when the service restarts.
+            name = first_string_arg(hdr, data)
+            if name is not None and name in service_names:
+                return deny(
+                    ACCESS_DENIED,
+                    f"the name {name} is reserved for the xdg-containers service; "
+                    "a confined connection may not own or queue for it",
+                )
         return None
     if dest is not None and dest in service_names and hdr.member in MANAGER_ONLY_MEMBERS:
         return deny(
