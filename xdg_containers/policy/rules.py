@@ -9,7 +9,10 @@ and this module answers with the semantics of ``xdg-dbus-proxy --filter``.
 # * Levels none < see < talk < own; every entry that matches a name counts and the highest
 #   wins. "org.foo.*" is stored as prefix "org.foo" and matches "org.foo" itself and every
 #   name below it ("org.foo.bar", "org.foo.bar.baz"), never "org.foobar": the lookup walks
-#   the name's dot-prefixes (flatpak_proxy_client_get_max_policy_and_matched).
+#   the name's dot-prefixes (flatpak_proxy_client_get_max_policy_and_matched). We walk
+#   them once, element by element down a trie of the wildcard prefixes, so a lookup costs
+#   O(length of the name) whatever the policy and the name (upstream's walk, and ours
+#   before, rebuilt each prefix: O(n^2), seconds for a hostile 300 KB dotted name).
 # * Policy keys: dbus-proxy.c refuses names starting with ':' and names that are not
 #   g_dbus_is_name() after stripping ".*" (so "org.*" is refused too: the prefix must itself
 #   be a valid well-known name). We do the same for Policy, and -- stricter than upstream,
@@ -35,6 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..wire.names import (
+    MAX_NAME_LENGTH,
     is_valid_interface_name,
     is_valid_member_name,
     is_valid_object_path,
@@ -199,6 +203,45 @@ class _Grant:
 _NO_GRANT = _Grant()
 
 
+class _Trie:
+    """Wildcard prefixes by element: ``org.foo.*`` is root -> "org" -> "foo" (grant)."""
+
+    __slots__ = ("children", "grant")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Trie] = {}
+        self.grant: _Grant | None = None
+
+    def add(self, prefix: str, grant: _Grant) -> None:
+        node = self
+        for element in prefix.split("."):
+            child = node.children.get(element)
+            if child is None:
+                child = node.children[element] = _Trie()
+            node = child
+        node.grant = grant
+
+    def merged_along(self, name: str, grant: _Grant) -> _Grant:
+        """``grant`` merged with every wildcard grant on ``name``'s dot-prefixes.
+
+        One pass: each element is cut once and looked up in one small dict, and the
+        walk stops at the first element no wildcard has, so the cost is O(len(name)).
+        """
+        node = self
+        start = 0
+        while True:
+            dot = name.find(".", start)
+            child = node.children.get(name[start:] if dot < 0 else name[start:dot])
+            if child is None:
+                return grant
+            if child.grant is not None:
+                grant = grant.merged(child.grant)
+            if dot < 0 or not child.children:
+                return grant
+            node = child
+            start = dot + 1
+
+
 class Policy:
     """The filtering policy of one server: immutable, built once per AddServer/SetPolicy.
 
@@ -207,7 +250,8 @@ class Policy:
     """
 
     __slots__ = (
-        "_cache", "_exact", "_wildcards", "call_passes", "names_exact", "wildcard_prefixes"
+        "_cache", "_exact", "_trie", "_wildcards", "call_passes", "names_exact",
+        "wildcard_prefixes",
     )
 
     names_exact: frozenset[str]
@@ -239,6 +283,9 @@ class Policy:
 
         self._exact = {k: g for k, g in exact.items() if matters(g)}
         self._wildcards = {k: g for k, g in wildcards.items() if matters(g)}
+        self._trie = _Trie()
+        for prefix, grant in self._wildcards.items():
+            self._trie.add(prefix, grant)
         self._cache: dict[str, _Grant] = {}
         #: Header-field arrays of calls to well-known names this policy lets through ->
         #: their destination (fastpath.py). Judged by the policy alone, so every
@@ -263,15 +310,10 @@ class Policy:
         # Unique names never match a key: their level comes from the names they own.
         if not name.startswith(":"):
             grant = self._exact.get(name, _NO_GRANT)
-            prefix = name
-            while True:
-                wild = self._wildcards.get(prefix)
-                if wild is not None:
-                    grant = grant.merged(wild)
-                cut = prefix.rfind(".")
-                if cut < 0:
-                    break
-                prefix = prefix[:cut]
+            if self._wildcards:
+                grant = self._trie.merged_along(name, grant)
+        if len(name) > MAX_NAME_LENGTH:
+            return grant  # no valid name: never kept (the cache's memory stays bounded)
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
         self._cache[name] = grant

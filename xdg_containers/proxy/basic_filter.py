@@ -33,12 +33,12 @@ class BasicFilter:
             remember_pass(self.call_passes, hdr, data, dest)
         return decision
 
-    def note_client_call(self, serial: int, dest: str) -> None:
+    def fast_reply(self, reply_serial: int, sender: str) -> None:
         """Nothing tracked."""
 
-    def fast_reply(self, reply_serial: int, sender: str) -> bool:
-        """Every reply passes."""
-        return True
+    def unexpected_reply(self, hdr: Header) -> Decision | None:
+        """Unfiltered: a reply the client did not ask for passes too (the bus decides)."""
+        return None
 
     def from_bus(self, hdr: Header, data: Raw) -> Decision | None:
         """Bus -> client: everything passes."""
@@ -51,6 +51,3 @@ class BasicFilter:
     def hello_done(self, unique_name: str) -> list[bytes]:
         """Nothing to set up."""
         return []
-
-    def reply_delivered(self, serial: int) -> None:
-        """Nothing tracked."""

@@ -14,6 +14,7 @@ BUS_NAME = "org.freedesktop.DBus"
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"
 NAME_HAS_NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"
+INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 
 #: Members of our own service a confined connection may never call (no nesting).
 MANAGER_ONLY_MEMBERS = frozenset({"AddServer", "StopServer", "StopListening", "Stop", "SetPolicy"})
@@ -96,8 +97,9 @@ def always_forbidden(
 ) -> Decision | None:
     """Rules that hold for every confined connection, filtered or not.
 
-    No nesting (manager methods of our own service), no monitors, no
-    eavesdropping match rules, no changing the activation environment.
+    No nesting (manager methods of our own service), no owning or queueing for the
+    service's own name, no monitors, no eavesdropping match rules, no changing the
+    activation environment.
     """
     if hdr.message_type != METHOD_CALL:
         return None
@@ -110,6 +112,16 @@ def always_forbidden(
             rule = first_string_arg(hdr, data)
             if rule is not None and rule_requests_eavesdrop(rule):
                 return deny(ACCESS_DENIED, "eavesdropping is not allowed from inside a container")
+        elif member == "RequestName":
+            # Whatever the policy grants: a confined client waiting in the queue would
+            # take the service's name (and every call to it) when the service restarts.
+            name = first_string_arg(hdr, data)
+            if name is not None and name in service_names:
+                return deny(
+                    ACCESS_DENIED,
+                    f"the name {name} is reserved for the xdg-containers service; "
+                    "a confined connection may not own or queue for it",
+                )
         return None
     if dest is not None and dest in service_names and hdr.member in MANAGER_ONLY_MEMBERS:
         return deny(

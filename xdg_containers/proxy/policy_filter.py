@@ -21,12 +21,16 @@ from ..wire.header import (
     NO_REPLY_EXPECTED,
     SIGNAL,
     Header,
+    MessageError,
     Raw,
 )
+from ..wire.names import MAX_NAME_LENGTH, is_too_long
+from ..wire.names import shorten as _s
 from ..wire.types import BodyWriter, SignatureError, read_string, read_string_array
 from .decision import (
     ACCESS_DENIED,
     BUS_NAME,
+    INVALID_ARGS,
     NAME_HAS_NO_OWNER,
     SERVICE_UNKNOWN,
     Decision,
@@ -62,7 +66,6 @@ _OWN_METHODS = frozenset({"RequestName", "ReleaseName", "ListQueuedOwners"})
 #: Bounds on per-connection bookkeeping (memory per connection is bounded).
 _MAX_EXPECTED_REPLIES = 16384
 _MAX_SEEN_PEERS = 4096
-_MAX_SAME_SERIAL = 64
 _NO_NAMES: frozenset[str] = frozenset()
 #: Our own AddMatch calls carry NO_REPLY_EXPECTED, so their serial never gets a reply.
 INTERNAL_SERIAL = 0xFFFFFFFF
@@ -90,6 +93,28 @@ def _add_match(rule: str) -> bytes:
     return bus_call(INTERNAL_SERIAL, "AddMatch", flags=NO_REPLY_EXPECTED, arg=rule)
 
 
+#: What the bus answers a driver call naming an invalid (over-long) bus name with; the
+#: proxy answers the same before any policy lookup, so filtered and unfiltered agree.
+_INVALID_NAME_ERRORS = {
+    "RequestName": INVALID_ARGS,
+    "ReleaseName": INVALID_ARGS,
+    "StartServiceByName": SERVICE_UNKNOWN,
+}
+
+
+def _invalid_name(member: str, name: str) -> Decision:
+    """The answer to a driver call whose name argument is over 255 bytes (no valid name)."""
+    why = (
+        f"{member}: {_s(name, 64)} is not a valid bus name "
+        f"({len(name.encode('utf-8', 'surrogatepass'))} bytes, more than {MAX_NAME_LENGTH})"
+    )
+    if member == "NameHasOwner":
+        body = BodyWriter()
+        body.uint32(0)
+        return answer("b", body.bytes(), why)
+    return deny(_INVALID_NAME_ERRORS.get(member, NAME_HAS_NO_OWNER), why)
+
+
 class PolicyFilter:
     """Per-connection filter state: expected replies, peers seen, cached levels."""
 
@@ -101,9 +126,6 @@ class PolicyFilter:
         self.tracker = tracker
         self.service_names = service_names
         self.own_name: str | None = None
-        # Calls the client made: serial -> destinations (a serial may be reused while
-        # earlier calls with it are still unanswered).
-        self._client_calls: dict[int, list[str]] = {}
         # Calls peers made to the client: (peer, serial) awaiting the client's reply.
         self._expected: dict[tuple[str, int], None] = {}
         self._seen_peers: dict[str, None] = {}
@@ -178,10 +200,6 @@ class PolicyFilter:
         self._snapshot()
         return self._new_subscriptions()
 
-    def reply_delivered(self, serial: int) -> None:
-        """The proxy answered the client's call itself: nothing to forget, since a
-        denied call is never noted as outstanding (a reused serial stays owed)."""
-
     # -- levels ---------------------------------------------------------------------------
 
     def level_of(self, name: str) -> Level:
@@ -237,14 +255,23 @@ class PolicyFilter:
     def _hidden(self, hdr: Header, dest: str) -> Decision:
         """The error for a call to a name the client may not see (as if unowned)."""
         if dest.startswith(":") or hdr.flags & NO_AUTO_START:
-            return deny(NAME_HAS_NO_OWNER, f"The name {dest} is not owned by anyone")
-        return deny(SERVICE_UNKNOWN, f"The name {dest} was not provided by any .service files")
+            return deny(NAME_HAS_NO_OWNER, f"The name {_s(dest)} is not owned by anyone")
+        return deny(
+            SERVICE_UNKNOWN, f"The name {_s(dest)} was not provided by any .service files"
+        )
 
     # -- client -> bus ---------------------------------------------------------------------
 
     def from_client(self, hdr: Header, data: Raw) -> Decision | None:
-        """Judge a message the client sends."""
+        """Judge a message the client sends; MessageError (the session closes the
+        connection) for a destination over 255 bytes, which no bus accepts either."""
         t = hdr.message_type
+        if hdr.destination is not None and is_too_long(hdr.destination):
+            # Before any lookup (a policy decision costs the name's length). The bus
+            # disconnects a client whose header names an invalid destination; so do we.
+            raise MessageError(
+                f"destination {_s(hdr.destination, 64)} is longer than {MAX_NAME_LENGTH} bytes"
+            )
         if t == METHOD_CALL:
             forbidden = always_forbidden(hdr, data, self.service_names)
             if forbidden is not None:
@@ -252,8 +279,6 @@ class PolicyFilter:
             decision = self._client_call(hdr, data)
             if decision is None:
                 to = hdr.destination or ""
-                if hdr.expects_reply:
-                    self.note_client_call(hdr.serial, to)
                 if not to.startswith(":") and to != BUS_NAME and to not in self.service_names:
                     # Judged by the policy alone (no peer history, no body): the same
                     # header fields pass again until the policy changes.
@@ -271,33 +296,8 @@ class PolicyFilter:
                 return drop("signal to the bus driver")
             if self._call_allowed(dest, hdr):
                 return None
-            return drop(f"unicast signal to {dest} not allowed")
+            return drop(f"unicast signal to {_s(dest)} not allowed")
         return drop("unknown message type")
-
-    def note_client_call(self, serial: int, dest: str) -> None:
-        """Remember a call of the client that went to the bus, to let its reply through."""
-        calls = self._client_calls
-        dests = calls.get(serial)
-        if dests is None:
-            calls[serial] = [dest]
-            if len(calls) > _MAX_EXPECTED_REPLIES:
-                calls.pop(next(iter(calls)))
-        elif len(dests) < _MAX_SAME_SERIAL:
-            dests.append(dest)
-
-    def _take_client_call(self, serial: int, sender: str | None) -> str | None:
-        """The destination of the call this reply answers (removing it), or None."""
-        dests = self._client_calls.get(serial)
-        if not dests:
-            return None
-        # A bus-driver reply answers a call to the driver; any other reply, another one.
-        index = next(
-            (i for i, d in enumerate(dests) if (d == BUS_NAME) == (sender == BUS_NAME)), 0
-        )
-        dest = dests.pop(index)
-        if not dests:
-            del self._client_calls[serial]
-        return dest
 
     def _client_reply(self, hdr: Header) -> Decision | None:
         dest = hdr.destination
@@ -308,7 +308,7 @@ class PolicyFilter:
         if key in self._expected:
             del self._expected[key]
             return None
-        return drop(f"reply to {dest} serial {rs}, which did not call the client")
+        return drop(f"reply to {_s(dest)} serial {rs}, which did not call the client")
 
     def _client_call(self, hdr: Header, data: Raw) -> Decision | None:
         dest = hdr.destination
@@ -328,7 +328,8 @@ class PolicyFilter:
         if self._visible(dest):
             return deny(
                 ACCESS_DENIED,
-                f"{hdr.interface}.{hdr.member} on {dest} at {hdr.path} is not allowed "
+                f"{_s(hdr.interface)}.{_s(hdr.member)} on {_s(dest)} at {_s(hdr.path)} "
+                "is not allowed "
                 "by this container's policy",
             )
         return self._hidden(hdr, dest)
@@ -346,14 +347,15 @@ class PolicyFilter:
         if iface == PEER_IFACE:
             if member in ("Ping", "GetMachineId"):
                 return None
-            return deny(ACCESS_DENIED, f"{iface}.{member} is not allowed")
+            return deny(ACCESS_DENIED, f"{iface}.{_s(member)} is not allowed")
         if iface == INTROSPECT_IFACE:
             if member == "Introspect":
                 return None
-            return deny(ACCESS_DENIED, f"{iface}.{member} is not allowed")
+            return deny(ACCESS_DENIED, f"{iface}.{_s(member)} is not allowed")
         if iface not in (None, DRIVER_IFACE):
             return deny(
-                ACCESS_DENIED, f"{iface}.{member} on the bus driver is not allowed in a container"
+                ACCESS_DENIED,
+                f"{_s(iface)}.{_s(member)} on the bus driver is not allowed in a container",
             )
         if member in _DRIVER_SAFE:
             return None
@@ -363,6 +365,8 @@ class PolicyFilter:
             name = first_string_arg(hdr, data)
             if name is None:
                 return None  # wrong signature: the bus answers InvalidArgs
+            if is_too_long(name):
+                return _invalid_name(member, name)
             if self._visible(name):
                 return None
             if member == "NameHasOwner":
@@ -379,6 +383,8 @@ class PolicyFilter:
             name = first_string_arg(hdr, data)
             if name is None:
                 return None
+            if is_too_long(name):
+                return _invalid_name(member, name)
             if member == "StartServiceByName":
                 if self.policy.start_service_allowed(name):
                     return None
@@ -390,7 +396,8 @@ class PolicyFilter:
                 ACCESS_DENIED, f"{member}({name}) is not allowed by this container's policy"
             )
         return deny(
-            ACCESS_DENIED, f"org.freedesktop.DBus.{member} is not allowed from inside a container"
+            ACCESS_DENIED,
+            f"org.freedesktop.DBus.{_s(member)} is not allowed from inside a container",
         )
 
     # -- bus -> client ---------------------------------------------------------------------
@@ -406,7 +413,7 @@ class PolicyFilter:
             dest = hdr.destination
             sender = hdr.sender
             if dest is None or not self._is_ours(dest) or sender is None:
-                return drop(f"call to {dest}, which is not this client")
+                return drop(f"call to {_s(dest)}, which is not this client")
             self._mark_seen(sender)
             if hdr.expects_reply:
                 expected = self._expected
@@ -429,28 +436,31 @@ class PolicyFilter:
         self._level_cache.pop(unique_name, None)
         self._history.pop(unique_name, None)
 
-    def fast_reply(self, reply_serial: int, sender: str) -> bool:
-        """A reply from peer ``sender`` (not the driver): True if it passes (then noted as
-        delivered); False if it needs the general path, with nothing changed."""
-        dests = self._client_calls.get(reply_serial)
-        if dests is None or len(dests) != 1 or dests[0] == BUS_NAME:
-            return False
-        del self._client_calls[reply_serial]
+    def fast_reply(self, reply_serial: int, sender: str) -> None:
+        """A reply from peer ``sender`` (not the driver) answering a call of the client."""
         if sender.startswith(":") and sender not in self._seen_peers:
             self._mark_seen(sender)
-        return True
+
+    def unexpected_reply(self, hdr: Header) -> Decision | None:
+        """A reply answering no outstanding call of the client (the session keeps them,
+        by (peer, serial)): dropped."""
+        return drop(f"reply serial {hdr.reply_serial} answers no outstanding call of the client")
 
     def _bus_reply(self, hdr: Header, data: Raw) -> Decision | None:
-        rs = hdr.reply_serial
-        assert rs is not None
-        dest = self._take_client_call(rs, hdr.sender)
-        if dest is None:
-            return drop(f"reply serial {rs} answers no outstanding call of the client")
-        if hdr.sender != BUS_NAME or dest != BUS_NAME or hdr.message_type != METHOD_RETURN:
-            if hdr.sender is not None and hdr.sender.startswith(":"):
-                self._mark_seen(hdr.sender)
+        """A reply the session matched to a call of the client.
+
+        What is filtered is judged by the reply itself, not by the call it was matched
+        to: with reused serials the match is the oldest plausible call, so a driver
+        METHOD_RETURN listing names is filtered whichever call it answers.
+        """
+        sender = hdr.sender
+        if sender == BUS_NAME:
+            if hdr.message_type == METHOD_RETURN:
+                return self._driver_reply(hdr, data)
             return None
-        return self._driver_reply(hdr, data)
+        if sender is not None and sender.startswith(":"):
+            self._mark_seen(sender)
+        return None
 
     def _driver_reply(self, hdr: Header, data: Raw) -> Decision | None:
         sig = hdr.signature
@@ -493,10 +503,10 @@ class PolicyFilter:
             if self._is_ours(dest):
                 self._mark_seen(sender)
                 return None
-            return drop(f"unicast signal to {dest}, which is not this client")
+            return drop(f"unicast signal to {_s(dest)}, which is not this client")
         if self._broadcast_allowed(sender, hdr):
             return None
-        return drop(f"broadcast {hdr.interface}.{hdr.member} from {sender} not allowed")
+        return drop(f"broadcast {_s(hdr.interface)}.{_s(hdr.member)} from {sender} not allowed")
 
     def _name_owner_changed(self, hdr: Header, data: Raw) -> Decision | None:
         try:

@@ -36,11 +36,13 @@ from ..wire.header import (
     Raw,
     parse_header,
 )
+from ..wire.names import shorten
 from ..wire.types import SignatureError, read_string
 from .decision import BUS_NAME, Decision, Verdict
 from .endpoint import ConnectError, Endpoint, close_fds, connect_address, connect_unix_now
 from .fastpath import scan_calls, scan_replies
 from .peercred import PeerCredentials
+from .pending import PendingCalls
 
 if TYPE_CHECKING:
     from ..policy import Policy
@@ -82,19 +84,17 @@ class MessageFilter(Protocol):
     def hello_done(self, unique_name: str) -> list[bytes]:
         """The client's unique name is known; return messages to send to the bus."""
 
-    def reply_delivered(self, serial: int) -> None:
-        """The proxy answered the client's call ``serial`` itself."""
+    def unexpected_reply(self, hdr: Header) -> Decision | None:
+        """Bus -> client: a reply that answers no outstanding call of the client."""
 
     # The fast path (fastpath.py): decisions the filter has cached.
     @property
     def call_passes(self) -> Mapping[bytes, str]:
         """Header-field arrays of client calls known to pass -> their destination."""
 
-    def note_client_call(self, serial: int, dest: str) -> None:
-        """A call taken by the fast path went to the bus and expects a reply."""
-
-    def fast_reply(self, reply_serial: int, sender: str) -> bool:
-        """A peer's reply: True if it passes (bookkeeping done), False for the general path."""
+    def fast_reply(self, reply_serial: int, sender: str) -> None:
+        """A peer's reply answering a call of the client (the session matched it) passes
+        by the fast path: do the bookkeeping ``from_bus`` would."""
 
 
 class Session:
@@ -130,8 +130,9 @@ class Session:
         # while its Hello is unanswered, and while fds wait for AGREE_UNIX_FD.
         self._hold_client = True
         self._release_client = False  # Hello answered: pump the client after this chunk
-        self._outstanding: dict[int, int] = {}  # client call serial -> count
-        self._denied_pings: dict[int, Decision] = {}  # serial -> what answers it
+        # The client's calls awaiting replies, by (peer, serial); a denied call's
+        # entry holds the answer that replaces the reply to its Ping.
+        self._calls = PendingCalls()
         self._error_serial = 0
         self._closing_after_flush = False
         self._timers: list[asyncio.TimerHandle] = []
@@ -176,7 +177,7 @@ class Session:
                 self.server.path,
                 self.creds.pid,
                 self.unique_name or "no unique name yet",
-                reason,
+                shorten(reason, 800),
             )
         for t in self._timers:
             t.cancel()
@@ -428,12 +429,13 @@ class Session:
         if not found:
             return data
         fast_reply = self.filter.fast_reply
-        pings = self._denied_pings
+        answered = self._calls.answered
         pos = count = 0
         for end, rs, sender in found:
-            if rs in pings or not fast_reply(rs, sender):
+            # (A peer's reply never answers a denied call's Ping: that went to the driver.)
+            if answered(sender, rs, False) is None:
                 break
-            self._reply_seen(rs)
+            fast_reply(rs, sender)
             pos = end
             count += 1
         if not pos:
@@ -460,9 +462,20 @@ class Session:
             hdr = parse_header(data)
             fds = reader.take_fds(hdr.unix_fds) if hdr.unix_fds else None
             rs = hdr.reply_serial
+            decision: Decision | None
             if rs is not None and hdr.message_type in (METHOD_RETURN, ERROR):
-                if hdr.sender == BUS_NAME and rs in self._denied_pings:
-                    denied = self._denied_pings.pop(rs)
+                if rs == self._hello_serial and hdr.sender == BUS_NAME:
+                    self._calls.answered(BUS_NAME, rs, hdr.message_type == ERROR)
+                    forwarded += self._hello_reply(hdr, data, fds)
+                    continue
+                entry = self._calls.answered(hdr.sender, rs, hdr.message_type == ERROR)
+                if entry is None:
+                    decision = self.filter.unexpected_reply(hdr)
+                elif entry[1] is not None:
+                    # The answer to a denied call's Ping: the denial goes instead.
+                    denied = entry[1]
+                    if fds:
+                        close_fds(fds)
                     self._error_serial = (self._error_serial % 0x7FFFFFFF) + 1
                     if denied.verdict is Verdict.ANSWER:
                         data = method_return(
@@ -474,16 +487,12 @@ class Session:
                             self._error_serial, rs, self.unique_name,
                             denied.error_name, denied.text,
                         )
-                    self._reply_seen(rs)
-                    self.filter.reply_delivered(rs)
                     client.queue(data)
                     continue
-                if rs == self._hello_serial and hdr.sender == BUS_NAME:
-                    self._reply_seen(rs)
-                    forwarded += self._hello_reply(hdr, data, fds)
-                    continue
-                self._reply_seen(rs)
-            decision = self.filter.from_bus(hdr, data)
+                else:
+                    decision = self.filter.from_bus(hdr, data)
+            else:
+                decision = self.filter.from_bus(hdr, data)
             if decision is not None:
                 if decision.verdict is Verdict.REPLACE:
                     data = decision.data
@@ -576,15 +585,6 @@ class Session:
                 self._bus.queue(m)
             self._bus.flush()
 
-    def _reply_seen(self, serial: int) -> None:
-        n = self._outstanding.get(serial)
-        if n is None:
-            return
-        if n <= 1:
-            del self._outstanding[serial]
-        else:
-            self._outstanding[serial] = n - 1
-
     # -- the client side ---------------------------------------------------------------
 
     def _client_error(self, reason: str) -> None:
@@ -610,7 +610,7 @@ class Session:
         if self._hold_client or self._stalled is not None or self._client_reader.has_message():
             return  # its messages are still on their way to the bus
         # (A partial message left in the reader can never complete now.)
-        if self._outstanding:
+        if self._calls:
             return
         self.close_when_flushed()
 
@@ -695,10 +695,9 @@ class Session:
         # Send first: the bookkeeping below is off the round trip's critical path
         # (no reply can be handled before this callback returns).
         bus.send(data if pos == len(data) else memoryview(data)[:pos])
-        flt = self.filter
+        sent = self._calls.sent
         for serial, dest in owed:
-            flt.note_client_call(serial, dest)
-            self._note_call(serial)
+            sent(serial, dest)
         self.server.messages_forwarded += count
         if pos < len(data):
             return data[pos:]
@@ -748,17 +747,17 @@ class Session:
                     self._log_message("out", hdr, decision)
                     if decision.verdict in (Verdict.DENY, Verdict.ANSWER) and hdr.expects_reply:
                         # Replace the call by a Ping with the client's own serial;
-                        # its reply is swapped for our answer, so order holds.
-                        self._denied_pings[hdr.serial] = decision
-                        self._note_call(hdr.serial)
-                        bus.queue(bus_call(hdr.serial, "Ping", "org.freedesktop.DBus.Peer"))
+                        # its reply is swapped for our answer, so order holds. (Not
+                        # when 64 calls with this serial are unanswered: no answer.)
+                        if self._calls.sent(hdr.serial, BUS_NAME, decision):
+                            bus.queue(bus_call(hdr.serial, "Ping", "org.freedesktop.DBus.Peer"))
                     elif decision.verdict is Verdict.REPLACE:
                         bus.queue(decision.data)
                     self._spare_replay = None  # more than the Hello went: no starting again
                     continue
                 if hdr.message_type == METHOD_CALL:
                     if hdr.expects_reply:
-                        self._note_call(hdr.serial)
+                        self._calls.sent(hdr.serial, hdr.destination or "")
                     if hdr.member == "Hello" and self.unique_name is None and (
                         hdr.destination == BUS_NAME
                     ):
@@ -813,12 +812,6 @@ class Session:
         if not self._client.eof and not self.closed:
             self._client.start_reading()
 
-    def _note_call(self, serial: int) -> None:
-        self._outstanding[serial] = self._outstanding.get(serial, 0) + 1
-        if len(self._outstanding) > 65536:
-            # A client that never waits for replies: forget the oldest.
-            self._outstanding.pop(next(iter(self._outstanding)))
-
     # -- logging -------------------------------------------------------------------------
 
     def _log_message(self, direction: str, hdr: Header, decision: Decision | None) -> None:
@@ -836,11 +829,13 @@ class Session:
             _TYPE_NAMES.get(hdr.message_type, "?"),
             hdr.serial,
             hdr.reply_serial if hdr.reply_serial is not None else "-",
-            hdr.sender or "-",
-            hdr.destination or "-",
-            hdr.path or "-",
-            hdr.interface or "-",
-            hdr.member or hdr.error_name or "-",
+            shorten(hdr.sender or "-"),
+            shorten(hdr.destination or "-"),
+            shorten(hdr.path or "-"),
+            shorten(hdr.interface or "-"),
+            shorten(hdr.member or hdr.error_name or "-"),
             verdict,
-            f' reason="{decision.reason}"' if decision is not None and decision.reason else "",
+            f' reason="{shorten(decision.reason, 800)}"'
+            if decision is not None and decision.reason
+            else "",
         )

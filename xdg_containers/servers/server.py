@@ -26,6 +26,7 @@ from ..proxy.session import MessageFilter, Session
 from ..proxy.spare import spares_for
 from ..wire.address import escape_value
 from ..wire.header import Header
+from ..wire.names import shorten
 
 if TYPE_CHECKING:
     from ..anchor.link import AnchorLink
@@ -386,7 +387,12 @@ class ContainerServer:
     def log_denial(
         self, session: Session, direction: str, hdr: Header, verdict: str, reason: str
     ) -> None:
-        """Log a denial at info level, rate-limited so a client cannot flood the journal."""
+        """Log a denial at info level, rate-limited so a client cannot flood the journal.
+
+        Every client-chosen string is shortened (wire/names.py ``shorten``), so one line
+        stays under ~1.5 KB whatever the message.
+        """
+
         now = time.monotonic()
         if now - self._denial_window_start > DENIAL_LOG_WINDOW:
             if self._denials_suppressed:
@@ -411,9 +417,9 @@ class ContainerServer:
             verdict,
             "C->B" if direction == "out" else "B->C",
             hdr.serial,
-            hdr.destination,
-            hdr.path,
-            hdr.interface,
-            hdr.member or hdr.error_name,
-            reason,
+            shorten(hdr.destination),
+            shorten(hdr.path),
+            shorten(hdr.interface),
+            shorten(hdr.member or hdr.error_name),
+            shorten(reason, 4 * 200),
         )

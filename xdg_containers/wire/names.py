@@ -10,6 +10,8 @@ import re
 
 __all__ = [
     "MAX_NAME_LENGTH",
+    "SHOWN_MAX",
+    "is_too_long",
     "is_valid_bus_name",
     "is_valid_error_name",
     "is_valid_interface_name",
@@ -17,10 +19,13 @@ __all__ = [
     "is_valid_object_path",
     "is_valid_unique_name",
     "is_valid_well_known_name",
+    "shorten",
 ]
 
 #: Bus, interface, member and error names are at most this many bytes (they are ASCII only).
 MAX_NAME_LENGTH = 255
+#: Client-chosen text in a log line or error message is cut to about this many characters.
+SHOWN_MAX = 200
 
 # Character classes are spelled out: `\d` and `\w` would accept non-ASCII digits/letters.
 # Well-known bus name elements: [A-Za-z0-9_-], not starting with a digit; at least two.
@@ -78,3 +83,20 @@ def is_valid_object_path(path: str) -> bool:
     The specification sets no length limit of its own for paths.
     """
     return _PATH_RE.fullmatch(path) is not None
+
+
+def is_too_long(name: str) -> bool:
+    """True if `name` is over MAX_NAME_LENGTH bytes in UTF-8, so no valid name (cost O(1) for
+    ASCII). Checked before any policy lookup: what costs more than that is never looked up."""
+    if len(name) > MAX_NAME_LENGTH:
+        return True
+    return not name.isascii() and len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_LENGTH
+
+
+def shorten(text: object, limit: int = SHOWN_MAX) -> str:
+    """`text` for a log line or an error message, cut to `limit` characters with an ellipsis
+    and the original length, so that no client-chosen string can make one line huge."""
+    shown = text if isinstance(text, str) else str(text)
+    if len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}...[{len(shown)} chars]"
