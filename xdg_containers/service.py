@@ -40,7 +40,14 @@ from .servers.arguments import (
 )
 from .servers.registry import SERVER_PATH_PREFIX, LimitError, ServerRegistry
 from .servers.server import ContainerServer, FilterSettings, ServerSpec
-from .wire.address import AddressError, parse_address, session_bus_address, system_bus_address
+from .wire.address import (
+    AddressError,
+    parse_address,
+    probe_address,
+    same_bus,
+    session_bus_address,
+    system_bus_address,
+)
 from .wire.names import is_valid_bus_name, is_valid_interface_name
 
 log = logging.getLogger(__name__)
@@ -51,6 +58,9 @@ INTERFACE = "org.freedesktop.DBus.Containers1"
 SERVER_INTERFACE = "org.freedesktop.DBus.Containers1.Server"
 PATH_KEY = "org.freedesktop.DBus.Containers1.Path"
 BUS_DRIVER = "org.freedesktop.DBus"
+BUS_ARGUMENT = "org.freedesktop.XdgContainers1.Bus"
+#: How long AddServer waits for an entry of a ``Bus`` address to accept a connection.
+BUS_PROBE_TIMEOUT = 2.0
 
 ASV = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
 _current_message: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
@@ -311,7 +321,7 @@ class ManagerInterface(ServiceInterface):
             parsed = parse_named_arguments(args)
         except ArgumentError as exc:
             raise errors.invalid_args(str(exc)) from exc
-        bus_address = self._upstream_address(parsed.bus)
+        bus_address = await self._upstream_address(parsed.bus)
         listen_sock: socket.socket | None = None
         if parsed.listen_fd is not None:
             listen_sock = _check_listen_fd(parsed.listen_fd)
@@ -348,7 +358,7 @@ class ManagerInterface(ServiceInterface):
                 stop_on_disconnect=parsed.stop_on_disconnect,
                 log_messages=parsed.log,
                 filter=FilterSettings(parsed.filter, parsed.policy),
-                on_service_bus=bus_address == ctx.bus_address,
+                on_service_bus=same_bus(bus_address, ctx.bus_address),
             )
             server = ContainerServer(
                 spec,
@@ -392,27 +402,34 @@ class ManagerInterface(ServiceInterface):
             results["SocketPath"] = Variant("ay", os.fsencode(server.socket_path) + b"\0")
         return server.path, results
 
-    def _upstream_address(self, bus: str) -> str:
+    async def _upstream_address(self, bus: str) -> str:
+        """The address a server's connections go to; one nobody listens on is refused
+        here, not with a reset for every client later."""
         if bus == "":
             return self.ctx.bus_address
         if bus == "session":
             addr = session_bus_address()
             if addr is None:
-                raise errors.invalid_args(
-                    "org.freedesktop.XdgContainers1.Bus: no session bus address is known"
-                )
-            return addr
-        if bus == "system":
-            return system_bus_address()
+                raise errors.invalid_args(f"{BUS_ARGUMENT}: no session bus address is known")
+        elif bus == "system":
+            addr = system_bus_address()
+        else:
+            addr = bus
         try:
-            entries = parse_address(bus)
+            entries = parse_address(addr)
             for e in entries:
                 e.sockaddr()
         except AddressError as exc:
             raise errors.invalid_args(
-                f"org.freedesktop.XdgContainers1.Bus: {bus!r} is not a usable address: {exc}"
+                f"{BUS_ARGUMENT}: {addr!r} is not a usable address: {exc}"
             ) from exc
-        return bus
+        if not same_bus(addr, self.ctx.bus_address):
+            problem = await probe_address(addr, BUS_PROBE_TIMEOUT)
+            if problem is not None:
+                raise errors.invalid_args(
+                    f"{BUS_ARGUMENT}: nobody listens on {addr!r} ({problem})"
+                )
+        return addr
 
     @dbus_method()
     async def StopServer(self, server_path: Annotated[str, DBusSignature("o")]) -> None:
