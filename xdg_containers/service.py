@@ -33,6 +33,9 @@ from .proxy.endpoint import close_fds
 from .proxy.peercred import PeerCredentials
 from .proxy.session import Session
 from .servers.arguments import (
+    CONNECTOR,
+    FD_ARGUMENTS,
+    LISTEN_FD,
     SUPPORTED_ARGUMENTS,
     ArgumentError,
     parse_named_arguments,
@@ -273,12 +276,15 @@ class ManagerInterface(ServiceInterface):
         msg = current_message()
         # Take our own copies of the fds now, before any await: dbus-fast
         # closes nothing and the pre-dispatch handler closes the originals.
-        fds = {k: v for k, v in named_arguments.items() if v.signature == "h"}
+        # Handles are read from the message as it arrived (indices into its
+        # fds), not from ``named_arguments``: see attached_fd.
+        raw_named: dict[str, Variant] = msg.body[4]
         dup_fds: dict[str, int] = {}
         try:
-            for key, var in fds.items():
-                if isinstance(var.value, int) and var.value >= 0:
-                    dup_fds[key] = os.dup(var.value)
+            for key in FD_ARGUMENTS:
+                var = raw_named.get(key)
+                if var is not None and var.signature == "h":
+                    dup_fds[key] = attached_fd(msg, var.value, key)
             return await self._add_server(
                 msg, container_type, app_id, instance_id, metadata, named_arguments, dup_fds
             )
@@ -313,7 +319,7 @@ class ManagerInterface(ServiceInterface):
                 f"metadata of {size} bytes exceeds max_metadata_bytes="
                 f"{ctx.registry.limits.max_metadata_bytes}"
             )
-        # dbus-fast delivered 'h' values as fds of the message; swap in our dups.
+        # Every well-typed handle is now one of our dups (attached_fd).
         args = dict(named_arguments)
         for key, fd in dup_fds.items():
             args[key] = Variant("h", fd)
@@ -321,6 +327,8 @@ class ManagerInterface(ServiceInterface):
             parsed = parse_named_arguments(args)
         except ArgumentError as exc:
             raise errors.invalid_args(str(exc)) from exc
+        if parsed.connector is not None:
+            _check_connector(parsed.connector)
         bus_address = await self._upstream_address(parsed.bus)
         listen_sock: socket.socket | None = None
         if parsed.listen_fd is not None:
@@ -360,6 +368,8 @@ class ManagerInterface(ServiceInterface):
                 filter=FilterSettings(parsed.filter, parsed.policy),
                 on_service_bus=same_bus(bus_address, ctx.bus_address),
             )
+            # parsed.connector (our dup, closed with the other fds below): wired by
+            # the anchor work.
             server = ContainerServer(
                 spec,
                 ctx.registry.allocate_path(),
@@ -642,10 +652,13 @@ async def answer_connection_credentials(ctx: ServiceContext, msg: Message) -> No
 
 
 async def _run_without_reply(method: Any, target: ServiceInterface, msg: Message) -> None:
-    """Run a method for a call that wants no reply; refusals are logged at debug level."""
-    args = ServiceInterface._c_msg_body_to_args(msg) if msg.unix_fds else msg.body
+    """Run a method for a call that wants no reply; refusals are logged at debug level.
+
+    The body goes as it arrived: handles stay indices, which methods taking fds
+    resolve with attached_fd (the same as when a reply is wanted).
+    """
     try:
-        result = method.fn(target, *args)
+        result = method.fn(target, *msg.body)
         if inspect.isawaitable(result):
             await result
     except DBusError as exc:
@@ -654,29 +667,59 @@ async def _run_without_reply(method: Any, target: ServiceInterface, msg: Message
         log.exception("%s from %s failed", msg.member, msg.sender)
 
 
-def _check_listen_fd(fd: int) -> socket.socket:
-    """Wrap a launcher's fd; it must be a listening unix stream socket."""
+def attached_fd(msg: Message, handle: object, key: str) -> int:
+    """Our own dup of the fd that handle argument ``key`` indexes in ``msg``'s attached fds.
+
+    Every handle argument goes through here: a handle is an index into the fds
+    that came with *this* message, never one of the service's own fd numbers
+    (dbus-fast leaves the bare index in the body when no fd came with it).
+    """
+    fds = msg.unix_fds or []
+    if type(handle) is not int or not 0 <= handle < len(fds):
+        raise errors.invalid_args(
+            f"named argument {key}: handle {handle} does not index a file descriptor "
+            f"attached to this message ({len(fds)} attached)"
+        )
+    try:
+        return os.dup(fds[handle])
+    except OSError as exc:
+        raise errors.invalid_args(
+            f"named argument {key}: the file descriptor of handle {handle} is unusable: "
+            f"{exc.strerror}"
+        ) from exc
+
+
+def _socket_kind(fd: int, key: str) -> tuple[int, int, bool]:
+    """(family, type, listening) of a socket we were handed; InvalidArgs if it is none."""
     try:
         sock = socket.socket(fileno=os.dup(fd))
     except OSError as exc:
-        raise errors.invalid_args(
-            f"org.freedesktop.XdgContainers1.ListenFD is not a socket: {exc.strerror}"
-        ) from exc
+        raise errors.invalid_args(f"{key} is not a socket: {exc.strerror}") from exc
     try:
         kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        family = sock.family
+        listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        return sock.family, kind, listening
     except OSError as exc:
+        raise errors.invalid_args(f"{key}: cannot inspect the socket: {exc.strerror}") from exc
+    finally:
         sock.close()
+
+
+def _check_connector(fd: int) -> None:
+    """The anchor's socket (SPEC 10) must be a unix SOCK_SEQPACKET socket."""
+    family, kind, _listening = _socket_kind(fd, CONNECTOR)
+    if family != socket.AF_UNIX or kind != socket.SOCK_SEQPACKET:
         raise errors.invalid_args(
-            f"org.freedesktop.XdgContainers1.ListenFD: cannot inspect the socket: {exc.strerror}"
-        ) from exc
-    if family != socket.AF_UNIX or kind != socket.SOCK_STREAM or not listening:
-        sock.close()
-        raise errors.invalid_args(
-            "org.freedesktop.XdgContainers1.ListenFD must be a listening unix SOCK_STREAM socket"
+            f"{CONNECTOR} must be a connected unix SOCK_SEQPACKET socket"
         )
-    return sock
+
+
+def _check_listen_fd(fd: int) -> socket.socket:
+    """Wrap a launcher's fd; it must be a listening unix stream socket."""
+    family, kind, listening = _socket_kind(fd, LISTEN_FD)
+    if family != socket.AF_UNIX or kind != socket.SOCK_STREAM or not listening:
+        raise errors.invalid_args(f"{LISTEN_FD} must be a listening unix SOCK_STREAM socket")
+    return socket.socket(fileno=os.dup(fd))
 
 
 def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> None:

@@ -44,6 +44,7 @@ SPEC_ARGUMENTS = sorted(
         "org.freedesktop.XdgContainers1.Broadcast",
         "org.freedesktop.XdgContainers1.Log",
         "org.freedesktop.XdgContainers1.Bus",
+        "org.freedesktop.XdgContainers1.Connector",
     ]
 )
 

@@ -519,7 +519,7 @@ async def test_manager_callable_from_cli(
         "SupportedArguments",
     )
     assert rc == 0, err
-    assert out.startswith("as 9 ") and '"StopOnNotify"' in out, out
+    assert out.startswith("as 10 ") and '"StopOnNotify"' in out, out
     rc, out, err = await run_cmd(
         "dbus-send",
         f"--bus={bus.address}",
