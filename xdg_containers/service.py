@@ -61,6 +61,7 @@ INTERFACE = "org.freedesktop.DBus.Containers1"
 SERVER_INTERFACE = "org.freedesktop.DBus.Containers1.Server"
 PATH_KEY = "org.freedesktop.DBus.Containers1.Path"
 BUS_DRIVER = "org.freedesktop.DBus"
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 BUS_ARGUMENT = "org.freedesktop.XdgContainers1.Bus"
 #: How long AddServer waits for an entry of a ``Bus`` address to accept a connection.
 BUS_PROBE_TIMEOUT = 2.0
@@ -113,6 +114,11 @@ class ServiceContext:
         if self.bus.unique_name:
             names.add(self.bus.unique_name)
         return frozenset(names)
+
+    @staticmethod
+    def well_known_name_only() -> frozenset[str]:
+        """Our names as seen from another bus: our unique name there is someone else's."""
+        return frozenset({NAME})
 
     async def bus_call(self, member: str, signature: str, body: list[Any]) -> Message:
         """Call a bus-driver method; the reply Message (errors raise DBusError)."""
@@ -374,7 +380,7 @@ class ManagerInterface(ServiceInterface):
                 spec,
                 ctx.registry.allocate_path(),
                 ctx.registry,
-                ctx.service_names,
+                ctx.service_names if spec.on_service_bus else ctx.well_known_name_only,
                 ctx.filter_factory,
             )
             if listen_sock is not None:
@@ -722,6 +728,24 @@ def _check_listen_fd(fd: int) -> socket.socket:
     return socket.socket(fileno=os.dup(fd))
 
 
+def managed_objects_reply(msg: Message, objects: list[tuple[str, ServiceInterface]]) -> Message:
+    """GetManagedObjects answered from ``objects`` alone (those at or below the called path).
+
+    What a confined caller gets: the manager and its own server, never another
+    instance (SPEC 12).
+    """
+    base = msg.path or "/"
+    result: dict[str, dict[str, dict[str, Variant]]] = {}
+    for path, obj in objects:
+        if base == "/" or path.startswith(base + "/"):
+            props = {
+                p.name: Variant(p.signature, getattr(obj, p.name))
+                for p in obj.introspect().properties
+            }
+            result[path] = {obj.name: props}
+    return Message.new_method_return(msg, "a{oa{sa{sv}}}", [result])
+
+
 def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> None:
     """Record the current message for methods; map signature mismatches to InvalidArgs."""
     bus = ctx.bus
@@ -749,6 +773,15 @@ def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> No
         if msg.message_type != MessageType.METHOD_CALL:
             return None
         _current_message.set(msg)
+        if msg.interface == OBJECT_MANAGER and msg.member == "GetManagedObjects":
+            own = ctx.registry.session_for(msg.sender) if msg.sender else None
+            if own is not None:
+                # dbus-fast answers on any path with every exported object.
+                own_obj = ctx.server_objects.get(own.server.path)
+                shown: list[tuple[str, ServiceInterface]] = [(PATH, manager)]
+                if own_obj is not None:
+                    shown.append((own.server.path, own_obj))
+                return managed_objects_reply(msg, shown)
         if (
             msg.path == PATH
             and msg.member == "Introspect"
