@@ -127,15 +127,27 @@ async def test_service_bus_spelled_differently_still_identifies(
 ) -> None:
     address = _spellings(bus.address)[spelling]
     assert address != bus.address
-    path, results = await add_server(manager_bus, named={BUS_ARG: Variant("s", address)})
-    client = await connect(str(results["Address"].value))
+    _other, other = await add_server(manager_bus, instance_id="bystander")
+    bystander = await connect(str(other["Address"].value))
+    client = None
     try:
-        info = ok(await call(manager_bus, "GetConnectionInfo", "s", [client.unique_name]))
-        assert info[0] == path, info
-        # The client is confined: no nesting, whatever the spelling.
-        error(
-            await call(client, "AddServer", "sssa{sv}a{sv}", ["org.example.T", "a", "i", {}, {}]),
-            "AccessDenied",
-        )
+        async with bystander_running(bystander) as by:
+            path, results = await add_server(
+                manager_bus, named={BUS_ARG: Variant("s", address)}
+            )
+            client = await connect(str(results["Address"].value))
+            info = ok(await call(manager_bus, "GetConnectionInfo", "s", [client.unique_name]))
+            assert info[0] == path, info
+            # The client is confined: no nesting, whatever the spelling.
+            error(
+                await call(
+                    client, "AddServer", "sssa{sv}a{sv}", ["org.example.T", "a", "i", {}, {}]
+                ),
+                "AccessDenied",
+            )
+        by.check()
+        report(f"Bus spelled differently #{spelling} (finding 10)", by, service.process.pid)
     finally:
-        client.disconnect()
+        if client is not None:
+            client.disconnect()
+        bystander.disconnect()
