@@ -36,6 +36,8 @@ from .proxy.peercred import PeerCredentials
 from .proxy.session import Session
 from .servers.arguments import (
     CONNECTOR,
+    FD_ARGUMENTS,
+    LISTEN_FD,
     SUPPORTED_ARGUMENTS,
     ArgumentError,
     parse_named_arguments,
@@ -43,7 +45,14 @@ from .servers.arguments import (
 )
 from .servers.registry import SERVER_PATH_PREFIX, LimitError, ServerRegistry
 from .servers.server import ContainerServer, FilterSettings, ServerSpec
-from .wire.address import AddressError, parse_address, session_bus_address, system_bus_address
+from .wire.address import (
+    AddressError,
+    parse_address,
+    probe_address,
+    same_bus,
+    session_bus_address,
+    system_bus_address,
+)
 from .wire.names import is_valid_bus_name, is_valid_interface_name
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,10 @@ INTERFACE = "org.freedesktop.DBus.Containers1"
 SERVER_INTERFACE = "org.freedesktop.DBus.Containers1.Server"
 PATH_KEY = "org.freedesktop.DBus.Containers1.Path"
 BUS_DRIVER = "org.freedesktop.DBus"
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+BUS_ARGUMENT = "org.freedesktop.XdgContainers1.Bus"
+#: How long AddServer waits for an entry of a ``Bus`` address to accept a connection.
+BUS_PROBE_TIMEOUT = 2.0
 
 ASV = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
 _current_message: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
@@ -105,6 +118,11 @@ class ServiceContext:
         if self.bus.unique_name:
             names.add(self.bus.unique_name)
         return frozenset(names)
+
+    @staticmethod
+    def well_known_name_only() -> frozenset[str]:
+        """Our names as seen from another bus: our unique name there is someone else's."""
+        return frozenset({NAME})
 
     async def bus_call(self, member: str, signature: str, body: list[Any]) -> Message:
         """Call a bus-driver method; the reply Message (errors raise DBusError)."""
@@ -268,12 +286,15 @@ class ManagerInterface(ServiceInterface):
         msg = current_message()
         # Take our own copies of the fds now, before any await: dbus-fast
         # closes nothing and the pre-dispatch handler closes the originals.
-        fds = {k: v for k, v in named_arguments.items() if v.signature == "h"}
+        # Handles are read from the message as it arrived (indices into its
+        # fds), not from ``named_arguments``: see attached_fd.
+        raw_named: dict[str, Variant] = msg.body[4]
         dup_fds: dict[str, int] = {}
         try:
-            for key, var in fds.items():
-                if isinstance(var.value, int) and var.value >= 0:
-                    dup_fds[key] = os.dup(var.value)
+            for key in FD_ARGUMENTS:
+                var = raw_named.get(key)
+                if var is not None and var.signature == "h":
+                    dup_fds[key] = attached_fd(msg, var.value, key)
             return await self._add_server(
                 msg, container_type, app_id, instance_id, metadata, named_arguments, dup_fds
             )
@@ -308,7 +329,7 @@ class ManagerInterface(ServiceInterface):
                 f"metadata of {size} bytes exceeds max_metadata_bytes="
                 f"{ctx.registry.limits.max_metadata_bytes}"
             )
-        # dbus-fast delivered 'h' values as fds of the message; swap in our dups.
+        # Every well-typed handle is now one of our dups (attached_fd).
         args = dict(named_arguments)
         for key, fd in dup_fds.items():
             args[key] = Variant("h", fd)
@@ -316,7 +337,9 @@ class ManagerInterface(ServiceInterface):
             parsed = parse_named_arguments(args)
         except ArgumentError as exc:
             raise errors.invalid_args(str(exc)) from exc
-        bus_address = self._upstream_address(parsed.bus)
+        if parsed.connector is not None:
+            _check_connector(parsed.connector)
+        bus_address = await self._upstream_address(parsed.bus)
         listen_sock: socket.socket | None = None
         if parsed.listen_fd is not None:
             listen_sock = _check_listen_fd(parsed.listen_fd)
@@ -353,12 +376,12 @@ class ManagerInterface(ServiceInterface):
                 stop_on_disconnect=parsed.stop_on_disconnect,
                 log_messages=parsed.log,
                 filter=FilterSettings(parsed.filter, parsed.policy),
-                on_service_bus=bus_address == ctx.bus_address,
+                on_service_bus=same_bus(bus_address, ctx.bus_address),
             )
             if parsed.connector is not None:
                 anchor = AnchorLink(
                     asyncio.get_running_loop(),
-                    _check_connector(dup_fds.pop(CONNECTOR)),
+                    socket.socket(fileno=dup_fds.pop(CONNECTOR)),
                     lambda _reason: None,
                 )
             else:
@@ -371,7 +394,7 @@ class ManagerInterface(ServiceInterface):
                 spec,
                 ctx.registry.allocate_path(),
                 ctx.registry,
-                ctx.service_names,
+                ctx.service_names if spec.on_service_bus else ctx.well_known_name_only,
                 ctx.filter_factory,
             )
             server.attach_anchor(anchor)
@@ -411,27 +434,34 @@ class ManagerInterface(ServiceInterface):
             results["SocketPath"] = Variant("ay", os.fsencode(server.socket_path) + b"\0")
         return server.path, results
 
-    def _upstream_address(self, bus: str) -> str:
+    async def _upstream_address(self, bus: str) -> str:
+        """The address a server's connections go to; one nobody listens on is refused
+        here, not with a reset for every client later."""
         if bus == "":
             return self.ctx.bus_address
         if bus == "session":
             addr = session_bus_address()
             if addr is None:
-                raise errors.invalid_args(
-                    "org.freedesktop.XdgContainers1.Bus: no session bus address is known"
-                )
-            return addr
-        if bus == "system":
-            return system_bus_address()
+                raise errors.invalid_args(f"{BUS_ARGUMENT}: no session bus address is known")
+        elif bus == "system":
+            addr = system_bus_address()
+        else:
+            addr = bus
         try:
-            entries = parse_address(bus)
+            entries = parse_address(addr)
             for e in entries:
                 e.sockaddr()
         except AddressError as exc:
             raise errors.invalid_args(
-                f"org.freedesktop.XdgContainers1.Bus: {bus!r} is not a usable address: {exc}"
+                f"{BUS_ARGUMENT}: {addr!r} is not a usable address: {exc}"
             ) from exc
-        return bus
+        if not same_bus(addr, self.ctx.bus_address):
+            problem = await probe_address(addr, BUS_PROBE_TIMEOUT)
+            if problem is not None:
+                raise errors.invalid_args(
+                    f"{BUS_ARGUMENT}: nobody listens on {addr!r} ({problem})"
+                )
+        return addr
 
     @dbus_method()
     async def StopServer(self, server_path: Annotated[str, DBusSignature("o")]) -> None:
@@ -644,10 +674,13 @@ async def answer_connection_credentials(ctx: ServiceContext, msg: Message) -> No
 
 
 async def _run_without_reply(method: Any, target: ServiceInterface, msg: Message) -> None:
-    """Run a method for a call that wants no reply; refusals are logged at debug level."""
-    args = ServiceInterface._c_msg_body_to_args(msg) if msg.unix_fds else msg.body
+    """Run a method for a call that wants no reply; refusals are logged at debug level.
+
+    The body goes as it arrived: handles stay indices, which methods taking fds
+    resolve with attached_fd (the same as when a reply is wanted).
+    """
     try:
-        result = method.fn(target, *args)
+        result = method.fn(target, *msg.body)
         if inspect.isawaitable(result):
             await result
     except DBusError as exc:
@@ -656,51 +689,84 @@ async def _run_without_reply(method: Any, target: ServiceInterface, msg: Message
         log.exception("%s from %s failed", msg.member, msg.sender)
 
 
-def _check_connector(fd: int) -> socket.socket:
-    """Take a launcher's Connector: a connected unix SOCK_SEQPACKET socket (SPEC 10)."""
+def attached_fd(msg: Message, handle: object, key: str) -> int:
+    """Our own dup of the fd that handle argument ``key`` indexes in ``msg``'s attached fds.
+
+    Every handle argument goes through here: a handle is an index into the fds
+    that came with *this* message, never one of the service's own fd numbers
+    (dbus-fast leaves the bare index in the body when no fd came with it).
+    """
+    fds = msg.unix_fds or []
+    if type(handle) is not int or not 0 <= handle < len(fds):
+        raise errors.invalid_args(
+            f"named argument {key}: handle {handle} does not index a file descriptor "
+            f"attached to this message ({len(fds)} attached)"
+        )
     try:
-        sock = socket.socket(fileno=fd)
+        return os.dup(fds[handle])
     except OSError as exc:
-        os.close(fd)
-        raise errors.invalid_args(f"{CONNECTOR} is not a socket: {exc.strerror}") from exc
+        raise errors.invalid_args(
+            f"named argument {key}: the file descriptor of handle {handle} is unusable: "
+            f"{exc.strerror}"
+        ) from exc
+
+
+def _socket_kind(fd: int, key: str) -> tuple[int, int, bool]:
+    """(family, type, listening) of a socket we were handed; InvalidArgs if it is none."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError as exc:
+        raise errors.invalid_args(f"{key} is not a socket: {exc.strerror}") from exc
     try:
         kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-        family = sock.family
-        if family == socket.AF_UNIX and kind == socket.SOCK_SEQPACKET:
-            sock.getpeername()  # connected (a socketpair end answers '')
-            return sock
+        listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        return sock.family, kind, listening
     except OSError as exc:
+        raise errors.invalid_args(f"{key}: cannot inspect the socket: {exc.strerror}") from exc
+    finally:
         sock.close()
+
+
+def _check_connector(fd: int) -> None:
+    """The anchor's socket (SPEC 10) must be a unix SOCK_SEQPACKET socket."""
+    family, kind, _listening = _socket_kind(fd, CONNECTOR)
+    if family != socket.AF_UNIX or kind != socket.SOCK_SEQPACKET:
+        raise errors.invalid_args(
+            f"{CONNECTOR} must be a connected unix SOCK_SEQPACKET socket"
+        )
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.getpeername()  # a socketpair end answers ''; an unconnected one ENOTCONN
+    except OSError as exc:
         raise errors.invalid_args(
             f"{CONNECTOR} must be a connected unix SOCK_SEQPACKET socket: {exc.strerror}"
         ) from exc
-    sock.close()
-    raise errors.invalid_args(f"{CONNECTOR} must be a connected unix SOCK_SEQPACKET socket")
 
 
 def _check_listen_fd(fd: int) -> socket.socket:
     """Wrap a launcher's fd; it must be a listening unix stream socket."""
-    try:
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError as exc:
-        raise errors.invalid_args(
-            f"org.freedesktop.XdgContainers1.ListenFD is not a socket: {exc.strerror}"
-        ) from exc
-    try:
-        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        family = sock.family
-    except OSError as exc:
-        sock.close()
-        raise errors.invalid_args(
-            f"org.freedesktop.XdgContainers1.ListenFD: cannot inspect the socket: {exc.strerror}"
-        ) from exc
+    family, kind, listening = _socket_kind(fd, LISTEN_FD)
     if family != socket.AF_UNIX or kind != socket.SOCK_STREAM or not listening:
-        sock.close()
-        raise errors.invalid_args(
-            "org.freedesktop.XdgContainers1.ListenFD must be a listening unix SOCK_STREAM socket"
-        )
-    return sock
+        raise errors.invalid_args(f"{LISTEN_FD} must be a listening unix SOCK_STREAM socket")
+    return socket.socket(fileno=os.dup(fd))
+
+
+def managed_objects_reply(msg: Message, objects: list[tuple[str, ServiceInterface]]) -> Message:
+    """GetManagedObjects answered from ``objects`` alone (those at or below the called path).
+
+    What a confined caller gets: the manager and its own server, never another
+    instance (SPEC 12).
+    """
+    base = msg.path or "/"
+    result: dict[str, dict[str, dict[str, Variant]]] = {}
+    for path, obj in objects:
+        if base == "/" or path.startswith(base + "/"):
+            props = {
+                p.name: Variant(p.signature, getattr(obj, p.name))
+                for p in obj.introspect().properties
+            }
+            result[path] = {obj.name: props}
+    return Message.new_method_return(msg, "a{oa{sa{sv}}}", [result])
 
 
 def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> None:
@@ -730,6 +796,15 @@ def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> No
         if msg.message_type != MessageType.METHOD_CALL:
             return None
         _current_message.set(msg)
+        if msg.interface == OBJECT_MANAGER and msg.member == "GetManagedObjects":
+            own = ctx.registry.session_for(msg.sender) if msg.sender else None
+            if own is not None:
+                # dbus-fast answers on any path with every exported object.
+                own_obj = ctx.server_objects.get(own.server.path)
+                shown: list[tuple[str, ServiceInterface]] = [(PATH, manager)]
+                if own_obj is not None:
+                    shown.append((own.server.path, own_obj))
+                return managed_objects_reply(msg, shown)
         if (
             msg.path == PATH
             and msg.member == "Introspect"

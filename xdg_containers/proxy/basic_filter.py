@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
-from ..wire.header import METHOD_CALL, Header, Raw
-from .decision import BUS_NAME, Decision, always_forbidden, remember_pass
+from collections.abc import Collection
+
+from ..wire.header import METHOD_CALL, SIGNAL, Header, Raw
+from .decision import BUS_NAME, Decision, always_forbidden, drop, remember_pass
+
+
+def service_signal(hdr: Header, service_names: Collection[str]) -> Decision | None:
+    """Drop a signal of the Containers1 service itself toward a confined client (SPEC 12).
+
+    Its signals (InterfacesAdded/Removed, PropertiesChanged of server objects,
+    ServerRemoved) describe servers, nearly always other instances': a confined
+    client gets none, filtered or not, and reads its own server's properties
+    instead. ``service_names`` holds our unique name only for servers on our bus.
+    """
+    if hdr.sender in service_names:
+        return drop(f"{hdr.interface}.{hdr.member} of the service is not for containers")
+    return None
 
 
 class BasicFilter:
@@ -41,7 +56,9 @@ class BasicFilter:
         return None
 
     def from_bus(self, hdr: Header, data: Raw) -> Decision | None:
-        """Bus -> client: everything passes."""
+        """Bus -> client: everything passes but the service's own signals."""
+        if hdr.message_type == SIGNAL:
+            return service_signal(hdr, self.service_names)
         return None
 
     def hello_sent(self) -> list[bytes]:

@@ -27,6 +27,7 @@ from ..wire.header import (
 from ..wire.names import MAX_NAME_LENGTH, is_too_long
 from ..wire.names import shorten as _s
 from ..wire.types import BodyWriter, SignatureError, read_string, read_string_array
+from .basic_filter import service_signal
 from .decision import (
     ACCESS_DENIED,
     BUS_NAME,
@@ -408,7 +409,7 @@ class PolicyFilter:
         if t in (METHOD_RETURN, ERROR):
             return self._bus_reply(hdr, data)
         if t == SIGNAL:
-            return self._bus_signal(hdr, data)
+            return service_signal(hdr, self.service_names) or self._bus_signal(hdr, data)
         if t == METHOD_CALL:
             dest = hdr.destination
             sender = hdr.sender

@@ -38,6 +38,8 @@ ARGUMENT_TYPES: dict[str, str] = {
     CONNECTOR: "h",
 }
 SUPPORTED_ARGUMENTS = sorted(ARGUMENT_TYPES)
+#: The arguments that carry a file descriptor (type 'h').
+FD_ARGUMENTS = tuple(k for k, t in ARGUMENT_TYPES.items() if t == "h")
 #: The subset SetPolicy accepts.
 POLICY_ARGUMENTS = (FILTER, POLICY, CALL, BROADCAST)
 
@@ -51,13 +53,15 @@ class NamedArguments:
     """AddServer's named arguments after validation, with defaults filled in."""
 
     stop_on_disconnect: bool = True
-    stop_on_notify: int | None = None  # fd as delivered by the bus (not yet ours)
+    # fds: the service's own dups of fds attached to the AddServer message
+    stop_on_notify: int | None = None
     listen_fd: int | None = None
+    #: the service's end of the anchor's SOCK_SEQPACKET socket (SPEC 10)
+    connector: int | None = None
     filter: bool = False
     policy: Policy | None = None
     log: bool = False
     bus: str = ""
-    connector: int | None = None  # fd as delivered by the bus (not yet ours)
     present: set[str] = field(default_factory=set)
 
 
@@ -95,7 +99,8 @@ def parse_filter_arguments(args: Mapping[str, Variant]) -> tuple[bool, Policy | 
 
 
 def parse_named_arguments(args: Mapping[str, Variant]) -> NamedArguments:
-    """Validate AddServer's named arguments (fds stay as delivered; the caller dups them)."""
+    """Validate AddServer's named arguments; 'h' values must already be fds the caller
+    owns (``service.attached_fd`` made them from the message's attached fds)."""
     _check_types(args, ARGUMENT_TYPES)
     out = NamedArguments(present=set(args))
     if "StopOnDisconnect" in args:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -89,3 +90,85 @@ def system_bus_address() -> str:
     return os.environ.get(
         "DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/var/run/dbus/system_bus_socket"
     )
+
+
+# -- which bus an address names ------------------------------------------------------------
+
+
+def _entry_keys(entry: Address) -> set[tuple[object, ...]]:
+    """What one entry connects to, in forms that do not depend on how it was spelled."""
+    try:
+        family, addr = entry.sockaddr()
+    except AddressError:
+        # A transport we cannot connect to: its parameters are all we can compare.
+        params = tuple(sorted((k, v) for k, v in entry.params.items() if k != "guid"))
+        return {("other", entry.transport, params)}
+    if family == socket.AF_UNIX and isinstance(addr, bytes):
+        return {("abstract", addr)}
+    if family == socket.AF_UNIX and isinstance(addr, str):
+        keys: set[tuple[object, ...]] = {("path", os.path.normpath(addr))}
+        try:
+            st = os.stat(addr)
+        except OSError:
+            pass
+        else:
+            # The socket file itself: equal through symlinks and ./.. spellings too.
+            keys.add(("inode", st.st_dev, st.st_ino))
+        return keys
+    assert isinstance(addr, tuple)
+    host, port = addr
+    return {("tcp", host.lower(), port)}
+
+
+def same_bus(a: str, b: str) -> bool:
+    """Whether two address strings name the same bus, however each is spelled.
+
+    Same bus: some entry of each reaches the same socket (path, abstract name or
+    host and port, after unescaping; key order and ``guid=`` do not matter),
+    and when both name a guid, a guid they share. Unparsable: string equality.
+    """
+    if a == b:
+        return True
+    try:
+        ea, eb = parse_address(a), parse_address(b)
+    except AddressError:
+        return False
+    guids_a = {e.params["guid"].lower() for e in ea if "guid" in e.params}
+    guids_b = {e.params["guid"].lower() for e in eb if "guid" in e.params}
+    if guids_a and guids_b and not guids_a & guids_b:
+        return False
+    keys_a: set[tuple[object, ...]] = set()
+    for e in ea:
+        keys_a |= _entry_keys(e)
+    return any(_entry_keys(e) & keys_a for e in eb)
+
+
+async def probe_address(address: str, timeout: float) -> str | None:
+    """Connect to each entry of ``address`` in turn (as a client would) and close again.
+
+    None when one entry accepted a connection; else what went wrong with each,
+    e.g. ``unix:path=/x: No such file or directory``.
+    """
+    loop = asyncio.get_running_loop()
+    failures: list[str] = []
+    for text, entry in zip(
+        [t for t in address.split(";") if t], parse_address(address), strict=True
+    ):
+        try:
+            family, addr = entry.sockaddr()
+        except AddressError as exc:
+            failures.append(f"{text}: {exc}")
+            continue
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+            return None
+        except TimeoutError:
+            failures.append(f"{text}: no answer within {timeout:g} s")
+        except OSError as exc:
+            # (asyncio's text for tcp is "Connect call failed (...)": say the errno's.)
+            failures.append(f"{text}: {os.strerror(exc.errno) if exc.errno else exc}")
+        finally:
+            sock.close()
+    return "; ".join(failures)
