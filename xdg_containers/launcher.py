@@ -509,18 +509,8 @@ def _sandbox(
 
 async def _run_command(argv: list[str], env: dict[str, str]) -> int:
     """Run ``argv``; forward SIGTERM/SIGHUP; return its status (128+N for signal N)."""
-    try:
-        proc = await asyncio.create_subprocess_exec(*argv, env=env)
-    except FileNotFoundError:
-        print(f"xdg-containers run: {argv[0]}: command not found", file=sys.stderr)
-        return EXIT_NOT_FOUND
-    except PermissionError as exc:
-        print(f"xdg-containers run: {argv[0]}: {exc.strerror}", file=sys.stderr)
-        return EXIT_NOT_EXECUTABLE
-    except OSError as exc:
-        print(f"xdg-containers run: {argv[0]}: {exc.strerror}", file=sys.stderr)
-        return EXIT_NOT_EXECUTABLE
     loop = asyncio.get_running_loop()
+    proc: asyncio.subprocess.Process | None = None
     installed: list[signal.Signals] = []
 
     def forward(sig: signal.Signals) -> Callable[[], None]:
@@ -528,7 +518,7 @@ async def _run_command(argv: list[str], env: dict[str, str]) -> int:
 
         def handler() -> None:
             """Send the signal if the command still runs."""
-            if proc.returncode is None:
+            if proc is not None and proc.returncode is None:
                 try:
                     proc.send_signal(sig)
                 except ProcessLookupError:
@@ -536,6 +526,8 @@ async def _run_command(argv: list[str], env: dict[str, str]) -> int:
 
         return handler
 
+    # Installed before the command starts (a Ctrl-C right after it started must not
+    # end the launcher); exec resets them to the default in the command.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, forward(sig))
         installed.append(sig)
@@ -544,6 +536,14 @@ async def _run_command(argv: list[str], env: dict[str, str]) -> int:
         loop.add_signal_handler(sig, lambda: None)
         installed.append(sig)
     try:
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, env=env)
+        except FileNotFoundError:
+            print(f"xdg-containers run: {argv[0]}: command not found", file=sys.stderr)
+            return EXIT_NOT_FOUND
+        except OSError as exc:
+            print(f"xdg-containers run: {argv[0]}: {exc.strerror}", file=sys.stderr)
+            return EXIT_NOT_EXECUTABLE
         status = await proc.wait()
     finally:
         for sig in installed:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import functools
 import logging
 import os
 import socket
@@ -37,6 +38,13 @@ def request_address(sockaddr: str | bytes) -> str:
         name = os.fsdecode(sockaddr[1:] if sockaddr.startswith(b"\0") else sockaddr)
         return "unix:abstract=" + escape_value(name)
     return "unix:path=" + escape_value(sockaddr)
+
+
+@functools.lru_cache(maxsize=64)
+def anchor_request(bus_address: str) -> str:
+    """What to ask an anchor for: the bus address's unix entries, in order (the anchor
+    uses the first that answers, as a client would)."""
+    return ";".join(e for e in bus_address.split(";") if e.startswith("unix:"))
 
 
 def check_upstream_socket(fd: int) -> socket.socket:

@@ -9,7 +9,8 @@ the anchor, never the service.
 
 Protocol on the Connector socket (``AF_UNIX``, ``SOCK_SEQPACKET``): the service
 sends one packet, a bus address (``unix:path=...`` or ``unix:abstract=...``,
-UTF-8); the anchor answers with one packet, byte 0 plus one connected stream
+UTF-8; with several entries, the first that answers is used, as a D-Bus
+client does); the anchor answers with one packet, byte 0 plus one connected stream
 socket (``SCM_RIGHTS``), or byte 1 plus a UTF-8 error message. EOF ends it.
 
 This file is self-contained and imports only the standard library: it runs as
@@ -62,30 +63,42 @@ def unescape(value: str) -> str:
     return out.decode("utf-8", "surrogateescape")
 
 
-def sockaddr_of(address: str) -> str | bytes:
-    """The unix socket address of the first usable entry of a D-Bus address."""
+def sockaddrs_of(address: str) -> list[str | bytes]:
+    """The unix socket addresses of a D-Bus address's entries, in order."""
+    out: list[str | bytes] = []
     for entry in address.split(";"):
         transport, _, rest = entry.partition(":")
         if transport != "unix":
             continue
         params = dict(kv.partition("=")[::2] for kv in rest.split(",") if kv)
         if "path" in params:
-            return unescape(params["path"])
-        if "abstract" in params:
-            return b"\0" + os.fsencode(unescape(params["abstract"]))
-    raise ValueError(f"no unix:path= or unix:abstract= entry in {address[:200]!r}")
+            out.append(unescape(params["path"]))
+        elif "abstract" in params:
+            out.append(b"\0" + os.fsencode(unescape(params["abstract"])))
+    if not out:
+        raise ValueError(f"no unix:path= or unix:abstract= entry in {address[:200]!r}")
+    return out
+
+
+def connect_first(address: str) -> socket.socket:
+    """A stream socket connected to the first entry of ``address`` that answers, as a
+    D-Bus client tries them."""
+    problems = []
+    for target in sockaddrs_of(address):
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            conn.connect(target)
+            return conn
+        except OSError as exc:
+            conn.close()
+            problems.append(f"{target!r}: {exc.strerror or exc}")
+    raise OSError("; ".join(problems))
 
 
 def answer(sock: socket.socket, request: bytes) -> None:
     """Connect to the requested bus and send the socket back, or say why not."""
     try:
-        target = sockaddr_of(request.decode("utf-8"))
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            conn.connect(target)
-        except OSError:
-            conn.close()
-            raise
+        conn = connect_first(request.decode("utf-8"))
     except (OSError, ValueError) as exc:
         text = f"cannot connect to the bus: {exc}".encode("utf-8", "replace")[:MAX_ERROR]
         sock.send(b"\x01" + text)

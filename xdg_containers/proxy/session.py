@@ -20,7 +20,7 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from ..anchor.link import AnchorError, AnchorLink, request_address
+from ..anchor.link import AnchorError, AnchorLink, anchor_request
 from ..sasl.client import SaslClient
 from ..sasl.server import SaslError, SaslServer
 from ..wire.address import AddressError, parse_address
@@ -231,7 +231,9 @@ class Session:
         if addr is None:
             return False
         self._spare_addr = addr
-        spare = self.server.spares.take(addr, self.server.anchor)
+        spare = self.server.spares.take(
+            addr, self.server.anchor, anchor_request(self.server.bus_address)
+        )
         if spare is not None:
             sock, self._sasl_client = spare  # its AUTH went out already
             self._spare_replay = []
@@ -242,7 +244,7 @@ class Session:
     def _connect_fresh(self, addr: str | bytes) -> bool:
         anchor = self.server.anchor
         if anchor is not None:
-            self._connect_task = self.loop.create_task(self._connect_via_anchor(anchor, addr))
+            self._connect_task = self.loop.create_task(self._connect_via_anchor(anchor))
             return True
         try:
             sock = connect_unix_now(addr)
@@ -251,9 +253,9 @@ class Session:
         self._bus_connected(sock)
         return True
 
-    async def _connect_via_anchor(self, anchor: AnchorLink, addr: str | bytes) -> None:
+    async def _connect_via_anchor(self, anchor: AnchorLink) -> None:
         try:
-            sock = await anchor.request(request_address(addr))
+            sock = await anchor.request(anchor_request(self.server.bus_address))
         except AnchorError as exc:
             self.close(f"no bus connection: {exc}")
             return

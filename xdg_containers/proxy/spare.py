@@ -71,6 +71,7 @@ class SpareBusConnections:
         self._spares: dict[SpareKey, _Spare] = {}
         self._demand_until: dict[SpareKey, float] = {}
         self._asked: set[SpareKey] = set()  # an anchor is making one
+        self._requests: dict[SpareKey, str] = {}  # what to ask the anchor for
         self._tick: asyncio.TimerHandle | None = None
         # Buses that dropped a spare before MAX_AGE: they get none any more.
         self._disabled: set[SockAddr] = set()
@@ -78,7 +79,7 @@ class SpareBusConnections:
         self.made = 0  # spares connected so far (tests, debugging)
 
     def take(
-        self, addr: SockAddr, anchor: AnchorLink | None = None
+        self, addr: SockAddr, anchor: AnchorLink | None = None, request: str | None = None
     ) -> tuple[socket.socket, SaslClient] | None:
         """The spare for ``addr`` if there is a live one (its AUTH sent), else None.
 
@@ -90,6 +91,8 @@ class SpareBusConnections:
         key: SpareKey = (anchor, addr)
         now = self._loop.time()
         self._demand_until[key] = now + DEMAND
+        if request is not None:
+            self._requests[key] = request
         if self._tick is None:
             self._tick = self._loop.call_later(TICK, self._housekeeping)
         spare = self._spares.pop(key, None)
@@ -126,6 +129,7 @@ class SpareBusConnections:
             self._spares.pop(key).sock.close()
         for key in [k for k in self._demand_until if k[0] is anchor]:
             del self._demand_until[key]
+            self._requests.pop(key, None)
 
     def _refill(self, key: SpareKey) -> None:
         anchor, addr = key
@@ -137,7 +141,7 @@ class SpareBusConnections:
             if anchor.closed:
                 return
             self._asked.add(key)
-            fut = anchor.request(request_address(addr))
+            fut = anchor.request(self._requests.get(key) or request_address(addr))
             fut.add_done_callback(lambda f: self._anchor_answered(key, f))
             return
         try:
@@ -181,6 +185,7 @@ class SpareBusConnections:
             spare = self._spares.get(key)
             if now >= until:
                 del self._demand_until[key]
+                self._requests.pop(key, None)
                 if spare is not None:
                     del self._spares[key]
                     spare.sock.close()
