@@ -35,7 +35,7 @@ from xdg_containers.anchor.sandbox import anchor_argv, zygote_argv
 pytestmark = pytest.mark.timeout(90)
 
 SOURCE = Path(PROGRAM).with_name("anchor.c")
-CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE"]
+CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE", "-Wl,-z,now"]
 IDENTITY = {"flatpak": ".flatpak-info", "xdg": ".xdg-containers-info"}
 OTHER = {"flatpak": "xdg", "xdg": "flatpak"}
 MAX_ERROR = 1024

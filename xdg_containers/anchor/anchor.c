@@ -17,7 +17,8 @@
  * Zygote protocol: sends "ready"; each request is the identity file's bytes
  * with exactly one Connector socket attached; answer "\0<pid>" or "\1<msg>".
  *
- * Build: cc -std=c11 -O2 -Wall -Wextra -Werror -D_GNU_SOURCE anchor.c
+ * Build: cc -std=c11 -O2 -Wall -Wextra -Werror -D_GNU_SOURCE -Wl,-z,now anchor.c
+ * (-z now: symbols bound once in the zygote, not again in each forked anchor).
  * No stdio, no allocation: static buffers, every length bounded.
  */
 #ifndef _GNU_SOURCE
