@@ -237,8 +237,8 @@ class Serve:
 class Zygote:
     """``zygote FD KIND`` in the bubblewrap sandbox the service uses."""
 
-    def __init__(self, command: list[str], kind: str, **popen: Any) -> None:
-        """Start it and wait for ``ready``."""
+    def __init__(self, command: list[str], kind: str, caps: bool = True, **popen: Any) -> None:
+        """Start it and wait for ``ready``; ``caps=False`` without CAP_SYS_ADMIN."""
         self.kind = kind
         self.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         placeholder = os.open(os.devnull, os.O_RDONLY)
@@ -247,6 +247,9 @@ class Zygote:
         argv = zygote_argv(bwrap, kind, theirs.fileno(), placeholder)
         # The sandbox as the service builds it, running the implementation under test.
         argv = [*argv[: argv.index("--") + 1], *command, "zygote", str(theirs.fileno()), kind]
+        if not caps:
+            at = argv.index("--cap-add")
+            argv[at : at + 2] = ["--cap-drop", "ALL"]
         try:
             self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), placeholder),
                                          stderr=subprocess.PIPE, **popen)
@@ -314,6 +317,27 @@ def test_serve_hands_back_its_own_connection(command: list[str], tmp_path: Path)
     finally:
         abstract.close()
         path.close()
+    assert anchor.close() == 0
+
+
+def test_serve_reads_addresses_as_program_py(command: list[str]) -> None:
+    """Within the first unix entry the last path= wins and path= beats abstract=; other
+    keys, empty items and %xx escapes (either case) are fine."""
+    anchor = Serve(command)
+    good = Listener()
+    name = good.name
+    upper = "".join(f"%{b:02X}" for b in name.encode())
+    try:
+        for address in (f"unix:path=/nonexistent,abstract={name}",
+                        f"unix:abstract={name},path=/nonexistent"):
+            check_error(*ask(anchor.conn, address), "cannot connect")
+        for address in (f"unix:abstract=/nonexistent,abstract={name}",
+                        f"unix:guid=0123,,abstract={upper},",
+                        f"unix:tmpdir=/tmp;unix:abstract={name}"):
+            check_connected(*ask(anchor.conn, address))
+            assert good.accept_pid()[0] == anchor.proc.pid
+    finally:
+        good.close()
     assert anchor.close() == 0
 
 
@@ -472,6 +496,21 @@ def test_zygote_refuses_requests_without_exactly_one_fd(command: list[str]) -> N
     finally:
         listener.close()
     assert zygote.close() == 0
+
+
+def test_zygote_child_reports_a_failed_set_up(command: list[str]) -> None:
+    """Without CAP_SYS_ADMIN a child cannot enter its mount namespace: it says so on its
+    Connector (byte 1) and exits, and the zygote is reaped-clean and keeps serving."""
+    zygote = Zygote(command, "flatpak", caps=False)
+    try:
+        for _ in range(2):
+            pid, conn = zygote.fork(_identity("flatpak", "org.example.NoCaps"))
+            check_error(*recv_packet(conn), "anchor set-up failed", "unshare")
+            conn.settimeout(TIMEOUT)
+            assert conn.recv(16) == b"", "the failed anchor did not exit"
+            assert wait_until(lambda p=pid: not exists(p))
+    finally:
+        assert zygote.close() == 0
 
 
 def test_zygote_reaps_its_anchors_and_ends_on_eof(command: list[str]) -> None:

@@ -376,6 +376,38 @@ static int setup_failed(const char *what, int err)
     return -1;
 }
 
+/* Write the identity to staged and bind it read-only over target; *created says
+ * whether staged now exists (the caller removes it). 0, or -1 with msg set. */
+static int bind_identity(const char *staged, const char *target,
+                         const unsigned char *identity, size_t n, int *created)
+{
+    int fd = open(staged, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+    if (fd < 0)
+        return setup_failed(staged, errno);
+    *created = 1;
+    for (size_t done = 0; done < n;) {
+        ssize_t w = write(fd, identity + done, n - done);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            int err = w < 0 ? errno : EIO;
+            (void)close(fd);
+            return setup_failed("write identity", err);
+        }
+        done += (size_t)w;
+    }
+    if (close(fd) != 0)
+        return setup_failed("write identity", errno);
+    if (mount(staged, target, NULL, MS_BIND, NULL) != 0)
+        return setup_failed("bind identity", errno);
+    /* In a user namespace the staging tmpfs's nosuid/nodev are locked: a remount
+     * must keep them (else EPERM); as root either form works. */
+    if (mount(NULL, target, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV,
+              NULL) != 0)
+        return setup_failed("make identity read-only", errno);
+    return 0;
+}
+
 /* In a fresh mount namespace, bind the identity over this kind's placeholder
  * (read-only) and hide the staging dir; 0, or -1 with the reason in msg. */
 static int enter_identity(const char *target, const unsigned char *identity, size_t n)
@@ -396,31 +428,14 @@ static int enter_identity(const char *target, const unsigned char *identity, siz
         return setup_failed("unshare", errno);
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
         return setup_failed("make / private", errno);
-    int fd = open(staged, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
-    if (fd < 0)
-        return setup_failed(staged, errno);
-    for (size_t done = 0; done < n;) {
-        ssize_t w = write(fd, identity + done, n - done);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0) {
-            int err = w < 0 ? errno : EIO;
-            close(fd);
-            return setup_failed("write identity", err);
-        }
-        done += (size_t)w;
-    }
-    if (close(fd) != 0)
-        return setup_failed("write identity", errno);
-    if (mount(staged, target, NULL, MS_BIND, NULL) != 0)
-        return setup_failed("bind identity", errno);
-    /* In a user namespace the staging tmpfs's nosuid/nodev are locked: a remount
-     * must keep them (else EPERM); as root either form works. */
-    if (mount(NULL, target, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV,
-              NULL) != 0)
-        return setup_failed("make identity read-only", errno);
-    if (unlink(staged) != 0)
+    int created = 0;
+    int rc = bind_identity(staged, target, identity, n, &created);
+    /* The staging tmpfs is shared with the zygote and later anchors (a reused pid
+     * would hit O_EXCL): never leave a file there, even after a failure. */
+    if (created && unlink(staged) != 0 && rc == 0)
         return setup_failed("unlink staged identity", errno);
+    if (rc != 0)
+        return rc;
     /* Other anchors' files pass through the staging dir: not visible from ours. In a
      * user namespace bwrap's mounts are locked (no umount): cover it with an empty one. */
     if (umount2(STAGING_DIR, MNT_DETACH) != 0 &&
