@@ -2,7 +2,8 @@
 
 Configures the checkout into a temporary build dir with ``--prefix=/usr``,
 installs into a temporary DESTDIR and checks the installed tree: the package,
-the launcher (which must run), the activation file, the systemd user unit and
+the launcher (which must run), the C anchor (which must run, and which the
+installed package must find), the activation file, the systemd user unit and
 the introspection XML. Fails, never skips, when meson is missing:
 tools/bootstrap installs it.
 """
@@ -13,6 +14,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +64,18 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     run([*meson, "install", "-C", str(build), "--destdir", str(destdir)])
     listing = run([*meson, "introspect", "--installed", str(build)]).stdout
     return destdir, json.loads(listing)
+
+
+@pytest.fixture(scope="module")
+def installed_at_prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real install (no DESTDIR) under a temporary prefix, so installed paths exist."""
+    tmp = tmp_path_factory.mktemp("meson-prefix")
+    build, prefix = tmp / "build", tmp / "prefix"
+    meson = meson_command()
+    run([*meson, "setup", str(build), str(ROOT), f"--prefix={prefix}",
+         f"-Dpython={sys.executable}", "-Danchor=enabled"])
+    run([*meson, "install", "-C", str(build)])
+    return prefix
 
 
 def installed_path(installed: tuple[Path, dict[str, str]], suffix: str) -> Path:
@@ -152,3 +166,56 @@ def test_example_config_installed(installed: tuple[Path, dict[str, str]]) -> Non
     destdir, _ = installed
     conf = destdir / "usr" / "share" / "xdg-containers" / "xdg-containers.conf"
     assert conf.read_text() == (ROOT / "data" / "config" / "xdg-containers.conf").read_text()
+
+
+ANCHOR = "/usr/libexec/xdg-containers-anchor"
+
+
+def test_anchor_installed_and_named(installed: tuple[Path, dict[str, str]]) -> None:
+    """The C anchor is in libexecdir; _installed.py beside the package names that path; no
+    C source in the package."""
+    destdir, _ = installed
+    binary = under(destdir, ANCHOR)
+    assert binary.is_file() and os.access(binary, os.X_OK)
+    generated = purelib(installed) / "xdg_containers" / "anchor" / "_installed.py"
+    namespace: dict[str, object] = {}
+    exec(generated.read_text(), namespace)
+    assert namespace["ANCHOR"] == ANCHOR
+    assert not list((purelib(installed) / "xdg_containers").rglob("*.c"))
+    assert not (ROOT / "xdg_containers" / "anchor" / "_installed.py").exists()
+
+
+def test_installed_anchor_runs(installed: tuple[Path, dict[str, str]]) -> None:
+    """The installed binary speaks the protocol: an error answer, then exit 0 on EOF."""
+    destdir, _ = installed
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen([str(under(destdir, ANCHOR)), "serve", str(theirs.fileno())],
+                            pass_fds=(theirs.fileno(),))
+    theirs.close()
+    try:
+        ours.settimeout(20)
+        ours.send(b"tcp:host=localhost,port=1")
+        answer = ours.recv(2048)
+        assert answer.startswith(b"\x01") and b"no unix:path=" in answer
+        ours.close()
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_installed_package_finds_its_anchor(installed_at_prefix: Path, tmp_path: Path) -> None:
+    """The installed package runs the installed binary, ahead of <sys.prefix>/libexec."""
+    prefix = installed_at_prefix
+    libs = list(prefix.rglob("xdg_containers/__init__.py"))
+    assert len(libs) == 1, libs
+    env = {k: v for k, v in os.environ.items() if k != "XDG_CONTAINERS_ANCHOR"}
+    env["PYTHONPATH"] = str(libs[0].parent.parent)
+    probe = (
+        "import xdg_containers, json; from xdg_containers.anchor.binary import anchor_command; "
+        "print(json.dumps([xdg_containers.__file__, anchor_command()]))"
+    )
+    where, command = json.loads(run([sys.executable, "-c", probe], env=env, cwd=tmp_path).stdout)
+    assert Path(where).is_relative_to(prefix), where
+    assert command == [str(prefix / "libexec" / "xdg-containers-anchor")]

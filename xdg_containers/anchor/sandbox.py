@@ -10,11 +10,11 @@ host, read-only (the anchor only connects to bus sockets).
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterable
 
-#: The anchor program, run by path with ``python -I -S`` (it imports only the stdlib).
-PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "program.py")
+from .binary import PROGRAM as PROGRAM  # re-exported: where program.py is
+from .binary import anchor_command
+
 FLATPAK = "org.flatpak"
 
 
@@ -89,10 +89,7 @@ def zygote_argv(bwrap: str, kind: str, ctl_fd: int, placeholder_fd: int) -> list
         "CAP_SYS_ADMIN",
         "--die-with-parent",
         "--",
-        sys.executable,
-        "-I",
-        "-S",
-        PROGRAM,
+        *anchor_command(),
         "zygote",
         str(ctl_fd),
         kind,
@@ -111,10 +108,7 @@ def anchor_argv(bwrap: str, container_type: str, anchor_fd: int, identity_fd: in
         str(identity_fd),
         identity_path(container_type),
         "--",
-        sys.executable,
-        "-I",
-        "-S",
-        PROGRAM,
+        *anchor_command(),
         "serve",
         str(anchor_fd),
     ]

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import tempfile
 
+from .binary import anchor_command, describe
 from .link import AnchorLink
 from .sandbox import identity_kind, identity_text, zygote_argv
 
@@ -174,7 +175,10 @@ class AnchorFactory:
                     f"bubblewrap could not start the anchor (exit status {proc.returncode})"
                     + (f": {text}" if text else "")
                 )
-        log.info("anchor zygote for %s identity files started (pid %d)", kind, proc.pid)
+        log.info(
+            "anchor zygote for %s identity files started (pid %d), running %s",
+            kind, proc.pid, describe(anchor_command()),
+        )
         return _Zygote(proc, ours)
 
     def close(self) -> None:
