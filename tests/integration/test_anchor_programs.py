@@ -302,7 +302,7 @@ def test_c_anchor_compiles_without_warnings(tmp_path: Path) -> None:
 
 def test_serve_hands_back_its_own_connection(command: list[str], tmp_path: Path) -> None:
     """A connection to an abstract and to an escaped path listener comes back, made by the
-    anchor (its pid in SO_PEERCRED); the first unix entry of a list is the one used."""
+    anchor (its pid in SO_PEERCRED); the first unix entry that answers is the one used."""
     anchor = Serve(command)
     abstract = Listener()
     weird = tmp_path / "a bus;with,odd=chars%"
@@ -357,13 +357,18 @@ def test_serve_errors_are_byte_one_and_text(command: list[str]) -> None:
             ("unix:path=/" + "x" * 200, ("cannot connect",)),
             ("unix:abstract=" + "y" * 200, ("cannot connect",)),
             ("tcp:host=" + "\u00e9" * 30000, ("no unix:path= or unix:abstract= entry",)),
-            # the first unix entry is the one used, even when a later one would work
-            (f"unix:path=/nonexistent;{good.address}", ("cannot connect",)),
+            # every entry is tried; the reasons of all come back
+            (f"unix:path=/nonexistent;unix:abstract=xdgc-none-{os.getpid()}",
+             ("cannot connect", ";")),
         ]
         for address, words in cases:
             data, fds = ask(anchor.conn, address)
             check_error(data, fds, *words)
         data, fds = ask(anchor.conn, good.address)
+        check_connected(data, fds)
+        assert good.accept_pid()[0] == anchor.proc.pid
+        # entries are tried in order, as a client does: a dead first one is skipped
+        data, fds = ask(anchor.conn, f"unix:path=/nonexistent;{good.address}")
         check_connected(data, fds)
         assert good.accept_pid()[0] == anchor.proc.pid
     finally:

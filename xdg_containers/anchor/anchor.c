@@ -10,7 +10,7 @@
  *                                           per request (runs inside bwrap)
  *
  * Connector protocol (AF_UNIX SOCK_SEQPACKET): request = a D-Bus address
- * (UTF-8; the first unix:path= or unix:abstract= entry is used); answer =
+ * (UTF-8; the unix:path= / unix:abstract= entries are tried in order); answer =
  * byte 0 plus one connected AF_UNIX SOCK_STREAM socket (SCM_RIGHTS), or
  * byte 1 plus a UTF-8 error message of at most 1024 bytes. EOF: exit 0.
  *
@@ -218,12 +218,14 @@ static int fill_sockaddr(struct sockaddr_un *addr, socklen_t *addrlen,
     return 0;
 }
 
-/* The sockaddr of the first unix:path= or unix:abstract= entry (within an
- * entry the last path= wins, then the last abstract=, as program.py's dict). */
-static int parse_address(const unsigned char *a, size_t n, struct sockaddr_un *addr,
-                         socklen_t *addrlen)
+/* Try the unix:path= / unix:abstract= entries in order, as a D-Bus client does
+ * (within an entry the last path= wins, then the last abstract=, as program.py's
+ * dict): the connected socket of the first that answers, or -1 with every
+ * entry's reason in msg. */
+static int connect_first(const unsigned char *a, size_t n)
 {
     const unsigned char *entry = a, *end = a + n;
+    int tried = 0;
     for (;;) {
         const unsigned char *eend = memchr(entry, ';', (size_t)(end - entry));
         if (!eend)
@@ -250,15 +252,33 @@ static int parse_address(const unsigned char *a, size_t n, struct sockaddr_un *a
                 }
                 kv = kvend + 1;
             }
-            if (path)
-                return fill_sockaddr(addr, addrlen, path, path_n, 0);
-            if (abstract)
-                return fill_sockaddr(addr, addrlen, abstract, abstract_n, 1);
+            if (path || abstract) {
+                struct sockaddr_un addr;
+                socklen_t addrlen;
+                memset(&addr, 0, sizeof addr);
+                if (tried++)
+                    msg_add("; ");
+                int rc = path ? fill_sockaddr(&addr, &addrlen, path, path_n, 0)
+                              : fill_sockaddr(&addr, &addrlen, abstract, abstract_n, 1);
+                if (rc == 0) {
+                    int conn = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+                    if (conn < 0) {
+                        msg_add_errno(NULL, errno);
+                        return -1;
+                    }
+                    if (connect(conn, (struct sockaddr *)&addr, addrlen) == 0)
+                        return conn;
+                    msg_add_errno(NULL, errno);
+                    close(conn);
+                }
+            }
         }
         if (eend == end)
             break;
         entry = eend + 1;
     }
+    if (tried)
+        return -1;
     msg_add("no unix:path= or unix:abstract= entry in '");
     size_t shown = utf8_clip(a, n < MAX_SHOWN ? n : MAX_SHOWN);
     for (size_t i = 0; i < shown; i++) {
@@ -301,27 +321,15 @@ static int send_socket(int fd, int conn)
  * -1 only when the Connector itself failed. */
 static int answer(int fd, const unsigned char *req, size_t n)
 {
-    struct sockaddr_un addr;
-    socklen_t addrlen;
-    memset(&addr, 0, sizeof addr);
     msg_start(1);
     msg_add("cannot connect to the bus: ");
     if (!utf8_valid(req, n)) {
         msg_add("the address is not valid UTF-8");
         return msg_send(fd);
     }
-    if (parse_address(req, n, &addr, &addrlen) != 0)
+    int conn = connect_first(req, n);
+    if (conn < 0)
         return msg_send(fd);
-    int conn = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (conn < 0) {
-        msg_add_errno(NULL, errno);
-        return msg_send(fd);
-    }
-    if (connect(conn, (struct sockaddr *)&addr, addrlen) != 0) {
-        msg_add_errno(NULL, errno);
-        close(conn);
-        return msg_send(fd);
-    }
     int rc = send_socket(fd, conn);
     if (close(conn) != 0 && errno != EINTR)
         rc = -1;

@@ -1,4 +1,5 @@
-"""A launcher's own anchor: ``program.py serve`` in bubblewrap with the instance's identity.
+"""A launcher's own anchor: the anchor program's ``serve`` in bubblewrap with the instance's
+identity (binary.py picks the program: the C one, else program.py).
 
 ``xdg-containers run`` starts one per server before AddServer and passes the
 service's end as Connector (SPEC 10). It runs in a session of its own (the

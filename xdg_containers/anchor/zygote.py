@@ -1,8 +1,9 @@
 """Anchors the service starts itself, forked from a small zygote in bubblewrap (SPEC 10).
 
 One zygote per identity kind (``/.flatpak-info`` or ``/.xdg-containers-info``)
-runs ``program.py zygote`` inside bwrap: the host read-only, an empty
-placeholder for the identity file, CAP_SYS_ADMIN kept. For each server it
+runs the anchor program's ``zygote`` (binary.py: the C one, else program.py)
+inside bwrap: the host read-only, an empty placeholder for the identity
+file, CAP_SYS_ADMIN kept. For each server it
 forks a child that enters a mount namespace of its own, binds the server's
 identity file over the placeholder and serves the Connector protocol. A child
 shares the zygote's pages, so an anchor costs tens of KiB, and creating one
