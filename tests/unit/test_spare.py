@@ -164,3 +164,34 @@ async def test_one_pool_per_loop() -> None:
     loop = asyncio.get_running_loop()
     assert spares_for(loop) is spares_for(loop)
     spares_for(loop).close()
+
+
+async def test_spares_are_kept_for_the_most_recent_servers_only() -> None:
+    """A thousand busy servers must not each hold a half-open bus connection: spares are
+    kept for the MAX_KEYS (anchor, bus) keys a client came to most recently."""
+    d = tempfile.mkdtemp()
+    servers = []
+    try:
+        paths = []
+        for i in range(spare_mod.MAX_KEYS + 4):
+            path = os.path.join(d, f"bus{i}")
+            srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            srv.bind(path)
+            srv.listen(4)
+            servers.append(srv)
+            paths.append(path)
+        pool = SpareBusConnections(asyncio.get_running_loop())
+        for path in paths:
+            pool.take(path)
+            pool.session_ended(path)
+        assert len(pool) == spare_mod.MAX_KEYS
+        # the oldest were evicted: a client there finds none, the newest find theirs
+        assert pool.take(paths[0]) is None
+        assert pool.take(paths[-1]) is not None
+        pool.close()
+    finally:
+        for srv in servers:
+            srv.close()
+        for name in os.listdir(d):
+            os.unlink(os.path.join(d, name))
+        os.rmdir(d)

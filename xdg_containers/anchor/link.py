@@ -18,6 +18,7 @@ import os
 import socket
 from collections.abc import Callable
 
+from ..proxy.dispatch import direct_selector
 from ..wire.address import escape_value
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,9 @@ def parse_answer(data: bytes, fds: list[int], truncated: bool) -> socket.socket:
 class AnchorLink:
     """One Connector socket: ordered requests, checked answers, one ``on_lost``."""
 
+    # One per server, idle nearly always: kept small (slots, no queue until a request).
+    __slots__ = ("_direct", "_pending", "_stale", "closed", "loop", "on_lost", "pid", "sock")
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -119,11 +123,17 @@ class AnchorLink:
         self.sock = sock
         self.pid = pid  # the anchor's pid when we started it (logs, tests)
         self.on_lost = on_lost
-        self._pending: collections.deque[asyncio.Future[socket.socket]] = collections.deque()
+        self._pending: collections.deque[asyncio.Future[socket.socket]] | None = None
         self._stale = 0  # answers still owed to requests that timed out
         self.closed = False
         sock.setblocking(False)
-        loop.add_reader(sock.fileno(), self._readable)
+        # Watched like the proxied sockets when the loop allows it (no asyncio handle
+        # per server), else through the loop.
+        self._direct = direct_selector(loop)
+        if self._direct is not None:
+            self._direct.watch(sock.fileno(), self._readable, None)
+        else:
+            loop.add_reader(sock.fileno(), self._readable)
 
     def request(self, address: str) -> asyncio.Future[socket.socket]:
         """Ask for a new connection to ``address``; the future fails with AnchorError."""
@@ -137,6 +147,8 @@ class AnchorLink:
             fut.set_exception(AnchorError(f"cannot reach the anchor: {exc.strerror}"))
             self._lost(f"cannot send to it: {exc.strerror}")
             return fut
+        if self._pending is None:
+            self._pending = collections.deque()
         self._pending.append(fut)
         timer = self.loop.call_later(REQUEST_TIMEOUT, self._timed_out, fut)
         fut.add_done_callback(lambda _f: timer.cancel())
@@ -146,6 +158,7 @@ class AnchorLink:
         if fut.done():
             return
         try:
+            assert self._pending is not None
             self._pending.remove(fut)
         except ValueError:
             return
@@ -197,7 +210,10 @@ class AnchorLink:
         if self.closed:
             return
         self.closed = True
-        self.loop.remove_reader(self.sock.fileno())
+        if self._direct is not None:
+            self._direct.watch(self.sock.fileno(), None, None)
+        else:
+            self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
         while self._pending:
             fut = self._pending.popleft()

@@ -39,6 +39,11 @@ MAX_AGE = 3.0
 DEMAND = 30.0
 #: Housekeeping period: replace old spares, make missing ones, drop unwanted ones.
 TICK = 1.0
+#: Spares are kept for the servers (anchor and bus) a client came to most recently,
+#: at most this many: each is a half-open connection on the bus (dbus-daemon limits
+#: those: max_incomplete_connections, 64 on the system bus) and a connect by its
+#: anchor every few seconds, so a thousand busy servers must not each keep one.
+MAX_KEYS = 8
 
 SockAddr = str | bytes
 #: Spares are kept per (anchor, bus socket): a spare must be made by the anchor of
@@ -90,7 +95,10 @@ class SpareBusConnections:
             return None
         key: SpareKey = (anchor, addr)
         now = self._loop.time()
+        self._demand_until.pop(key, None)  # re-inserted last: the dict is LRU-ordered
         self._demand_until[key] = now + DEMAND
+        if len(self._demand_until) > MAX_KEYS:
+            self._evict(next(iter(self._demand_until)))
         if request is not None:
             self._requests[key] = request
         if self._tick is None:
@@ -122,6 +130,14 @@ class SpareBusConnections:
         """A session on ``addr`` ended: a good moment for the next spare (nobody waits)."""
         if (anchor, addr) not in self._spares:
             self._refill((anchor, addr))
+
+    def _evict(self, key: SpareKey) -> None:
+        """No more spares for ``key`` until a client comes to it again."""
+        del self._demand_until[key]
+        self._requests.pop(key, None)
+        spare = self._spares.pop(key, None)
+        if spare is not None:
+            spare.sock.close()
 
     def forget(self, anchor: AnchorLink) -> None:
         """The anchor's server ended: close its spares, make no more."""
