@@ -404,3 +404,44 @@ def struct_ucred(sock: socket.socket) -> tuple[int, int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return pid, uid, gid
+
+
+async def test_a_dead_zygote_is_replaced_and_its_anchors_carry_on(
+    service: ServiceProcess, manager_bus: MessageBus
+) -> None:
+    """Killing the zygote ends no server: anchors already forked keep serving, and the
+    next AddServer starts a new zygote."""
+    from tests.support.processes import descendants
+
+    _p1, r1 = await add_server(manager_bus, "org.flatpak", "org.example.Before", "b",
+                               named=NO_STOP)
+    c1 = await connect(r1["Address"].value)
+    anchor1 = await bus_pid(manager_bus, c1.unique_name)
+    zygotes = [
+        p for p in descendants(service.process.pid)
+        if p != anchor1 and b"zygote" in _cmdline(p)
+        and not _cmdline(p).split(b"\0")[0].endswith(b"bwrap")
+    ]
+    assert zygotes, "no zygote below the service"
+    for z in zygotes:
+        os.kill(z, signal.SIGKILL)
+    await asyncio.sleep(0.3)
+    c1.disconnect()
+    again = await connect(r1["Address"].value)  # a new connection through the old anchor
+    assert await bus_pid(manager_bus, again.unique_name) == anchor1
+    again.disconnect()
+    _p2, r2 = await add_server(manager_bus, "org.flatpak", "org.example.After", "a",
+                               named=NO_STOP)
+    c2 = await connect(r2["Address"].value)
+    anchor2 = await bus_pid(manager_bus, c2.unique_name)
+    assert anchor2 != anchor1
+    assert "name=org.example.After" in identity_of(anchor2, ".flatpak-info")
+    c2.disconnect()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
