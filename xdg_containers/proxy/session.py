@@ -13,10 +13,13 @@ can ask about it.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import logging
 import os
 import socket
+import struct
+import termios
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
@@ -36,6 +39,7 @@ from ..wire.header import (
     parse_header,
 )
 from ..wire.types import SignatureError, read_string
+from .budget import CHUNK
 from .decision import BUS_NAME, Decision, Verdict
 from .endpoint import ConnectError, Endpoint, close_fds, connect_address, connect_unix_now
 from .fastpath import scan_calls, scan_replies
@@ -115,12 +119,18 @@ class Session:
         self.filter: MessageFilter = server.make_filter(self)
         limits = server.limits
         self._max_pending = limits.max_pending_bytes_per_connection
+        self._max_fds = limits.max_fds_per_connection
+        self._budget = server.budget
+        self._budget_held = False  # counted by the service-wide budget (budget.py)
+        self._partial_mark = 0  # the reader's progress when its idle deadline started
         self._client = Endpoint(loop, sock, self._client_data, self._client_error, self._client_eof)
         self._client.on_filled = self._client_filled
         self._bus: Endpoint | None = None
         self._sasl = SaslServer(creds.uid, server.guid, unix_fd_possible=True)
         self._sasl_client = SaslClient(os.getuid())
-        self._client_reader = MessageReader(limits.max_message_bytes)
+        self._client_reader = MessageReader(
+            limits.max_message_bytes, limits.max_fds_per_connection
+        )
         self._bus_reader = MessageReader(limits.max_message_bytes)
         self._client_began = False  # the client's handshake is over
         self._bus_began = False  # ours with the bus is over (cached: done is a property)
@@ -159,6 +169,108 @@ class Session:
         if not self._connect_bus_now():
             self._connect_task = self.loop.create_task(self._connect_bus())
 
+    def partial_expired(self) -> None:
+        """The idle partial message timeout passed since the client's unfinished message
+        was last seen: close if it made no progress that was the client's to make."""
+        if self.closed:
+            return
+        reader = self._client_reader
+        if not reader.buffered:
+            return  # finished meanwhile
+        if reader.progress != self._partial_mark or self._waiting_for_us():
+            self._partial_mark = reader.progress
+            self.server.partials.add(self)
+            return
+        self.close(
+            f"a message of {reader.buffered + reader.wanted()} bytes was left unfinished "
+            f"({reader.buffered} bytes and no more for idle_partial_message_timeout="
+            f"{self.server.limits.idle_partial_message_timeout} ms)"
+        )
+
+    def _waiting_for_us(self) -> bool:
+        """The client's message is stuck on our side: we hold it (the Hello's answer
+        is awaited, a whole message waits) or stopped reading while it has sent more."""
+        if self._hold_client or self._stalled is not None or self._client_reader.has_message():
+            return True
+        if self._client.reading:
+            return False
+        try:
+            waiting = struct.unpack(
+                "i", fcntl.ioctl(self._client.fd, termios.FIONREAD, b"\0\0\0\0")
+            )[0]
+        except OSError:
+            return False
+        return bool(waiting)
+
+    def budget_resume(self) -> None:
+        """The service-wide budget lets this connection's client be read again."""
+        if self.closed or self._client.eof:
+            return
+        bus = self._bus
+        if bus is not None and (
+            bus.pending_bytes > self._max_pending or bus.pending_fds > self._max_fds
+        ):
+            return  # the bus lags: _bus_drained resumes it
+        self._client.start_reading()
+
+    def _account(self) -> bool:
+        """Tell the service-wide budget what this connection holds (it counts whole MiB
+        only); stop reading the client when the budget says so. True if stopped."""
+        held = self._client_reader.allocated + self._client.pending_bytes
+        bus = self._bus
+        if bus is not None:
+            held += bus.pending_bytes
+        budget = self._budget
+        stop = budget.set_held(self, held)
+        holder = held >= CHUNK
+        if holder != self._budget_held:
+            self._budget_held = holder
+            # While counted, every write may shrink what is held: recount then.
+            hook = self._queue_written if holder else None
+            self._client.on_written = hook
+            if bus is not None:
+                bus.on_written = hook
+        if stop and not self._client_reader.filling:
+            # (Filling a reserved buffer costs nothing more and frees it when done.)
+            self._budget_stop()
+            return True
+        return False
+
+    def _budget_stop(self) -> None:
+        self._budget.paused(self)
+        self._client.pause_reading()
+
+    def _queue_written(self) -> None:
+        if not self.closed:
+            self._account()
+
+    def _client_partial(self, reader: MessageReader) -> None:
+        """After the general path on the client side: a message left unfinished starts
+        its idle deadline, counts in the budget, and may have the next read go straight
+        into its buffer. Costs nothing once no message is left unfinished."""
+        if self.closed:
+            return
+        if not reader.buffered:
+            if self._budget_held:
+                self._account()
+            return
+        partials = self.server.partials
+        if self not in partials:
+            self._partial_mark = reader.progress
+            partials.add(self)
+        if reader.allocated >= CHUNK or self._budget_held:
+            if self._account():
+                return
+            need = reader.reservation()
+            if need and not self._budget.may_grow(self, need - reader.allocated):
+                self._budget_stop()  # before the memory is committed, not after
+                return
+            self._client.into = reader.read_target()
+            if need:
+                self._account()  # the whole buffer is reserved now
+            return
+        self._client.into = reader.read_target()
+
     def handshake_expired(self) -> None:
         """The auth timeout passed before the client's Hello went to the bus: drop it."""
         if not self.closed:
@@ -170,13 +282,20 @@ class Session:
             return
         self.closed = True
         if reason:
-            log.info(
+            # A fault of ours: once, at error level, with its traceback.
+            fault = self._client.fault or (self._bus.fault if self._bus is not None else None)
+            log.log(
+                logging.ERROR if fault is not None else logging.INFO,
                 "%s: closing connection of pid %d (%s): %s",
                 self.server.path,
                 self.creds.pid,
                 self.unique_name or "no unique name yet",
                 reason,
+                exc_info=fault,
             )
+        if self._budget_held:
+            self._budget_held = False
+            self._budget.release(self)
         for t in self._timers:
             t.cancel()
         if self._connect_task is not None and not self._connect_task.done():
@@ -487,9 +606,13 @@ class Session:
     def _forwarded_to_client(self) -> None:
         """Backpressure (stop reading the bus while the client lags) and half-close."""
         client = self._client
-        if client.pending_bytes > self._max_pending and self._bus is not None:
+        if (
+            client.pending_bytes > self._max_pending or client.pending_fds > self._max_fds
+        ) and self._bus is not None:
             self._bus.pause_reading()
             client.on_drained = self._client_drained
+        if self._budget_held or client.pending_bytes >= CHUNK:
+            self._account()
         if client.eof:
             self._finish_after_eof()
 
@@ -501,6 +624,7 @@ class Session:
         bus = self._bus
         if bus is not None and not bus.reading and not bus.eof and (
             self._client.pending_bytes <= self._max_pending // 2
+            and self._client.pending_fds <= self._max_fds // 2
         ):
             self._client.on_drained = None
             bus.start_reading()
@@ -638,7 +762,7 @@ class Session:
             self.close(f"malformed data from the client: {exc}")
             return
         self._pump_client()
-        self._aim(self._client, reader)
+        self._client_partial(reader)
 
     def _client_filled(self, nbytes: int, fds: list[int]) -> None:
         """A read straight into a large message's buffer (MessageReader.read_target)."""
@@ -655,7 +779,7 @@ class Session:
             self._client.into = into  # more of the same message to come
             return
         self._pump_client()
-        self._aim(self._client, reader)
+        self._client_partial(reader)
 
     def _fast_client(self, data: bytes) -> bytes:
         """Forward the leading calls the filter has passed before; return the rest of ``data``."""
@@ -776,16 +900,20 @@ class Session:
         """Half-close, and backpressure (stop reading the client while the bus lags)."""
         if self._client.eof:
             self._finish_after_eof()
-        if bus.pending_bytes > self._max_pending:
+        if bus.pending_bytes > self._max_pending or bus.pending_fds > self._max_fds:
             self._client.pause_reading()
             bus.on_drained = self._bus_drained
+        if self._budget_held or bus.pending_bytes >= CHUNK:
+            self._account()
 
     def _bus_drained(self) -> None:
         bus = self._bus
-        if bus is None or bus.pending_bytes > self._max_pending // 2:
+        if bus is None or (
+            bus.pending_bytes > self._max_pending // 2 or bus.pending_fds > self._max_fds // 2
+        ):
             return
         bus.on_drained = None
-        if not self._client.eof and not self.closed:
+        if not self._client.eof and not self.closed and not self._budget.is_paused(self):
             self._client.start_reading()
 
     def _note_call(self, serial: int) -> None:
