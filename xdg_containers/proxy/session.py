@@ -400,6 +400,9 @@ class Session:
         self._bus.flush()
 
     def _bus_error(self, reason: str) -> None:
+        if self._bus is not None and self._bus.fault is not None:
+            self.close(f"bus connection: {reason}")  # a fault of ours: no second try
+            return
         if not self._retry_without_spare():
             self.close(f"bus connection: {reason}")
 
