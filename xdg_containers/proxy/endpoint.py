@@ -184,56 +184,54 @@ class Endpoint:
     def _on_readable(self) -> None:
         # The boundary of everything a read sets off (the owner's parsing, filtering,
         # forwarding, closing): a fault in there costs this connection only, once.
+        # (One try around it all, not a call more per read: try costs nothing.)
         try:
-            self._read()
+            # Normally a fresh chunk for on_data; when the owner set ``into``, straight into
+            # that view (the rest of a large message), reported to on_filled.
+            into = self.into
+            data = b""
+            try:
+                if self.receive_fds:
+                    if into is None:
+                        data, anc, flags, _addr = self.sock.recvmsg(
+                            READ_CHUNK, _ANC_SPACE, _MSG_CMSG_CLOEXEC
+                        )
+                        nbytes = len(data)
+                    else:
+                        nbytes, anc, flags, _addr = self.sock.recvmsg_into(
+                            [into], _ANC_SPACE, _MSG_CMSG_CLOEXEC
+                        )
+                    fds = _fds_from_ancillary(anc) if anc else []
+                    if flags & _MSG_CTRUNC:
+                        close_fds(fds)
+                        self._fail("too many unix fds in one read (control data truncated)")
+                        return
+                else:
+                    if into is None:
+                        data = self.sock.recv(READ_CHUNK)
+                        nbytes = len(data)
+                    else:
+                        nbytes = self.sock.recv_into(into)
+                    fds = []
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(f"read failed: {exc.strerror or exc}")
+                return
+            if not nbytes:
+                close_fds(fds)
+                self.pause_reading()
+                self.eof = True
+                self.on_eof()
+                return
+            if into is None:
+                self.on_data(data, fds)
+            else:
+                self.into = None
+                assert self.on_filled is not None
+                self.on_filled(nbytes, fds)
         except Exception as exc:
             self._faulted(exc)
-
-    def _read(self) -> None:
-        # Normally a fresh chunk for on_data; when the owner set ``into``, straight into
-        # that view (the rest of a large message), reported to on_filled.
-        into = self.into
-        data = b""
-        try:
-            if self.receive_fds:
-                if into is None:
-                    data, anc, flags, _addr = self.sock.recvmsg(
-                        READ_CHUNK, _ANC_SPACE, _MSG_CMSG_CLOEXEC
-                    )
-                    nbytes = len(data)
-                else:
-                    nbytes, anc, flags, _addr = self.sock.recvmsg_into(
-                        [into], _ANC_SPACE, _MSG_CMSG_CLOEXEC
-                    )
-                fds = _fds_from_ancillary(anc) if anc else []
-                if flags & _MSG_CTRUNC:
-                    close_fds(fds)
-                    self._fail("too many unix fds in one read (control data truncated)")
-                    return
-            else:
-                if into is None:
-                    data = self.sock.recv(READ_CHUNK)
-                    nbytes = len(data)
-                else:
-                    nbytes = self.sock.recv_into(into)
-                fds = []
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._fail(f"read failed: {exc.strerror or exc}")
-            return
-        if not nbytes:
-            close_fds(fds)
-            self.pause_reading()
-            self.eof = True
-            self.on_eof()
-            return
-        if into is None:
-            self.on_data(data, fds)
-        else:
-            self.into = None
-            assert self.on_filled is not None
-            self.on_filled(nbytes, fds)
 
     def _faulted(self, exc: BaseException) -> None:
         """A bug of ours (or an injected fault) must cost this one connection, not leave
