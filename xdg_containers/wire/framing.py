@@ -45,6 +45,7 @@ class MessageReader:
         "_fds",
         "_next_len",
         "_pos",
+        "mark",
         "max_fds",
         "max_message_bytes",
         "progress",
@@ -58,6 +59,7 @@ class MessageReader:
         # Bumped by every feed and fill: whether a partial message advanced is a
         # comparison with an earlier value (the idle partial message timeout).
         self.progress = 0
+        self.mark = 0  # the owner's: ``progress`` when its idle deadline started
         self._buf = bytearray()
         self._pos = 0
         # A list, not a deque: nearly always empty, and a deque costs ~600 bytes even then.
