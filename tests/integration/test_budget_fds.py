@@ -27,6 +27,7 @@ from tests.integration.budget_helpers import (
     new_server,
     set_fd_limit,
     start_wrapped,
+    status_kib,
     stop_wrapped,
 )
 from tests.integration.test_hostile_wire import RawConn, fd_count, method_call, unix_path, wait_for
@@ -111,7 +112,8 @@ def test_partial_messages_hoarding_fds_close_the_hoarder_only(
     assert not bystander.errors, bystander.errors[:3]
     assert bystander.worst < 2.0, f"bystander worst round {bystander.worst:.3f} s"
     print(f"\nfd hoarding: bystander worst {bystander.worst * 1000:.0f} ms over "
-          f"{len(bystander.latencies)} rounds; service CPU {cpu:.2f} s in {elapsed:.1f} s")
+          f"{len(bystander.latencies)} rounds; service CPU {cpu:.2f} s in {elapsed:.1f} s; "
+          f"peak RSS {status_kib(pid, 'VmHWM') // 1024} MiB")
     wait_for(lambda: fd_count(pid) < 100, "the service's fds to be released")
 
 
@@ -172,7 +174,7 @@ def test_fd_exhaustion_refuses_quietly_and_timeouts_free_the_fds(
     assert len(unfinished) == 3, "\n".join(out[-40:])
     assert any("handshake not finished in time" in line for line in out)
     print(f"\nfd exhaustion: {len(storm)} refusal lines and {cpu:.2f} s CPU in {elapsed:.1f} s; "
-          f"the bystander waited {waited:.1f} s")
+          f"the bystander waited {waited:.1f} s; peak RSS {status_kib(pid, 'VmHWM') // 1024} MiB")
 
 
 def test_rlimit_nofile_is_raised_to_the_hard_limit(bus: PrivateBus, runtime_dir: str) -> None:

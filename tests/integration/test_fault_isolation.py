@@ -22,6 +22,7 @@ from tests.integration.budget_helpers import (
     log_lines,
     new_server,
     start_wrapped,
+    status_kib,
     stop_wrapped,
 )
 from tests.integration.test_hostile_wire import RawConn, driver_call, wait_for
@@ -93,6 +94,7 @@ def test_a_fault_closes_its_connection_only(
         elapsed = time.monotonic() - t0
         cpu = cpu_seconds(pid) - cpu_before
         assert sp.process.poll() is None, f"the service died:\n{sp.log()}"
+        peak_kib = status_kib(pid, "VmHWM")
         reply = steady.driver("GetId")
         assert len(reply.body[0]) == 32, reply
         rounds = len(bystander.latencies)
@@ -114,6 +116,8 @@ def test_a_fault_closes_its_connection_only(
     assert cpu < 0.5 * elapsed, f"service CPU {cpu:.2f} s in {elapsed:.2f} s (busy loop)"
     assert not bystander.errors, bystander.errors[:3]
     assert bystander.worst < 2.0, f"bystander worst round {bystander.worst:.3f} s"
+    print(f"\nfault {stage}: bystander worst {bystander.worst * 1000:.0f} ms over "
+          f"{len(bystander.latencies)} rounds; service peak RSS {peak_kib // 1024} MiB")
     rc = sp.process.poll()
     stop_wrapped(sp)
     assert rc is None
