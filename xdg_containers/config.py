@@ -25,6 +25,14 @@ class Limits:
     max_pending_bytes_per_connection: int = 8 * 1024 * 1024
     #: Milliseconds a connection may take from accept to its Hello (dbus-daemon's name).
     auth_timeout: int = 30000
+    #: Unix fds one connection may hold in messages not yet forwarded (partial ones and
+    #: ones queued while the client's Hello is answered): dbus-daemon's
+    #: max_incoming_unix_fds default, 4 messages of its 16 (max_message_unix_fds).
+    max_fds_per_connection: int = 64
+    #: Milliseconds a client's message may sit unfinished without a byte of progress.
+    idle_partial_message_timeout: int = 30000
+    #: Bytes held in partial messages and queues over all connections of the service.
+    max_buffered_bytes: int = 512 * 1024 * 1024
 
     def with_overrides(self, overrides: dict[str, str]) -> Limits:
         """A copy with ``name=value`` overrides applied (values are integers)."""

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -227,6 +228,20 @@ class Service:
         return lost.result() if lost.done() and not lost.cancelled() else None
 
 
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one (SPEC 12): every connection costs
+    fds, and the 1024 soft default would run short long before the other limits do.
+    (The service waits with epoll, never select(), so fds above 1023 are fine.)"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the fd limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
 def _address_of(bus: MessageBus) -> str:
     addr: Any = getattr(bus, "_bus_address", None)
     if isinstance(addr, list):
@@ -246,6 +261,7 @@ async def serve(
     filter_factory: Callable[[Session, FilterSettings], MessageFilter] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the bus goes away (non-zero)."""
+    raise_fd_limit()
     service = Service(bus_address, bus_type, limits, filter_factory)
     await service.start()
     loop = asyncio.get_running_loop()

@@ -111,7 +111,8 @@ class DispatchingSelector(selectors.EpollSelector):
                             deferred = []
                         deferred.append((fd, event, entry))
                         continue
-                    _dispatch(direct, fd, event, entry)
+                    if _dispatch(direct, fd, event, entry):
+                        self._drop_failed(fd)
                     continue
                 key = fd_to_key.get(fd)
                 if key:
@@ -123,8 +124,8 @@ class DispatchingSelector(selectors.EpollSelector):
                     ready.append((key, events & key.events))
             if deferred is not None:
                 for fd, event, entry in deferred:
-                    if direct.get(fd) is entry:
-                        _dispatch(direct, fd, event, entry)
+                    if direct.get(fd) is entry and _dispatch(direct, fd, event, entry):
+                        self._drop_failed(fd)
             if ready or not fd_event_list or loop is None or wait == 0:
                 return ready
             if loop._ready or loop._stopping or len(loop._scheduled) != timers:  # type: ignore[attr-defined]
@@ -134,35 +135,42 @@ class DispatchingSelector(selectors.EpollSelector):
                 if wait <= 0:
                     return ready
 
+    def _drop_failed(self, fd: int) -> None:
+        """A callback of ``fd`` raised past its owner's own guard: stop watching it, or a
+        level-triggered fd would fail again at every wake-up (a busy loop, a log storm)."""
+        log.error("no longer watching fd %d after the error above", fd)
+        self.watch(fd, None, None)
+
     def close(self) -> None:
         """Forget the direct fds too (their owners close the sockets)."""
         self._direct.clear()
         super().close()
 
 
-def _dispatch(direct: dict[int, list[Any]], fd: int, event: int, entry: list[Any]) -> None:
+def _dispatch(direct: dict[int, list[Any]], fd: int, event: int, entry: list[Any]) -> bool:
     """Run a direct fd's callbacks for ``event``, reading the bits as asyncio does
-    (errors wake both sides); the writer only if the reader left the entry in place."""
+    (errors wake both sides); the writer only if the reader left the entry in place.
+    True if a callback raised (logged here; the caller stops watching the fd)."""
     if event & ~_EPOLLOUT and entry[0] is not None:
         try:
             entry[0]()
         except Exception:
             _log_failure()
+            return True
         if entry[1] is None or direct.get(fd) is not entry:
-            return
+            return False
     if event & ~_EPOLLIN and entry[1] is not None:
-        _run(entry[1])
-
-
-def _run(callback: Callback) -> None:
-    try:
-        callback()
-    except Exception:
-        _log_failure()
+        try:
+            entry[1]()
+        except Exception:
+            _log_failure()
+            return True
+    return False
 
 
 def _log_failure() -> None:
-    # As asyncio does for a failing handle: log it and keep the loop alive.
+    # The owners guard their own callbacks (endpoint.py, the accept path): this is the
+    # last resort, and the loop carries on as asyncio's does for a failing handle.
     log.exception("unexpected error in a proxy socket callback")
 
 

@@ -130,6 +130,12 @@ class Endpoint:
         # dropped once drained (an idle connection's empty deque would cost ~600 bytes).
         self._queue: deque[list[object]] | None = None
         self.pending_bytes = 0
+        self.pending_fds = 0  # fds in the queue (max_fds_per_connection backpressure)
+        # Called after each write while set: the owner counts what it holds (budget.py).
+        self.on_written: Callable[[], None] | None = None
+        # What a callback run from this socket raised (then the socket failed): the
+        # owner logs it once, with its traceback, in the line saying why it closed.
+        self.fault: BaseException | None = None
         self._direct = direct_selector(loop)
         if self._direct is not None:
             # Drop a stale entry left by an earlier socket with this fd number.
@@ -176,55 +182,72 @@ class Endpoint:
             self._on_readable()
 
     def _on_readable(self) -> None:
-        # Normally a fresh chunk for on_data; when the owner set ``into``, straight into
-        # that view (the rest of a large message), reported to on_filled.
-        into = self.into
-        data = b""
+        # The boundary of everything a read sets off (the owner's parsing, filtering,
+        # forwarding, closing): a fault in there costs this connection only, once.
+        # (One try around it all, not a call more per read: try costs nothing.)
         try:
-            if self.receive_fds:
-                if into is None:
-                    data, anc, flags, _addr = self.sock.recvmsg(
-                        READ_CHUNK, _ANC_SPACE, _MSG_CMSG_CLOEXEC
-                    )
-                    nbytes = len(data)
+            # Normally a fresh chunk for on_data; when the owner set ``into``, straight into
+            # that view (the rest of a large message), reported to on_filled.
+            into = self.into
+            data = b""
+            try:
+                if self.receive_fds:
+                    if into is None:
+                        data, anc, flags, _addr = self.sock.recvmsg(
+                            READ_CHUNK, _ANC_SPACE, _MSG_CMSG_CLOEXEC
+                        )
+                        nbytes = len(data)
+                    else:
+                        nbytes, anc, flags, _addr = self.sock.recvmsg_into(
+                            [into], _ANC_SPACE, _MSG_CMSG_CLOEXEC
+                        )
+                    fds = _fds_from_ancillary(anc) if anc else []
+                    if flags & _MSG_CTRUNC:
+                        close_fds(fds)
+                        self._fail("too many unix fds in one read (control data truncated)")
+                        return
                 else:
-                    nbytes, anc, flags, _addr = self.sock.recvmsg_into(
-                        [into], _ANC_SPACE, _MSG_CMSG_CLOEXEC
-                    )
-                fds = _fds_from_ancillary(anc) if anc else []
-                if flags & _MSG_CTRUNC:
-                    close_fds(fds)
-                    self._fail("too many unix fds in one read (control data truncated)")
-                    return
-            else:
-                if into is None:
-                    data = self.sock.recv(READ_CHUNK)
-                    nbytes = len(data)
-                else:
-                    nbytes = self.sock.recv_into(into)
-                fds = []
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._fail(f"read failed: {exc.strerror or exc}")
-            return
-        if not nbytes:
-            close_fds(fds)
-            self.pause_reading()
-            self.eof = True
-            self.on_eof()
-            return
-        try:
+                    if into is None:
+                        data = self.sock.recv(READ_CHUNK)
+                        nbytes = len(data)
+                    else:
+                        nbytes = self.sock.recv_into(into)
+                    fds = []
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(f"read failed: {exc.strerror or exc}")
+                return
+            if not nbytes:
+                close_fds(fds)
+                self.pause_reading()
+                self.eof = True
+                self.on_eof()
+                return
             if into is None:
                 self.on_data(data, fds)
             else:
                 self.into = None
                 assert self.on_filled is not None
                 self.on_filled(nbytes, fds)
-        except Exception:
-            # A bug of ours must cost this one connection, not leave it half-dead.
-            log.exception("internal error handling data; closing the connection")
+        except Exception as exc:
+            self._faulted(exc)
+
+    def _faulted(self, exc: BaseException) -> None:
+        """A bug of ours (or an injected fault) must cost this one connection, not leave
+        it half-dead nor escape into the loop, where a level-triggered socket would call
+        us again at once: the socket fails with ``fault`` set, and the owner's close
+        logs it once, traceback included."""
+        if self.closed:
+            # Closed by the owner before the fault: nobody else will report it.
+            log.error("internal error after the connection closed", exc_info=exc)
+            return
+        self.fault = exc
+        try:
             self._fail("internal error")
+        except Exception:
+            log.exception("internal error while closing a faulty connection")
+            self.close()
 
     # -- writing -----------------------------------------------------------------
 
@@ -237,7 +260,11 @@ class Endpoint:
         q = self._queue
         if q is None:
             q = self._queue = deque()
-        q.append([memoryview(data), fds or None])
+        if fds:
+            q.append([memoryview(data), fds])
+            self.pending_fds += len(fds)
+        else:
+            q.append([memoryview(data), None])
         self.pending_bytes += len(data)
 
     def send(self, data: bytes | memoryview) -> None:
@@ -276,7 +303,11 @@ class Endpoint:
             self.loop.add_writer(self.fd, self._on_writable)
 
     def _on_writable(self) -> None:
-        self._write_some()
+        try:
+            self._write_some()
+        except Exception as exc:
+            self._faulted(exc)
+            return
         if not self._queue and self._writing and not self.closed:
             self._writing = False
             if self._direct is not None:
@@ -321,6 +352,7 @@ class Endpoint:
             if head_fds is not None:
                 assert isinstance(head_fds, list)
                 close_fds(head_fds)
+                self.pending_fds -= len(head_fds)
                 head[1] = None
             self.pending_bytes -= sent
             partial = sent < total
@@ -338,6 +370,8 @@ class Endpoint:
                 break
         if not q:
             self._queue = None
+        if self.on_written is not None:
+            self.on_written()
         if self.on_drained is not None:
             self.on_drained()
 
@@ -376,4 +410,5 @@ class Endpoint:
             if isinstance(fds, list):
                 close_fds(fds)
         self.pending_bytes = 0
+        self.pending_fds = 0
         self.sock.close()

@@ -8,6 +8,7 @@ listens and its last connection is gone.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import secrets
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import Limits
 from ..deadlines import DeadlineQueue
 from ..proxy.basic_filter import BasicFilter
+from ..proxy.budget import budget_for
 from ..proxy.dispatch import direct_selector
 from ..proxy.peercred import read_peer_credentials
 from ..proxy.session import MessageFilter, Session
@@ -34,6 +36,15 @@ if TYPE_CHECKING:
     from .registry import ServerRegistry
 
 log = logging.getLogger(__name__)
+
+#: accept() errors meaning the process (or system) is out of fds or memory for one more.
+_ACCEPT_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Seconds a server stops accepting after such an error: the listening socket is
+#: level-triggered, so watching it on would fail again at once, in a busy loop.
+ACCEPT_PAUSE = 0.25
+#: At most one line about the shortage per this many seconds, for the whole service.
+SHORTAGE_LOG_INTERVAL = 1.0
+_shortage = {"logged_at": -1e9, "refused": 0}
 
 #: Denial log lines allowed per server per window before they are summarised.
 DENIAL_LOG_BURST = 20
@@ -121,6 +132,14 @@ class ContainerServer:
         self._handshakes: DeadlineQueue[Session] = DeadlineQueue(
             self.loop, self.limits.auth_timeout / 1000, Session.handshake_expired
         )
+        # Sessions holding a message the client has not finished sending.
+        self.partials: DeadlineQueue[Session] = DeadlineQueue(
+            self.loop, self.limits.idle_partial_message_timeout / 1000, Session.partial_expired
+        )
+        # Bytes held by the connections of every server (proxy/budget.py).
+        self.budget = budget_for(self.loop, self.limits.max_buffered_bytes)
+        self._accept_paused: asyncio.TimerHandle | None = None
+        self._starting: Session | None = None  # the session being started by accept
         self._notify_fd: int | None = None
         #: Makes this server's bus connections (SPEC 10); None: this process is the anchor.
         self.anchor: AnchorLink | None = None
@@ -261,9 +280,70 @@ class ContainerServer:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            log.warning("%s: accept failed: %s", self.path, exc)
+            if exc.errno in _ACCEPT_SHORTAGE:
+                self._out_of_fds(exc)
+            else:
+                log.warning("%s: accept failed: %s", self.path, exc)
             return
-        self._accepted(conn)
+        except Exception:
+            # A fault of ours in the accept path costs this server, not the service.
+            log.exception("%s (%s): internal error accepting; stopping the server",
+                          self.path, self.app_id)
+            self.stop()
+            return
+        try:
+            self._accepted(conn)
+        except Exception as exc:
+            self._accept_failed(conn, exc)
+
+    def _accept_failed(self, conn: socket.socket, exc: Exception) -> None:
+        """A fault while taking a new connection on: that connection goes, logged once."""
+        if isinstance(exc, OSError) and exc.errno in _ACCEPT_SHORTAGE:
+            conn.close()
+            self._out_of_fds(exc)
+            return
+        log.error("%s (%s): internal error taking a new connection on; closing it",
+                  self.path, self.app_id, exc_info=exc)
+        session, self._starting = self._starting, None
+        if session is not None:
+            try:
+                session.close()
+            except Exception:
+                self.sessions.discard(session)
+        conn.close()
+
+    def _out_of_fds(self, exc: OSError) -> None:
+        """No fd (or memory) for one more connection: stop accepting for ACCEPT_PAUSE
+        (waiting clients stay in the backlog), and say so at most once a second."""
+        _shortage["refused"] += 1
+        now = time.monotonic()
+        if now - _shortage["logged_at"] >= SHORTAGE_LOG_INTERVAL:
+            log.warning(
+                "refusing new connections for now: %s (%d refusals since the last such "
+                "line; raise the fd limit or lower max_connections_per_server)",
+                exc.strerror or exc,
+                _shortage["refused"],
+            )
+            _shortage["logged_at"] = now
+            _shortage["refused"] = 0
+        sock = self._listen_sock
+        if sock is None or self._accept_paused is not None:
+            return
+        if self._direct is not None:
+            self._direct.watch(sock.fileno(), None, None)
+        else:
+            self.loop.remove_reader(sock.fileno())
+        self._accept_paused = self.loop.call_later(ACCEPT_PAUSE, self._resume_accept)
+
+    def _resume_accept(self) -> None:
+        self._accept_paused = None
+        sock = self._listen_sock
+        if sock is None:
+            return
+        if self._direct is not None:
+            self._direct.watch(sock.fileno(), self._on_accept, None)
+        else:
+            self.loop.add_reader(sock.fileno(), self._on_accept)
 
     def _accepted(self, conn: socket.socket) -> None:
         if len(self.sessions) >= self.limits.max_connections_per_server:
@@ -278,8 +358,11 @@ class ContainerServer:
         try:
             creds = read_peer_credentials(conn, complete=False)
         except OSError as exc:
-            log.warning("%s: cannot read peer credentials: %s", self.path, exc)
             conn.close()
+            if exc.errno in _ACCEPT_SHORTAGE:
+                self._out_of_fds(exc)  # no fd for its pidfd: as for accept itself
+            else:
+                log.warning("%s: cannot read peer credentials: %s", self.path, exc)
             return
         if creds.uid != self.creator_uid:
             log.warning(
@@ -296,7 +379,9 @@ class ContainerServer:
         conn.setblocking(False)
         session = Session(self, conn, creds, self.loop)
         self.sessions.add(session)
+        self._starting = session
         session.start()
+        self._starting = None
 
     def stop_listening(self) -> None:
         """Close and unlink the listening socket; existing connections carry on."""
@@ -307,6 +392,9 @@ class ContainerServer:
             except OSError:
                 pass
             self._notify_fd = None
+        if self._accept_paused is not None:
+            self._accept_paused.cancel()
+            self._accept_paused = None
         if self.listening:
             self.listening = False
             sock = self._listen_sock
@@ -335,6 +423,7 @@ class ContainerServer:
         if not self.listening and not self.sessions and not self._finished:
             self._finished = True
             self._handshakes.close()
+            self.partials.close()
             if self.anchor is not None:
                 self.spares.forget(self.anchor)
                 self.anchor.close()
@@ -377,6 +466,7 @@ class ContainerServer:
         """A session ended."""
         self.sessions.discard(session)
         self._handshakes.discard(session)
+        self.partials.discard(session)
         self.registry.session_closed(session)
         self._maybe_finished()
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from .header import FIXED_HEADER_LEN, MessageError, message_length
 
-#: At most this many received-but-unclaimed fds are held per stream.
+#: At most this many received-but-unclaimed fds are held per stream (unless told fewer).
 MAX_QUEUED_FDS = 1024
 #: The D-Bus specification's limit on fds in one message (dbus-daemon uses 253... or 16*4).
 MAX_FDS_PER_MESSAGE = 253
@@ -38,11 +38,28 @@ class FramingError(MessageError):
 class MessageReader:
     """Accumulates stream bytes and yields whole messages with their fds."""
 
-    __slots__ = ("_big", "_big_fill", "_buf", "_fds", "_next_len", "_pos", "max_message_bytes")
+    __slots__ = (
+        "_big",
+        "_big_fill",
+        "_buf",
+        "_fds",
+        "_next_len",
+        "_pos",
+        "mark",
+        "max_fds",
+        "max_message_bytes",
+        "progress",
+    )
 
-    def __init__(self, max_message_bytes: int) -> None:
-        """``max_message_bytes``: a header claiming more closes the stream."""
+    def __init__(self, max_message_bytes: int, max_fds: int = MAX_QUEUED_FDS) -> None:
+        """``max_message_bytes``: a header claiming more closes the stream; ``max_fds``:
+        holding more received fds than this (messages not yet taken) closes it too."""
         self.max_message_bytes = max_message_bytes
+        self.max_fds = max_fds
+        # Bumped by every feed and fill: whether a partial message advanced is a
+        # comparison with an earlier value (the idle partial message timeout).
+        self.progress = 0
+        self.mark = 0  # the owner's: ``progress`` when its idle deadline started
         self._buf = bytearray()
         self._pos = 0
         # A list, not a deque: nearly always empty, and a deque costs ~600 bytes even then.
@@ -54,6 +71,7 @@ class MessageReader:
 
     def feed(self, data: bytes | bytearray | memoryview, fds: Iterable[int] = ()) -> None:
         """Append received bytes, and the fds that arrived with them."""
+        self.progress += 1
         big = self._big
         if big is not None:
             # Complete the large message first; anything after it goes to the buffer.
@@ -71,8 +89,11 @@ class MessageReader:
 
     def _add_fds(self, fds: Iterable[int]) -> None:
         self._fds.extend(fds)
-        if len(self._fds) > MAX_QUEUED_FDS:
-            raise FramingError("too many unix fds queued without a message to carry them")
+        if len(self._fds) > self.max_fds:
+            raise FramingError(
+                f"too many unix fds held: {len(self._fds)} in messages not yet forwarded, "
+                f"over max_fds_per_connection={self.max_fds}"
+            )
 
     def read_target(self) -> memoryview | None:
         """Where the next read should land: the unreceived rest of a large message.
@@ -85,12 +106,10 @@ class MessageReader:
         big = self._big
         if big is not None:
             return memoryview(big)[self._big_fill :] if self._big_fill < len(big) else None
-        n = self._next_len  # known once next_message() saw the header
-        if n < _INTO_MIN:
+        n = self.reservation()
+        if not n:
             return None
         avail = len(self._buf) - self._pos
-        if n - avail < _INTO_MIN_REST or n > 4 * avail + _INTO_ALLOWANCE:
-            return None
         big = bytearray(n)
         big[:avail] = memoryview(self._buf)[self._pos :]
         # Everything buffered was part of this message (it is incomplete).
@@ -100,6 +119,19 @@ class MessageReader:
         self._big_fill = avail
         return memoryview(big)[avail:]
 
+    def reservation(self) -> int:
+        """The size of the buffer ``read_target`` would reserve now (0: none): lets the
+        caller check a budget before the memory is committed."""
+        if self._big is not None:
+            return 0
+        n = self._next_len  # known once next_message() saw the header
+        if n < _INTO_MIN:
+            return 0
+        avail = len(self._buf) - self._pos
+        if n - avail < _INTO_MIN_REST or n > 4 * avail + _INTO_ALLOWANCE:
+            return 0
+        return n
+
     def filled(self, nbytes: int, fds: Iterable[int] = ()) -> memoryview | None:
         """A read into ``read_target()``'s view returned ``nbytes`` bytes and ``fds``.
 
@@ -108,6 +140,7 @@ class MessageReader:
         """
         big = self._big
         assert big is not None and self._big_fill + nbytes <= len(big)
+        self.progress += 1
         fill = self._big_fill = self._big_fill + nbytes
         if fds:
             self._add_fds(fds)
@@ -119,6 +152,20 @@ class MessageReader:
         if self._big is not None:
             return self._big_fill + len(self._buf) - self._pos
         return len(self._buf) - self._pos
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of memory this reader holds for data not handed out (a large message's
+        whole buffer once reserved), for the service-wide budget."""
+        big = self._big
+        return len(self._buf) + (len(big) if big is not None else 0)
+
+    @property
+    def filling(self) -> bool:
+        """A large message's full buffer is reserved and still being filled: reading
+        more of it costs no more memory, and completing it frees the buffer."""
+        big = self._big
+        return big is not None and self._big_fill < len(big)
 
     def has_message(self) -> bool:
         """Whether a complete message is waiting to be taken."""
