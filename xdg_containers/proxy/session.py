@@ -213,7 +213,7 @@ class Session:
             bus.pending_bytes > self._max_pending or bus.pending_fds > self._client_reader.max_fds
         ):
             return  # the bus lags: _bus_drained resumes it
-        self._client.start_reading()
+        self._resume_client()
 
     def _account(self) -> bool:
         """Tell the service-wide budget what this connection holds (it counts whole MiB
@@ -948,7 +948,14 @@ class Session:
             return
         bus.on_drained = None
         if not self._client.eof and not self.closed and not self.server.budget.is_paused(self):
-            self._client.start_reading()
+            self._resume_client()
+
+    def _resume_client(self) -> None:
+        """Read the client again after we paused it. Its idle-partial-message deadline
+        starts over: the time it waited was ours (a deadline due in the same loop turn
+        would otherwise find it reading, no progress made, and close it)."""
+        self._client_reader.mark = -1
+        self._client.start_reading()
 
     # -- logging -------------------------------------------------------------------------
 
