@@ -112,14 +112,19 @@ def start_service(
     runtime_dir: str,
     extra_args: list[str] | None = None,
     env: dict[str, str] | None = None,
+    *,
+    prefix: list[str] | None = None,
+    module: str = "xdg_containers",
 ) -> ServiceProcess:
-    """Start the service on ``bus_address`` and wait for its READY=1."""
+    """Start the service on ``bus_address`` and wait for its READY=1; ``prefix`` runs it
+    under a wrapper (``prlimit``), ``module`` through a test-only entry point."""
     log_fd, log_path = tempfile.mkstemp(prefix="xdgc-service-", suffix=".log")
     r, w = os.pipe()
     args = [
+        *(prefix or []),
         sys.executable,
         "-m",
-        "xdg_containers",
+        module,
         "-v",
         "serve",
         "--address",

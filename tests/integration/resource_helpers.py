@@ -6,16 +6,13 @@ service's CPU time, peak RSS and log volume from /proc and its log.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 
-from tests.conftest import REPO, ServiceProcess
+from tests.conftest import ServiceProcess, start_service
 from tests.integration.test_hostile_wire import RawConn, add_server
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -29,38 +26,9 @@ def start_wrapped(
     prefix: list[str] | None = None,
     module: str = "xdg_containers",
 ) -> ServiceProcess:
-    """As conftest.start_service, but run as ``prefix + [python, -m, module, ...]`` (e.g.
+    """As conftest.start_service, run as ``prefix + [python, -m, module, ...]`` (e.g.
     under ``prlimit``, or through a test-only module that injects faults)."""
-    log_fd, log_path = tempfile.mkstemp(prefix="xdgc-service-", suffix=".log")
-    r, w = os.pipe()
-    args = [
-        *(prefix or []),
-        sys.executable,
-        "-m",
-        module,
-        "-v",
-        "serve",
-        "--address",
-        bus_address,
-        "--ready-fd",
-        str(w),
-        *(extra_args or []),
-    ]
-    env = dict(os.environ)
-    env["XDG_RUNTIME_DIR"] = runtime_dir
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen(args, stdout=log_fd, stderr=log_fd, pass_fds=(w,), env=env, cwd=REPO)
-    os.close(w)
-    os.close(log_fd)
-    sp = ServiceProcess(proc, bus_address, runtime_dir, log_path, extra_args or [])
-    ready, _, _ = select.select([r], [], [], 20)
-    data = os.read(r, 100) if ready else b""
-    os.close(r)
-    if b"READY=1" not in data:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"service did not become ready; log:\n{sp.log()}")
-    return sp
+    return start_service(bus_address, runtime_dir, extra_args, prefix=prefix, module=module)
 
 
 def stop_wrapped(sp: ServiceProcess) -> None:
