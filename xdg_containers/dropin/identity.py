@@ -76,7 +76,7 @@ def identity_from_keyfile(text: str, info_path: str) -> Identity:
     runtime = app.get("runtime", "")
     for key, value in (
         (META_RUNTIME, runtime),
-        (META_BRANCH, app.get("branch", "")),
+        (META_BRANCH, instance.get("branch", "") or app.get("branch", "")),
         (META_ARCH, instance.get("arch", "")),
         (META_APP_COMMIT, instance.get("app-commit", "")),
         (META_RUNTIME_COMMIT, instance.get("runtime-commit", "")),
