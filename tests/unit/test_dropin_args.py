@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 from dbus_fast import Message
 from dbus_fast._private.unmarshaller import Unmarshaller
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from xdg_containers.dropin.args import ArgsError, EarlyExit, Group, parse, split_args_data
+from xdg_containers.dropin.args import (
+    ArgsError,
+    EarlyExit,
+    Group,
+    name_problem,
+    parse,
+    rule_problem,
+    split_args_data,
+)
 from xdg_containers.dropin.backed import add_server_message, named_arguments
 from xdg_containers.dropin.identity import (
     FLATPAK_TYPE,
@@ -17,7 +28,9 @@ from xdg_containers.dropin.identity import (
     identity_from_keyfile,
     read_identity,
 )
+from xdg_containers.policy import PolicyError, parse_rule, policy_from_named_arguments
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ADDR = "unix:path=/run/user/0/bus,guid=0123456789abcdef0123456789abcdef"
 
 
@@ -184,3 +197,62 @@ def test_policy_without_filter_is_not_sent() -> None:
     (which would refuse it), so the server is unfiltered as upstream's proxy is."""
     named = named_arguments(Group("A", "P", levels=[("talk", "org.a")]))
     assert not any(k.endswith(("Filter", "Policy", "Call", "Broadcast")) for k in named)
+
+
+_RULE_ALPHABET = st.sampled_from([*"ab.*@/_-:1 ", "org.x", "I.M", "@/p/*", "/*"])
+
+
+@given(st.lists(_RULE_ALPHABET, max_size=8).map("".join))
+@settings(max_examples=400, deadline=None)
+def test_rule_check_agrees_with_the_policy_engine(rule: str) -> None:
+    """args.py checks rules without importing the policy engine (start-up time); it must
+    accept exactly what policy/rules.py accepts, so the service never refuses what the
+    command line let through."""
+    try:
+        parse_rule(rule)
+        engine_ok = True
+    except PolicyError:
+        engine_ok = False
+    assert (rule_problem(rule) is None) == engine_ok, rule
+
+
+@given(st.lists(_RULE_ALPHABET, max_size=8).map("".join))
+@settings(max_examples=400, deadline=None)
+def test_name_check_agrees_with_the_policy_engine(key: str) -> None:
+    """The same for --see/--talk/--own names and the NAME of --call/--broadcast."""
+    try:
+        policy_from_named_arguments({key: "see"}, {}, {})
+        engine_ok = True
+    except PolicyError:
+        engine_ok = False
+    assert (name_problem(key) is None) == engine_ok, key
+
+
+@pytest.mark.parametrize(
+    "rule", ["", "*", "@/*", "org.x.*", "org.x.M@/a/b", "@/a/*", "org.x.M@/", "@", "@//*",
+             "org.x", "org.x.*@/a/", "org..x.M", "org.x.1M", ".M"],
+)
+def test_rule_check_examples(rule: str) -> None:
+    """Hand-picked rules, valid and not, agree with the engine too."""
+    try:
+        parse_rule(rule)
+        engine_ok = True
+    except PolicyError:
+        engine_ok = False
+    assert (rule_problem(rule) is None) == engine_ok, rule
+
+
+def test_start_up_imports_stay_small() -> None:
+    """The path to the sync byte imports no dataclasses, asyncio, dbus-fast nor the policy
+    engine (a fresh interpreter, as flatpak starts it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import xdg_containers.dropin.main as m; "
+        "bad = [n for n in ('dataclasses', 'asyncio', 'dbus_fast', 'xdg_containers.policy',"
+        " 'inspect', 'logging') if n in sys.modules]; print(bad)"
+    )
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", f"import sys; sys.path.insert(0, "
+                           f"{REPO!r}); {code}"], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

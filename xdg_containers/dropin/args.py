@@ -6,16 +6,23 @@ options before the first ADDRESS are generic (``--fd``, ``--args``, ``--help``,
 generic options may appear there too. ``--args=FD`` reads NUL-separated
 arguments from FD and inserts them right after itself, so they continue
 whatever group was being parsed. Names and rules are checked here, before any
-socket exists, with the same rules the service applies (policy/rules.py).
+socket exists, with the same rules the service applies (policy/rules.py;
+``tests/unit/test_dropin_args.py`` checks the two agree). This module is on the
+start-up path, before the sync byte: it imports only ``re`` (through
+wire/names.py), no dataclasses and no policy engine.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from ..policy import PolicyError, policy_from_named_arguments
+from ..wire.names import (
+    is_valid_interface_name,
+    is_valid_member_name,
+    is_valid_object_path,
+    is_valid_well_known_name,
+)
 
 VERSION = "0.1.0"
 PROGRAM = "xdg-containers-dbus-proxy"
@@ -59,19 +66,33 @@ class EarlyExit(Exception):
         self.to_stderr = to_stderr
 
 
-@dataclass
 class Group:
     """One ADDRESS PATH group: a proxied bus and the socket to serve it on."""
 
-    address: str
-    path: str
-    filter: bool = False
-    log: bool = False
-    sloppy_names: bool = False
-    #: (level word, name or ``prefix.*``) in command-line order
-    levels: list[tuple[str, str]] = field(default_factory=list)
-    calls: list[tuple[str, str]] = field(default_factory=list)
-    broadcasts: list[tuple[str, str]] = field(default_factory=list)
+    def __init__(
+        self,
+        address: str,
+        path: str,
+        *,
+        filter: bool = False,
+        log: bool = False,
+        sloppy_names: bool = False,
+        levels: list[tuple[str, str]] | None = None,
+        calls: list[tuple[str, str]] | None = None,
+        broadcasts: list[tuple[str, str]] | None = None,
+    ) -> None:
+        """``levels`` are (level word, name or ``prefix.*``) in command-line order."""
+        self.address = address
+        self.path = path
+        self.filter = filter
+        self.log = log
+        self.sloppy_names = sloppy_names
+        self.levels = levels if levels is not None else []
+        self.calls = calls if calls is not None else []
+        self.broadcasts = broadcasts if broadcasts is not None else []
+
+    def __repr__(self) -> str:
+        return f"Group({self.address!r}, {self.path!r}, filter={self.filter})"
 
     def policy(self) -> dict[str, str]:
         """``--see/--talk/--own`` as the Policy argument: several rules add up, the
@@ -91,12 +112,13 @@ class Group:
         return out
 
 
-@dataclass
 class Options:
     """The whole command line."""
 
-    sync_fd: int | None
-    groups: list[Group]
+    def __init__(self, sync_fd: int | None, groups: list[Group]) -> None:
+        """``sync_fd`` is ``--fd``'s value, if given."""
+        self.sync_fd = sync_fd
+        self.groups = groups
 
 
 def _fd_number(text: str, what: str) -> int:
@@ -105,26 +127,48 @@ def _fd_number(text: str, what: str) -> int:
     return int(text)
 
 
+def name_problem(key: str) -> str | None:
+    """Why ``key`` (a well-known name or ``prefix.*``) is no policy key, or None."""
+    name = key[:-2] if key.endswith(".*") else key
+    if name.startswith(":") or not is_valid_well_known_name(name):
+        return f"'{name}' is not a valid dbus name"
+    return None
+
+
+def rule_problem(rule: str) -> str | None:
+    """Why ``rule`` is no ``[METHOD][@PATH]`` rule, or None (policy/rules.py's syntax)."""
+    method, at, path = rule.partition("@")
+    if at and path != "/*":
+        base = path[:-2] if path.endswith("/*") else path
+        if (path.endswith("/*") and base == "/") or not is_valid_object_path(base):
+            return f"'{path}' is not an object path or 'path/*' subtree"
+    if method in ("", "*"):
+        return None
+    interface, dot, member = method.rpartition(".")
+    if not dot:
+        return f"method '{method}' is not '*', 'interface.*' or 'interface.Member'"
+    if not is_valid_interface_name(interface):
+        return f"'{interface}' is not a valid interface name"
+    if member != "*" and not is_valid_member_name(member):
+        return f"'{member}' is not a valid member name"
+    return None
+
+
 def _parse_name(text: str) -> str:
     """``--see/--talk/--own``'s NAME: a well-known name or ``prefix.*``."""
-    try:
-        policy_from_named_arguments({text: "see"}, {}, {})
-    except PolicyError:
-        shown = text[:-2] if text.endswith(".*") else text
-        raise ArgsError(f"'{shown}' is not a valid dbus name") from None
+    problem = name_problem(text)
+    if problem is not None:
+        raise ArgsError(problem)
     return text
 
 
-def _parse_name_rule(text: str, which: str) -> tuple[str, str]:
+def _parse_name_rule(text: str) -> tuple[str, str]:
     name, eq, rule = text.partition("=")
     if not eq:
         raise ArgsError(f"'{text}' is not a valid name + rule")
-    try:
-        policy_from_named_arguments(
-            {}, {name: [rule]} if which == "call" else {}, {name: [rule]} if which != "call" else {}
-        )
-    except PolicyError as exc:
-        raise ArgsError(f"'{text}' is not a valid name + rule: {exc}") from None
+    problem = name_problem(name) or rule_problem(rule)
+    if problem is not None:
+        raise ArgsError(f"'{text}' is not a valid name + rule: {problem}")
     return name, rule
 
 
@@ -178,9 +222,9 @@ def parse(argv: list[str], read_fd: Callable[[int], bytes], argv0: str = PROGRAM
                 word, _, name = arg[2:].partition("=")
                 g.levels.append((word, _parse_name(name)))
             elif arg.startswith("--call="):
-                g.calls.append(_parse_name_rule(arg[7:], "call"))
+                g.calls.append(_parse_name_rule(arg[7:]))
             elif arg.startswith("--broadcast="):
-                g.broadcasts.append(_parse_name_rule(arg[12:], "broadcast"))
+                g.broadcasts.append(_parse_name_rule(arg[12:]))
             elif arg == "--log":
                 g.log = True
             elif arg == "--filter":

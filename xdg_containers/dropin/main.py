@@ -132,6 +132,12 @@ def _serve(groups: list[Group], listeners: list[socket.socket], sync_fd: int | N
             f"{PREFIX}the xdg-containers service is unusable ({problem}); "
             "serving in this process\n"
         )
+    if sys.flags.no_site:
+        # Started with -S (the installed script, for start-up time): the in-process
+        # engine needs dbus-fast from site-packages.
+        import site
+
+        site.main()
     from .inprocess import run
 
     return run(groups, listeners, identity, sync_fd)
