@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 
+from tests.support.dropin import dropin_programs
 from tests.support.packages import ensure_packages
 
 APP = "org.example.App"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BINARIES = (
     "sh", "dbus-send", "gdbus", "dbus-test-tool", "cat", "sleep", "true", "sed", "tr", "sort",
 )
@@ -31,7 +30,8 @@ class FlatpakRig:
 
     root: str
     home: str
-    dropin: str
+    #: the drop-in's two forms: ``python`` (script) and ``front`` (C front + script)
+    dropins: dict[str, str]
 
     def env(self, bus_address: str, runtime_dir: str, proxy: str | None) -> dict[str, str]:
         """``flatpak run``'s environment; ``proxy`` is FLATPAK_DBUSPROXY (None: xdg-dbus-proxy)."""
@@ -115,11 +115,4 @@ def build_rig(root: str) -> FlatpakRig:
     _run(["flatpak", "build-export", repo, app, "1"], env, root)
     _run(["flatpak", "install", "--user", "-y", "--noninteractive", "local", f"{APP}//1"],
          env, root)
-    dropin = os.path.join(root, "xdg-containers-dbus-proxy")
-    with open(dropin, "w", encoding="utf-8") as fh:
-        fh.write(
-            f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {REPO_ROOT!r})\n"
-            "from xdg_containers.dropin.main import main\nsys.exit(main())\n"
-        )
-    os.chmod(dropin, 0o755)
-    return FlatpakRig(root, home, dropin)
+    return FlatpakRig(root, home, dropin_programs(os.path.join(root, "dropin")))

@@ -222,16 +222,20 @@ def _check_identity(run: AppRun, proxy_word: str) -> None:
     assert run.sockets_left == [], run.sockets_left
 
 
+FORMS = pytest.mark.parametrize("form", ["front", "python"])
+
+
+@FORMS
 def test_flatpak_same_outcomes_service_backed(
     rig: FlatpakRig, bus: PrivateBus, runtime_dir: str, host_peers: None,
-    service: ServiceProcess,
+    service: ServiceProcess, form: str,
 ) -> None:
     """Service running: the drop-in gives xdg-dbus-proxy's outcomes, the bus sees the
     drop-in's pid with the app's flatpak-info, and the service names the app."""
     reference = run_app(rig, bus, runtime_dir, None)
     _check_expected(reference.table)
     _check_identity(reference, "xdg-dbus-proxy")
-    ours = run_app(rig, bus, runtime_dir, rig.dropin)
+    ours = run_app(rig, bus, runtime_dir, rig.dropins[form])
     assert ours.table == reference.table
     _check_identity(ours, "xdg-containers-dbus-proxy")
     assert "serving in this process" not in ours.stderr, ours.stderr
@@ -242,12 +246,13 @@ def test_flatpak_same_outcomes_service_backed(
     service.wait_for_log("removed")
 
 
+@FORMS
 def test_flatpak_same_outcomes_in_process_fallback(
-    rig: FlatpakRig, bus: PrivateBus, runtime_dir: str, host_peers: None
+    rig: FlatpakRig, bus: PrivateBus, runtime_dir: str, host_peers: None, form: str
 ) -> None:
     """No service on the bus: the drop-in says so once and serves the same table itself."""
     reference = run_app(rig, bus, runtime_dir, None)
-    ours = run_app(rig, bus, runtime_dir, rig.dropin)
+    ours = run_app(rig, bus, runtime_dir, rig.dropins[form])
     assert ours.table == reference.table
     _check_expected(ours.table)
     _check_identity(ours, "xdg-containers-dbus-proxy")
@@ -291,7 +296,7 @@ def test_flatpak_portal_sees_the_app(
     if with_service:
         service_factory()  # type: ignore[operator]
     outs = []
-    for proxy in (None, rig.dropin):
+    for proxy in (None, rig.dropins["front"]):
         done = subprocess.run(
             ["flatpak", "run", APP, "-c", PORTAL_SCRIPT],
             env=rig.env(bus.address, runtime_dir, proxy), capture_output=True, text=True,

@@ -15,7 +15,7 @@ import tempfile
 import pytest
 
 from tests.conftest import ServiceProcess
-from tests.integration.flatpak_rig import REPO_ROOT
+from tests.support.dropin import dropin_programs
 from tests.support.packages import ensure_packages
 from xdg_containers.privatebus import PrivateBus
 
@@ -24,17 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 TEST_PROXY = "/usr/libexec/installed-tests/xdg-dbus-proxy/test-proxy"
 
 
-def _dropin_script(directory: str) -> str:
-    import sys
-
-    path = os.path.join(directory, "xdg-containers-dbus-proxy")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(
-            f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {REPO_ROOT!r})\n"
-            "from xdg_containers.dropin.main import main\nsys.exit(main())\n"
-        )
-    os.chmod(path, 0o755)
-    return path
+FORMS = pytest.mark.parametrize("form", ["front", "python"])
 
 
 def _run_test_proxy(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -56,25 +46,27 @@ def _check(done: subprocess.CompletedProcess[str]) -> None:
     assert "not ok" not in done.stdout
 
 
-def test_upstream_test_proxy_in_process(runtime_dir: str) -> None:
+@FORMS
+def test_upstream_test_proxy_in_process(runtime_dir: str, form: str) -> None:
     """No session bus at all: the drop-in serves in-process and passes."""
     ensure_packages("xdg-dbus-proxy-tests")
     with tempfile.TemporaryDirectory() as d:
-        env = dict(os.environ, DBUS_PROXY=_dropin_script(d), XDG_RUNTIME_DIR=runtime_dir)
+        env = dict(os.environ, DBUS_PROXY=dropin_programs(d)[form], XDG_RUNTIME_DIR=runtime_dir)
         env.pop("DBUS_SESSION_BUS_ADDRESS", None)
         done = _run_test_proxy(env)
     _check(done)
     assert "serving in this process" in done.stderr
 
 
+@FORMS
 def test_upstream_test_proxy_service_backed(
-    bus: PrivateBus, runtime_dir: str, service: ServiceProcess
+    bus: PrivateBus, runtime_dir: str, service: ServiceProcess, form: str
 ) -> None:
     """The service on our session bus proxies to test-proxy's own bus (Bus argument);
     the drop-in must not fall back."""
     ensure_packages("xdg-dbus-proxy-tests")
     with tempfile.TemporaryDirectory() as d:
-        env = dict(os.environ, DBUS_PROXY=_dropin_script(d), XDG_RUNTIME_DIR=runtime_dir,
+        env = dict(os.environ, DBUS_PROXY=dropin_programs(d)[form], XDG_RUNTIME_DIR=runtime_dir,
                    DBUS_SESSION_BUS_ADDRESS=bus.address,
                    XDG_CONTAINERS_DROPIN_MODE="service")
         done = _run_test_proxy(env)

@@ -222,13 +222,16 @@ def test_installed_package_finds_its_anchor(installed_at_prefix: Path, tmp_path:
 
 
 def test_installed_dropin_runs(installed_at_prefix: Path, tmp_path: Path) -> None:
-    """bin/xdg-containers-dbus-proxy (SPEC 11) is installed, starts with -IS (no site
-    before the sync byte), and its in-process mode finds dbus-fast all the same."""
+    """bin/xdg-containers-dbus-proxy (SPEC 11) is the C front (anchor=enabled builds C),
+    which execs libexec's Python drop-in (-IS: no site before the sync byte); its
+    in-process mode finds dbus-fast all the same."""
     from xdg_containers.privatebus import PrivateBus
 
     dropin = installed_at_prefix / "bin" / "xdg-containers-dbus-proxy"
     assert os.access(dropin, os.X_OK)
-    assert dropin.read_text().startswith(f"#!{sys.executable} -IS\n")
+    assert dropin.read_bytes().startswith(b"\x7fELF")
+    script = installed_at_prefix / "libexec" / "xdg-containers-dbus-proxy-py"
+    assert script.read_text().startswith(f"#!{sys.executable} -IS\n")
     assert "xdg-containers-dbus-proxy" in run([str(dropin), "--version"], cwd=tmp_path).stdout
     bus = PrivateBus()
     bus.start()

@@ -22,6 +22,10 @@ from .args import ArgsError, EarlyExit, Group, parse, read_all
 SERVICE_TIMEOUT = 2.0
 #: ``in-process`` forces the in-process mode; ``service`` never falls back (tests).
 MODE_VARIABLE = "XDG_CONTAINERS_DROPIN_MODE"
+#: Set by the C front (front.c), which parsed, bound every PATH and sent the sync byte:
+#: the listening sockets, one per group in order; and the name it was run by.
+FRONT_FDS = "XDG_CONTAINERS_DROPIN_FDS"
+FRONT_ARGV0 = "XDG_CONTAINERS_DROPIN_ARGV0"
 PREFIX = "xdg-containers-dbus-proxy: "
 
 
@@ -67,8 +71,10 @@ def _terminate(_signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the drop-in; the exit status (1 for a bad command line, as xdg-dbus-proxy)."""
     args = sys.argv[1:] if argv is None else argv
+    front_fds = os.environ.pop(FRONT_FDS, None)
+    argv0 = os.environ.pop(FRONT_ARGV0, None) or sys.argv[0] or "xdg-containers-dbus-proxy"
     try:
-        options = parse(args, read_all, sys.argv[0] or "xdg-containers-dbus-proxy")
+        options = parse(args, read_all, argv0)
     except EarlyExit as exc:
         (sys.stderr if exc.to_stderr else sys.stdout).write(exc.text)
         return exc.code
@@ -76,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{exc}\n")
         return 1
     groups = options.groups
+    if front_fds is not None:
+        return _after_front(options.groups, front_fds, options.sync_fd)
     listeners: list[socket.socket] = []
     made: list[str] = []
     for group in groups:
@@ -100,6 +108,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         _unlink_all(made)
+
+
+def _after_front(groups: list[Group], fds_text: str, sync_fd: int | None) -> int:
+    """Serve the sockets the C front bound (it sent the sync byte already)."""
+    paths = [g.path for g in groups]
+    try:
+        fds = [int(x) for x in fds_text.split(",")]
+        if len(fds) != len(groups):
+            raise ValueError(f"{len(fds)} sockets for {len(groups)} groups")
+        listeners = [socket.socket(fileno=fd) for fd in fds]
+    except (ValueError, OSError) as exc:
+        sys.stderr.write(f"{PREFIX}bad {FRONT_FDS}={fds_text!r}: {exc}\n")
+        _unlink_all(paths)
+        return 1
+    for sock in listeners:
+        sock.set_inheritable(False)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _serve(groups, listeners, sync_fd)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _unlink_all(paths)
 
 
 def _serve(groups: list[Group], listeners: list[socket.socket], sync_fd: int | None) -> int:
