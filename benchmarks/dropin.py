@@ -10,15 +10,18 @@ line, not in a memfd), time
   moment the app can use its bus; for the drop-in this includes AddServer or the
   in-process set-up, which happen after the sync byte).
 
-Variants: ``xdg-dbus-proxy``; the drop-in as meson installs it (``python -IS``
-script: no ``site`` before the sync byte), service-backed and in-process
+Variants: ``xdg-dbus-proxy``; the drop-in as meson installs it with a C compiler
+(the C front ``dropin/front.c``, which execs the Python script after the byte) and
+without (the ``python -IS`` script alone), each service-backed and in-process
 (``XDG_CONTAINERS_DROPIN_MODE=in-process``); and the pip console script
 (``.venv/bin/xdg-containers-dbus-proxy``, with ``site``), service-backed.
 
 Memory, with ``--instances N`` (default 20) of each kind alive at once, each with
 one idle client connected: PSS per instance from ``/proc/PID/smaps_rollup``.
 For the service-backed drop-in the service's share is included: its whole PSS
-divided by N, plus each drop-in's own PSS.
+divided by N, plus each drop-in's own PSS ("growth" is what the service grew by
+per instance: the share tends to it as N grows). A service-backed drop-in
+started through the C front ends as ``front --anchor-loop`` (same pid).
 
     .venv/bin/python benchmarks/dropin.py [--runs 30] [--instances 20]
 """
@@ -34,7 +37,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from startup import (  # noqa: E402
+from startup import (
     REPO,
     Children,
     memory_kib,
@@ -47,17 +50,24 @@ from startup import (  # noqa: E402
 TALK = "org.benchmark.Echo"
 
 
-def installed_style_script(children: Children) -> str:
-    """A script like meson's: ``#!PYTHON -IS`` and the checkout on sys.path."""
+def installed_style(children: Children) -> tuple[str, str]:
+    """(C front, Python script) as meson installs them, running this checkout: the
+    script is ``#!PYTHON -IS`` with the checkout on sys.path, the front execs it."""
     d = children.mkdtemp("xdgc-dropin-bin-")
-    path = os.path.join(d, "xdg-containers-dbus-proxy")
-    with open(path, "w", encoding="utf-8") as fh:
+    script = os.path.join(d, "xdg-containers-dbus-proxy-py")
+    with open(script, "w", encoding="utf-8") as fh:
         fh.write(
             f"#!{sys.executable} -IS\nimport sys\nsys.path.insert(0, {REPO!r})\n"
             "from xdg_containers.dropin.main import main\nsys.exit(main())\n"
         )
-    os.chmod(path, 0o755)
-    return path
+    os.chmod(script, 0o755)
+    front = os.path.join(d, "xdg-containers-dbus-proxy")
+    subprocess.run(
+        ["cc", "-O2", "-std=c11", "-D_GNU_SOURCE", f'-DDROPIN_SCRIPT="{script}"', "-o", front,
+         os.path.join(REPO, "xdg_containers", "dropin", "front.c")],
+        check=True,
+    )
+    return front, script
 
 
 class Variant:
@@ -126,16 +136,18 @@ def main() -> int:
         runtime = children.mkdtemp("xdgc-dropin-rt-")
         base = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=bus, XDG_RUNTIME_DIR=runtime)
         base.pop("XDG_CONTAINERS_DROPIN_MODE", None)
-        script = installed_style_script(children)
+        front, script = installed_style(children)
         console = os.path.join(os.path.dirname(sys.executable), "xdg-containers-dbus-proxy")
+        in_process = dict(base, XDG_CONTAINERS_DROPIN_MODE="in-process")
         variants = [
             Variant("xdg-dbus-proxy", ["xdg-dbus-proxy"], base),
-            Variant("drop-in (installed, service)", [script], base),
-            Variant("drop-in (installed, in-process)", [script],
-                    dict(base, XDG_CONTAINERS_DROPIN_MODE="in-process")),
+            Variant("drop-in C front, service", [front], base),
+            Variant("drop-in C front, in-process", [front], in_process),
+            Variant("drop-in script, service", [script], base),
+            Variant("drop-in script, in-process", [script], in_process),
         ]
         if os.path.exists(console):
-            variants.append(Variant("drop-in (console script, service)", [console], base))
+            variants.append(Variant("drop-in console script, service", [console], base))
         for v in variants:  # warm caches once
             run, _, _ = spawn(v, bus, os.path.join(runtime, "warm"))
             run.stop()
@@ -161,7 +173,7 @@ def main() -> int:
         n = args.instances
         print(f"\nmemory: {n} instances of each, one idle client each (PSS KiB per instance)")
         svc_before = memory_kib(service.pid)[1]
-        for v in variants[:3]:
+        for v in variants[:3]:  # the script forms end up as the same processes
             running = []
             clients = []
             for i in range(n):
@@ -171,10 +183,12 @@ def main() -> int:
             time.sleep(0.5)
             own = [memory_kib(r.proc.pid)[1] for r in running]
             svc = memory_kib(service.pid)[1]
-            share = svc / n if "service" in v.name else 0.0
+            backed = "service" in v.name
+            share = svc / n if backed else 0.0
+            marginal = (svc - svc_before) / n if backed else 0.0
             per = statistics.mean(own) + share
             print(f"{v.name:38} own {statistics.mean(own):8.0f}  service share {share:7.0f}"
-                  f"  total {per:8.0f}")
+                  f" (growth {marginal:5.0f})  total {per:8.0f}")
             print(f"SUMMARY pss {v.name}: {per:.0f} KiB per instance")
             for c in clients:
                 c.close()

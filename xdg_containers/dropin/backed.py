@@ -14,6 +14,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import time
 from collections.abc import Sequence
 
@@ -293,6 +294,25 @@ class ServiceBacked:
                 poller.unregister(fd)
                 del by_fd[fd]
                 conn.close()
+
+    def exec_anchor_loop(self, program: str, sync_fd: int | None, paths: list[str]) -> None:
+        """Become ``program --anchor-loop`` (the C front's loop: the same job as ``run``,
+        in a fraction of the memory); returns only if the exec failed."""
+        assert self.bus is not None
+        fds = [self.bus.fileno(), *(c.fileno() for c in self.connectors)]
+        argv = [program, "--anchor-loop", str(-1 if sync_fd is None else sync_fd)]
+        argv += [str(fd) for fd in fds]
+        argv += ["--", *paths]
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execv(program, argv)
+        except OSError as exc:
+            sys.stderr.write(f"xdg-containers-dbus-proxy: cannot run {program}: {exc}\n")
+            for fd in fds:
+                os.set_inheritable(fd, False)
 
     def _drain_bus(self) -> bool:
         """Read and drop what the bus sends us (NameAcquired and the like)."""

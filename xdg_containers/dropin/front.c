@@ -14,6 +14,13 @@
  * status itself. So the front accepts a subset of what main.py accepts, never more
  * (tests/integration/test_dropin_front.py checks both on the same command lines).
  *
+ * After the Python drop-in has set the servers up on the Containers1 service, all
+ * that is left for the app's lifetime is the anchor's job (answer the service's
+ * Connector requests: connect to the bus, pass the socket back), holding the bus
+ * connection, and watching the sync fd. Python then execs this program again as
+ * "--anchor-loop" (the same pid, so the bus still sees the drop-in), which does
+ * that in ~100 KiB instead of an interpreter's ~6 MiB (anchor_loop below).
+ *
  * Built by meson (and by the tests) with -DDROPIN_SCRIPT="path of the Python
  * drop-in script". libc only.
  */
@@ -26,6 +33,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <signal.h>
+#include <stddef.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -272,6 +282,198 @@ static bool name_rule_ok (const char *text)
   return eq != NULL && name_ok (text, (size_t) (eq - text)) && rule_ok (eq + 1);
 }
 
+/* ---- the anchor loop -------------------------------------------------------- */
+
+static volatile sig_atomic_t terminated;
+
+static void on_term (int sig)
+{
+  (void) sig;
+  terminated = 1;
+}
+
+static int hexval (char c)
+{
+  if (c >= '0' && c <= '9')
+    return c - '0';
+  if (c >= 'a' && c <= 'f')
+    return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F')
+    return c - 'A' + 10;
+  return -1;
+}
+
+/* One unix:path=/unix:abstract= value, %-unescaped, as a sockaddr; false if unusable. */
+static bool fill_addr (struct sockaddr_un *sa, socklen_t *len, const char *v, size_t n,
+                       bool abstract)
+{
+  size_t out = abstract ? 1 : 0, i = 0;
+  memset (sa, 0, sizeof *sa);
+  sa->sun_family = AF_UNIX;
+  while (i < n)
+    {
+      int c = (unsigned char) v[i];
+      if (c == '%' && i + 3 <= n)
+        {
+          int h = hexval (v[i + 1]), l = hexval (v[i + 2]);
+          if (h < 0 || l < 0)
+            return false;
+          c = h << 4 | l;
+          i += 3;
+        }
+      else
+        i++;
+      if ((c == 0 && !abstract) || out >= sizeof sa->sun_path - 1)
+        return false;
+      sa->sun_path[out++] = (char) c;
+    }
+  *len = (socklen_t) (offsetof (struct sockaddr_un, sun_path) + out);
+  return true;
+}
+
+/* Connect to the first unix entry of a D-Bus address that answers (anchor protocol,
+   SPEC 10); -1 if none does. */
+static int connect_first (char *address)
+{
+  char *save = NULL;
+  for (char *entry = strtok_r (address, ";", &save); entry; entry = strtok_r (NULL, ";", &save))
+    {
+      const char *path = NULL, *abstract = NULL;
+      size_t path_n = 0, abstract_n = 0;
+      char *kv, *save2 = NULL;
+      if (strncmp (entry, "unix:", 5) != 0)
+        continue;
+      for (kv = strtok_r (entry + 5, ",", &save2); kv; kv = strtok_r (NULL, ",", &save2))
+        {
+          if (strncmp (kv, "path=", 5) == 0)
+            path = kv + 5, path_n = strlen (kv + 5);
+          else if (strncmp (kv, "abstract=", 9) == 0)
+            abstract = kv + 9, abstract_n = strlen (kv + 9);
+        }
+      struct sockaddr_un sa;
+      socklen_t len;
+      if (path ? !fill_addr (&sa, &len, path, path_n, false)
+               : (!abstract || !fill_addr (&sa, &len, abstract, abstract_n, true)))
+        continue;
+      int conn = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      if (conn < 0)
+        return -1;
+      if (connect (conn, (struct sockaddr *) &sa, len) == 0)
+        return conn;
+      close (conn);
+    }
+  return -1;
+}
+
+/* Answer one request on a Connector: byte 0 + the connected socket, or byte 1 + why. */
+static void answer (int connector, char *request)
+{
+  int conn = connect_first (request);
+  if (conn < 0)
+    {
+      static const char msg[] = "\001cannot connect to the bus";
+      (void) send (connector, msg, sizeof msg - 1, MSG_NOSIGNAL);
+      return;
+    }
+  union
+  {
+    struct cmsghdr align;
+    char buf[CMSG_SPACE (sizeof (int))];
+  } ctrl;
+  char zero = 0;
+  struct iovec iov = { &zero, 1 };
+  struct msghdr mh;
+  memset (&mh, 0, sizeof mh);
+  memset (&ctrl, 0, sizeof ctrl);
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  mh.msg_control = ctrl.buf;
+  mh.msg_controllen = sizeof ctrl.buf;
+  struct cmsghdr *cm = CMSG_FIRSTHDR (&mh);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN (sizeof (int));
+  memcpy (CMSG_DATA (cm), &conn, sizeof conn);
+  (void) sendmsg (connector, &mh, MSG_NOSIGNAL);
+  close (conn);
+}
+
+/* --anchor-loop SYNC_FD BUS_FD CONNECTOR_FD... -- PATH...: serve the Connectors until
+   the sync fd's reader goes away (or SIGTERM), then unlink the PATHs; exit 0. */
+static int anchor_loop (int argc, char **argv)
+{
+  struct pollfd pfd[MAX_GROUPS + 2];
+  char **paths = NULL;
+  int n = 0, i, sync_fd = -1, bus_fd = -1;
+  static char request[65537];
+  struct sigaction sa;
+
+  memset (&sa, 0, sizeof sa);
+  sa.sa_handler = on_term;
+  sigaction (SIGTERM, &sa, NULL);
+  sigaction (SIGINT, &sa, NULL);
+  for (i = 2; i < argc; i++)
+    {
+      if (strcmp (argv[i], "--") == 0)
+        {
+          paths = argv + i + 1;
+          break;
+        }
+      int fd = atoi (argv[i]);
+      if (i == 2)
+        sync_fd = fd;
+      else if (i == 3)
+        bus_fd = fd;
+      else if (n < MAX_GROUPS)
+        {
+          pfd[2 + n].fd = fd;
+          pfd[2 + n].events = POLLIN;
+          n++;
+        }
+    }
+  pfd[0].fd = sync_fd; /* POLLERR/POLLHUP are reported without asking */
+  pfd[0].events = 0;
+  pfd[1].fd = bus_fd; /* read and dropped: NameAcquired and the like */
+  pfd[1].events = POLLIN;
+  while (!terminated)
+    {
+      if (poll (pfd, (nfds_t) (2 + n), -1) < 0)
+        {
+          if (errno == EINTR)
+            continue;
+          break;
+        }
+      if (pfd[0].fd >= 0 && pfd[0].revents)
+        break;
+      if (pfd[1].revents)
+        {
+          char buf[4096];
+          ssize_t got = recv (pfd[1].fd, buf, sizeof buf, MSG_DONTWAIT);
+          if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR))
+            pfd[1].fd = -1; /* the bus went away: keep serving what we can */
+        }
+      for (i = 2; i < 2 + n; i++)
+        {
+          if (!pfd[i].revents)
+            continue;
+          ssize_t got = recv (pfd[i].fd, request, sizeof request - 1, MSG_DONTWAIT);
+          if (got > 0)
+            {
+              request[got] = '\0';
+              answer (pfd[i].fd, request);
+            }
+          else if (got == 0 || (errno != EAGAIN && errno != EINTR))
+            {
+              close (pfd[i].fd); /* the service dropped this server */
+              pfd[i].fd = -1;
+            }
+        }
+    }
+  for (i = 0; paths && paths[i]; i++)
+    unlink (paths[i]);
+  return 0;
+}
+
 static bool starts (const char *s, const char *prefix)
 {
   return strncmp (s, prefix, strlen (prefix)) == 0;
@@ -287,6 +489,8 @@ int main (int argc, char **argv)
   char fdlist[MAX_GROUPS * 12 + 1];
   size_t used = 0;
 
+  if (argc > 1 && strcmp (argv[1], "--anchor-loop") == 0)
+    return anchor_loop (argc, argv);
   if (argc > 0 && argv[0] != NULL)
     argv0 = argv[0];
   for (int k = 1; k < argc; k++)
@@ -391,6 +595,16 @@ int main (int argc, char **argv)
                  strerror (errno));
     }
   setenv ("XDG_CONTAINERS_DROPIN_FDS", fdlist, 1);
+  /* For the anchor loop, later: this program, as the kernel found it. */
+  {
+    char self[4096];
+    ssize_t len = readlink ("/proc/self/exe", self, sizeof self - 1);
+    if (len > 0)
+      {
+        self[len] = '\0';
+        setenv ("XDG_CONTAINERS_DROPIN_FRONT", self, 1);
+      }
+  }
   exec_python ();
   return 1;
 }

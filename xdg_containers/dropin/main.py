@@ -26,6 +26,9 @@ MODE_VARIABLE = "XDG_CONTAINERS_DROPIN_MODE"
 #: the listening sockets, one per group in order; and the name it was run by.
 FRONT_FDS = "XDG_CONTAINERS_DROPIN_FDS"
 FRONT_ARGV0 = "XDG_CONTAINERS_DROPIN_ARGV0"
+#: The C front's own path: once the service took the groups, this process becomes
+#: ``FRONT --anchor-loop`` (same pid, ~100 KiB instead of an interpreter).
+FRONT_EXE = "XDG_CONTAINERS_DROPIN_FRONT"
 PREFIX = "xdg-containers-dbus-proxy: "
 
 
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the drop-in; the exit status (1 for a bad command line, as xdg-dbus-proxy)."""
     args = sys.argv[1:] if argv is None else argv
     front_fds = os.environ.pop(FRONT_FDS, None)
+    front_exe = os.environ.pop(FRONT_EXE, None)
     argv0 = os.environ.pop(FRONT_ARGV0, None) or sys.argv[0] or "xdg-containers-dbus-proxy"
     try:
         options = parse(args, read_all, argv0)
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     groups = options.groups
     if front_fds is not None:
-        return _after_front(options.groups, front_fds, options.sync_fd)
+        return _after_front(options.groups, front_fds, options.sync_fd, front_exe)
     listeners: list[socket.socket] = []
     made: list[str] = []
     for group in groups:
@@ -110,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         _unlink_all(made)
 
 
-def _after_front(groups: list[Group], fds_text: str, sync_fd: int | None) -> int:
+def _after_front(
+    groups: list[Group], fds_text: str, sync_fd: int | None, front_exe: str | None
+) -> int:
     """Serve the sockets the C front bound (it sent the sync byte already)."""
     paths = [g.path for g in groups]
     try:
@@ -126,14 +132,19 @@ def _after_front(groups: list[Group], fds_text: str, sync_fd: int | None) -> int
         sock.set_inheritable(False)
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        return _serve(groups, listeners, sync_fd)
+        return _serve(groups, listeners, sync_fd, front_exe)
     except KeyboardInterrupt:
         return 0
     finally:
         _unlink_all(paths)
 
 
-def _serve(groups: list[Group], listeners: list[socket.socket], sync_fd: int | None) -> int:
+def _serve(
+    groups: list[Group],
+    listeners: list[socket.socket],
+    sync_fd: int | None,
+    front_exe: str | None = None,
+) -> int:
     from .identity import read_identity
 
     identity = read_identity(os.getpid())
@@ -152,6 +163,8 @@ def _serve(groups: list[Group], listeners: list[socket.socket], sync_fd: int | N
             else:
                 for sock in listeners:
                     sock.close()  # the service holds them now
+                if front_exe:
+                    backed.exec_anchor_loop(front_exe, sync_fd, [g.path for g in groups])
                 try:
                     return backed.run(sync_fd)
                 finally:
