@@ -239,6 +239,8 @@ def test_flatpak_same_outcomes_service_backed(
     assert ours.table == reference.table
     _check_identity(ours, "xdg-containers-dbus-proxy")
     assert "serving in this process" not in ours.stderr, ours.stderr
+    if form == "front":  # set up, the same pid went on as the C anchor loop
+        assert "--anchor-loop" in ours.proxy_cmdline, ours.proxy_cmdline
     assert "'org.flatpak'" in ours.connection_info, ours.connection_info
     assert f"'{APP}'" in ours.connection_info
     assert "org.flatpak.InfoPath" in ours.connection_info
