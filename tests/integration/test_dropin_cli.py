@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -81,3 +82,42 @@ def test_service_backed_unlinks_on_sigterm(
     assert proc.returncode == 0, err
     assert not os.path.exists(path)
     service.wait_for_log("removed")
+
+
+def test_unresponsive_service_falls_back_within_2s(bus: PrivateBus, runtime_dir: str) -> None:
+    """Someone owns the Containers1 name and never answers in time: after 2 s the drop-in
+    says so once and serves in-process; the client that connected meanwhile waited in
+    the backlog and is served."""
+    env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=bus.address)
+    squatter = subprocess.Popen(
+        ["dbus-test-tool", "echo", "--name=org.freedesktop.DBus.Containers1",
+         "--sleep-ms=20000"], env=env, stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            owner = subprocess.run(
+                ["dbus-send", f"--bus={bus.address}", "--print-reply",
+                 "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
+                 "org.freedesktop.DBus.NameHasOwner",
+                 "string:org.freedesktop.DBus.Containers1"],
+                capture_output=True, text=True, check=False,
+            )
+            if "true" in owner.stdout:
+                break
+            time.sleep(0.05)
+        path = os.path.join(runtime_dir, "proxy-slow")
+        proc, r, _w = _start([bus.address, path, "--filter"], env)
+        start = time.monotonic()
+        assert os.read(r, 1) == b"x"
+        done = _call(path)  # connected before the fallback: waits in the backlog
+        took = time.monotonic() - start
+        assert done.returncode == 0, done.stderr
+        assert 1.5 < took < 15, took
+        os.close(r)
+        _out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        assert err.count("serving in this process") == 1, err
+        assert "no answer from the service in time" in err
+    finally:
+        squatter.terminate()
+        squatter.wait(10)
