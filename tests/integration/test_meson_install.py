@@ -219,3 +219,38 @@ def test_installed_package_finds_its_anchor(installed_at_prefix: Path, tmp_path:
     where, command = json.loads(run([sys.executable, "-c", probe], env=env, cwd=tmp_path).stdout)
     assert Path(where).is_relative_to(prefix), where
     assert command == [str(prefix / "libexec" / "xdg-containers-anchor")]
+
+
+def test_installed_dropin_runs(installed_at_prefix: Path, tmp_path: Path) -> None:
+    """bin/xdg-containers-dbus-proxy (SPEC 11) is the C front (anchor=enabled builds C),
+    which execs libexec's Python drop-in (-IS: no site before the sync byte); its
+    in-process mode finds dbus-fast all the same."""
+    from xdg_containers.privatebus import PrivateBus
+
+    dropin = installed_at_prefix / "bin" / "xdg-containers-dbus-proxy"
+    assert os.access(dropin, os.X_OK)
+    assert dropin.read_bytes().startswith(b"\x7fELF")
+    script = installed_at_prefix / "libexec" / "xdg-containers-dbus-proxy-py"
+    assert script.read_text().startswith(f"#!{sys.executable} -IS\n")
+    assert "xdg-containers-dbus-proxy" in run([str(dropin), "--version"], cwd=tmp_path).stdout
+    bus = PrivateBus()
+    bus.start()
+    try:
+        r, w = os.pipe()
+        path = tmp_path / "proxy"
+        env = {**os.environ, "XDG_CONTAINERS_DROPIN_MODE": "in-process"}
+        proc = subprocess.Popen([str(dropin), f"--fd={w}", bus.address, str(path)],
+                                pass_fds=[w], env=env, cwd=tmp_path, stderr=subprocess.PIPE)
+        os.close(w)
+        assert os.read(r, 1) == b"x"
+        done = subprocess.run(
+            ["dbus-send", f"--bus=unix:path={path}", "--print-reply",
+             "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
+             "org.freedesktop.DBus.GetId"], capture_output=True, text=True, timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        os.close(r)
+        assert proc.wait(30) == 0
+        assert not path.exists()
+    finally:
+        bus.stop()

@@ -1,0 +1,1 @@
+"""``xdg-containers-dbus-proxy``: a drop-in for xdg-dbus-proxy (SPEC section 11)."""
