@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from tests.integration.helpers_c1 import NOBODY, as_nobody_kwargs, stdlib_python
+from tests.support.processes import alive
 from xdg_containers.anchor.binary import BINARY, PROGRAM
 from xdg_containers.anchor.link import request_address
 from xdg_containers.anchor.sandbox import anchor_argv, zygote_argv
@@ -186,13 +187,6 @@ def check_error(data: bytes, fds: list[int], *words: str) -> str:
     return text
 
 
-def alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def exists(pid: int) -> bool:

@@ -22,6 +22,7 @@ from dbus_fast.aio import MessageBus
 
 from tests.conftest import ServiceProcess, add_server, connect, ok
 from tests.integration.helpers_c1 import driver_call, observing, wait_disconnected
+from tests.support.processes import alive
 from xdg_containers.anchor.sandbox import PROGRAM
 from xdg_containers.privatebus import PrivateBus
 
@@ -116,9 +117,9 @@ async def test_anchor_ends_with_its_server(
     client.disconnect()
     ok(await manager_bus.call(_stop_message(path)))  # type: ignore[arg-type]
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and alive(pid):
         await asyncio.sleep(0.05)
-    assert not _alive(pid), f"anchor {pid} outlived its server"
+    assert not alive(pid), f"anchor {pid} outlived its server"
 
 
 def _stop_message(path: str) -> object:
@@ -130,13 +131,6 @@ def _stop_message(path: str) -> object:
                    signature="o", body=[path])
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 # -- launcher-provided anchors (Connector) -------------------------------------------------
