@@ -380,9 +380,7 @@ class ManagerInterface(ServiceInterface):
             )
             if parsed.connector is not None:
                 anchor = AnchorLink(
-                    asyncio.get_running_loop(),
-                    socket.socket(fileno=dup_fds.pop(CONNECTOR)),
-                    lambda _reason: None,
+                    asyncio.get_running_loop(), socket.socket(fileno=dup_fds.pop(CONNECTOR))
                 )
             else:
                 try:

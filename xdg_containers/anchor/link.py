@@ -18,7 +18,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from ..proxy.dispatch import direct_selector
+from ..proxy.dispatch import direct_selector, watch_reads
 from ..wire.address import escape_value
 
 log = logging.getLogger(__name__)
@@ -105,17 +105,24 @@ def parse_answer(data: bytes, fds: list[int], truncated: bool) -> socket.socket:
     raise AnchorError(f"the anchor sent a malformed answer ({len(data)} bytes)")
 
 
+def _unattached(reason: str) -> None:
+    """``on_lost`` of an anchor no server has taken yet (its AddServer is failing)."""
+    log.info("an anchor ended before its server started: %s", reason)
+
+
 class AnchorLink:
     """One Connector socket: ordered requests, checked answers, one ``on_lost``."""
 
     # One per server, idle nearly always: kept small (slots, no queue until a request).
-    __slots__ = ("_direct", "_pending", "_stale", "closed", "loop", "on_lost", "pid", "sock")
+    __slots__ = (
+        "_direct", "_pending", "_stale", "bus_request", "closed", "loop", "on_lost", "pid", "sock"
+    )
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
-        on_lost: Callable[[str], None],
+        on_lost: Callable[[str], None] = _unattached,
         pid: int | None = None,
     ) -> None:
         """Take ownership of the service's end of a connected SOCK_SEQPACKET socket."""
@@ -123,17 +130,21 @@ class AnchorLink:
         self.sock = sock
         self.pid = pid  # the anchor's pid when we started it (logs, tests)
         self.on_lost = on_lost
+        #: What ``connect`` asks for: its server's bus (``anchor_request``), set when a
+        #: server takes the anchor.
+        self.bus_request = ""
         self._pending: collections.deque[asyncio.Future[socket.socket]] | None = None
         self._stale = 0  # answers still owed to requests that timed out
         self.closed = False
         sock.setblocking(False)
         # Watched like the proxied sockets when the loop allows it (no asyncio handle
-        # per server), else through the loop.
+        # per server).
         self._direct = direct_selector(loop)
-        if self._direct is not None:
-            self._direct.watch(sock.fileno(), self._readable, None)
-        else:
-            loop.add_reader(sock.fileno(), self._readable)
+        watch_reads(loop, self._direct, sock.fileno(), self._readable)
+
+    def connect(self) -> asyncio.Future[socket.socket]:
+        """A new connection to its server's bus (see ``request``)."""
+        return self.request(self.bus_request)
 
     def request(self, address: str) -> asyncio.Future[socket.socket]:
         """Ask for a new connection to ``address``; the future fails with AnchorError."""
@@ -210,10 +221,7 @@ class AnchorLink:
         if self.closed:
             return
         self.closed = True
-        if self._direct is not None:
-            self._direct.watch(self.sock.fileno(), None, None)
-        else:
-            self.loop.remove_reader(self.sock.fileno())
+        watch_reads(self.loop, self._direct, self.sock.fileno(), None)
         self.sock.close()
         while self._pending:
             fut = self._pending.popleft()

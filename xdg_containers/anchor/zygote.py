@@ -86,7 +86,7 @@ class AnchorFactory:
             raise
         finally:
             theirs.close()
-        return AnchorLink(self.loop, ours, _not_attached, pid=pid)
+        return AnchorLink(self.loop, ours, pid=pid)
 
     async def _fork(self, zygote: _Zygote, identity: bytes, theirs: socket.socket) -> int:
         ctl = zygote.ctl
@@ -187,8 +187,3 @@ class AnchorFactory:
         for zygote in self._zygotes.values():
             zygote.close()
         self._zygotes.clear()
-
-
-def _not_attached(reason: str) -> None:
-    """An anchor lost before its server took it: AddServer is failing anyway."""
-    log.info("an anchor ended before its server started: %s", reason)

@@ -174,6 +174,23 @@ def _log_failure() -> None:
     log.exception("unexpected error in a proxy socket callback")
 
 
+def watch_reads(
+    loop: asyncio.AbstractEventLoop,
+    direct: DispatchingSelector | None,
+    fd: int,
+    callback: Callback | None,
+) -> None:
+    """Run ``callback`` whenever ``fd`` is readable (None: no more): straight from
+    ``epoll_wait`` through the loop's dispatching selector (``direct``), else as an
+    ordinary asyncio reader."""
+    if direct is not None:
+        direct.watch(fd, callback, None)
+    elif callback is not None:
+        loop.add_reader(fd, callback)
+    else:
+        loop.remove_reader(fd)
+
+
 def direct_selector(loop: asyncio.AbstractEventLoop) -> DispatchingSelector | None:
     """The loop's DispatchingSelector, or None when the loop uses another selector."""
     selector = getattr(loop, "_selector", None)

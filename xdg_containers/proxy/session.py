@@ -23,7 +23,7 @@ import termios
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from ..anchor.link import AnchorError, AnchorLink, anchor_request
+from ..anchor.link import AnchorError, AnchorLink
 from ..sasl.client import SaslClient
 from ..sasl.server import SaslError, SaslServer
 from ..wire.address import AddressError, parse_address
@@ -350,9 +350,7 @@ class Session:
         if addr is None:
             return False
         self._spare_addr = addr
-        spare = self.server.spares.take(
-            addr, self.server.anchor, anchor_request(self.server.bus_address)
-        )
+        spare = self.server.spares.take(addr, self.server.anchor)
         if spare is not None:
             sock, self._sasl_client = spare  # its AUTH went out already
             self._spare_replay = []
@@ -363,7 +361,7 @@ class Session:
     def _connect_fresh(self, addr: str | bytes) -> bool:
         anchor = self.server.anchor
         if anchor is not None:
-            self._connect_task = self.loop.create_task(self._connect_via_anchor(anchor))
+            self._connect_task = self.loop.create_task(self._connect_bus(anchor))
             return True
         try:
             sock = connect_unix_now(addr)
@@ -372,20 +370,17 @@ class Session:
         self._bus_connected(sock)
         return True
 
-    async def _connect_via_anchor(self, anchor: AnchorLink) -> None:
+    async def _connect_bus(self, anchor: AnchorLink | None = None) -> None:
+        """A bus connection that takes waiting: the anchor's answer, or (no anchor, or a
+        bus that is not a unix socket: no pid travels) our own connect."""
         try:
-            sock = await anchor.request(anchor_request(self.server.bus_address))
+            if anchor is not None:
+                sock = await anchor.connect()
+            else:
+                sock = await connect_address(self.loop, self.server.bus_address)
         except AnchorError as exc:
             self.close(f"no bus connection: {exc}")
             return
-        if self.closed:
-            sock.close()
-            return
-        self._bus_connected(sock)
-
-    async def _connect_bus(self) -> None:
-        try:
-            sock = await connect_address(self.loop, self.server.bus_address)
         except ConnectError as exc:
             self.close(str(exc))
             return

@@ -24,7 +24,6 @@ import select
 import socket
 from typing import TYPE_CHECKING
 
-from ..anchor.link import request_address
 from ..sasl.client import SaslClient
 from .endpoint import connect_unix_now
 
@@ -76,7 +75,6 @@ class SpareBusConnections:
         self._spares: dict[SpareKey, _Spare] = {}
         self._demand_until: dict[SpareKey, float] = {}
         self._asked: set[SpareKey] = set()  # an anchor is making one
-        self._requests: dict[SpareKey, str] = {}  # what to ask the anchor for
         self._tick: asyncio.TimerHandle | None = None
         # Buses that dropped a spare before MAX_AGE: they get none any more.
         self._disabled: set[SockAddr] = set()
@@ -84,7 +82,7 @@ class SpareBusConnections:
         self.made = 0  # spares connected so far (tests, debugging)
 
     def take(
-        self, addr: SockAddr, anchor: AnchorLink | None = None, request: str | None = None
+        self, addr: SockAddr, anchor: AnchorLink | None = None
     ) -> tuple[socket.socket, SaslClient] | None:
         """The spare for ``addr`` if there is a live one (its AUTH sent), else None.
 
@@ -99,8 +97,6 @@ class SpareBusConnections:
         self._demand_until[key] = now + DEMAND
         if len(self._demand_until) > MAX_KEYS:
             self._evict(next(iter(self._demand_until)))
-        if request is not None:
-            self._requests[key] = request
         if self._tick is None:
             self._tick = self._loop.call_later(TICK, self._housekeeping)
         spare = self._spares.pop(key, None)
@@ -134,7 +130,6 @@ class SpareBusConnections:
     def _evict(self, key: SpareKey) -> None:
         """No more spares for ``key`` until a client comes to it again."""
         del self._demand_until[key]
-        self._requests.pop(key, None)
         spare = self._spares.pop(key, None)
         if spare is not None:
             spare.sock.close()
@@ -145,7 +140,6 @@ class SpareBusConnections:
             self._spares.pop(key).sock.close()
         for key in [k for k in self._demand_until if k[0] is anchor]:
             del self._demand_until[key]
-            self._requests.pop(key, None)
 
     def _refill(self, key: SpareKey) -> None:
         anchor, addr = key
@@ -157,7 +151,7 @@ class SpareBusConnections:
             if anchor.closed:
                 return
             self._asked.add(key)
-            fut = anchor.request(self._requests.get(key) or request_address(addr))
+            fut = anchor.connect()
             fut.add_done_callback(lambda f: self._anchor_answered(key, f))
             return
         try:
@@ -201,7 +195,6 @@ class SpareBusConnections:
             spare = self._spares.get(key)
             if now >= until:
                 del self._demand_until[key]
-                self._requests.pop(key, None)
                 if spare is not None:
                     del self._spares[key]
                     spare.sock.close()

@@ -18,11 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..anchor.link import anchor_request
 from ..config import Limits
 from ..deadlines import DeadlineQueue
 from ..proxy.basic_filter import BasicFilter
 from ..proxy.budget import budget_for
-from ..proxy.dispatch import direct_selector
+from ..proxy.dispatch import direct_selector, watch_reads
 from ..proxy.peercred import read_peer_credentials
 from ..proxy.session import MessageFilter, Session
 from ..proxy.spare import spares_for
@@ -227,16 +228,14 @@ class ContainerServer:
         sock.setblocking(False)
         self._listen_sock = sock
         self.listening = True
-        if self._direct is not None:
-            # Accept straight from epoll_wait, like the proxied sockets' reads.
-            self._direct.watch(sock.fileno(), self._on_accept, None)
-        else:
-            self.loop.add_reader(sock.fileno(), self._on_accept)
+        # Accept straight from epoll_wait, like the proxied sockets' reads.
+        watch_reads(self.loop, self._direct, sock.fileno(), self._on_accept)
 
     def attach_anchor(self, anchor: AnchorLink) -> None:
         """Every bus connection of this server is made by ``anchor`` from now on."""
         self.anchor = anchor
         anchor.on_lost = self.anchor_lost
+        anchor.bus_request = anchor_request(self.bus_address)
 
     def anchor_lost(self, reason: str) -> None:
         """The Connector closed: stop listening and close every connection (SPEC 10).
@@ -255,9 +254,7 @@ class ContainerServer:
             reason,
             len(self.sessions),
         )
-        for session in list(self.sessions):
-            session.close()
-        self.stop_listening()
+        self.stop(None)  # that line says it all: none per connection
 
     def watch_notify_fd(self, fd: int) -> None:
         """StopOnNotify: stop listening once ``fd`` is readable or hung up."""
@@ -329,21 +326,14 @@ class ContainerServer:
         sock = self._listen_sock
         if sock is None or self._accept_paused is not None:
             return
-        if self._direct is not None:
-            self._direct.watch(sock.fileno(), None, None)
-        else:
-            self.loop.remove_reader(sock.fileno())
+        watch_reads(self.loop, self._direct, sock.fileno(), None)
         self._accept_paused = self.loop.call_later(ACCEPT_PAUSE, self._resume_accept)
 
     def _resume_accept(self) -> None:
         self._accept_paused = None
         sock = self._listen_sock
-        if sock is None:
-            return
-        if self._direct is not None:
-            self._direct.watch(sock.fileno(), self._on_accept, None)
-        else:
-            self.loop.add_reader(sock.fileno(), self._on_accept)
+        if sock is not None:
+            watch_reads(self.loop, self._direct, sock.fileno(), self._on_accept)
 
     def _accepted(self, conn: socket.socket) -> None:
         if len(self.sessions) >= self.limits.max_connections_per_server:
@@ -400,10 +390,7 @@ class ContainerServer:
             sock = self._listen_sock
             self._listen_sock = None
             if sock is not None:
-                if self._direct is not None:
-                    self._direct.watch(sock.fileno(), None, None)
-                else:
-                    self.loop.remove_reader(sock.fileno())
+                watch_reads(self.loop, self._direct, sock.fileno(), None)
                 sock.close()
             if self.socket_path is not None:
                 try:
@@ -413,10 +400,11 @@ class ContainerServer:
             self.registry.listening_changed(self)
         self._maybe_finished()
 
-    def stop(self) -> None:
-        """Stop listening and disconnect every confined connection."""
+    def stop(self, reason: str | None = "server stopped") -> None:
+        """Stop listening and disconnect every confined connection (each logged with
+        ``reason``, unless None)."""
         for session in list(self.sessions):
-            session.close("server stopped")
+            session.close(reason)
         self.stop_listening()
 
     def _maybe_finished(self) -> None:
