@@ -36,6 +36,8 @@ from xdg_containers.anchor.sandbox import anchor_argv, zygote_argv
 pytestmark = pytest.mark.timeout(90)
 
 SOURCE = Path(PROGRAM).with_name("anchor.c")
+#: Compiled with anchor.c (the Connector answer, shared with the drop-in's front).
+SOURCES = [SOURCE, SOURCE.with_name("answer.c")]
 CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE", "-Wl,-z,now"]
 IDENTITY = {"flatpak": ".flatpak-info", "xdg": ".xdg-containers-info"}
 OTHER = {"flatpak": "xdg", "xdg": "flatpak"}
@@ -48,7 +50,7 @@ def compile_anchor(out: Path) -> Path:
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         pytest.fail("no C compiler (cc) to build the C anchor: install build-essential")
-    proc = subprocess.run([cc, *CFLAGS, "-o", str(out), str(SOURCE)],
+    proc = subprocess.run([cc, *CFLAGS, "-o", str(out), *map(str, SOURCES)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and not proc.stderr, proc.stderr
     return out
@@ -58,7 +60,8 @@ def compile_anchor(out: Path) -> Path:
 def c_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tools/bootstrap's build when it is at least as new as anchor.c, else a fresh one."""
     built = Path(sys.prefix) / "libexec" / BINARY
-    if os.access(built, os.X_OK) and built.stat().st_mtime >= SOURCE.stat().st_mtime:
+    newest = max(p.stat().st_mtime for p in [*SOURCES, SOURCE.with_name("answer.h")])
+    if os.access(built, os.X_OK) and built.stat().st_mtime >= newest:
         return built
     return compile_anchor(tmp_path_factory.mktemp("anchor") / BINARY)
 

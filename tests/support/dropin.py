@@ -10,6 +10,8 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FRONT_SOURCE = os.path.join(REPO, "xdg_containers", "dropin", "front.c")
+#: The Connector answer the front's anchor loop shares with the C anchor.
+ANSWER_SOURCE = os.path.join(REPO, "xdg_containers", "anchor", "answer.c")
 
 
 def python_dropin(directory: str) -> str:
@@ -33,7 +35,7 @@ def front_dropin(directory: str) -> str:
     assert cc is not None, "no C compiler (tools/bootstrap installs build-essential)"
     subprocess.run(
         [cc, "-O2", "-Wall", "-Wextra", "-Werror", "-std=c11", "-D_GNU_SOURCE",
-         f'-DDROPIN_SCRIPT="{script}"', "-o", out, FRONT_SOURCE],
+         f'-DDROPIN_SCRIPT="{script}"', "-o", out, FRONT_SOURCE, ANSWER_SOURCE],
         check=True, capture_output=True,
     )
     return out

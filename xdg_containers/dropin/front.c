@@ -27,6 +27,8 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
+#include "../anchor/answer.h"
+
 #include <errno.h>
 #include <limits.h>
 #include <stdbool.h>
@@ -292,112 +294,6 @@ static void on_term (int sig)
   terminated = 1;
 }
 
-static int hexval (char c)
-{
-  if (c >= '0' && c <= '9')
-    return c - '0';
-  if (c >= 'a' && c <= 'f')
-    return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F')
-    return c - 'A' + 10;
-  return -1;
-}
-
-/* One unix:path=/unix:abstract= value, %-unescaped, as a sockaddr; false if unusable. */
-static bool fill_addr (struct sockaddr_un *sa, socklen_t *len, const char *v, size_t n,
-                       bool abstract)
-{
-  size_t out = abstract ? 1 : 0, i = 0;
-  memset (sa, 0, sizeof *sa);
-  sa->sun_family = AF_UNIX;
-  while (i < n)
-    {
-      int c = (unsigned char) v[i];
-      if (c == '%' && i + 3 <= n)
-        {
-          int h = hexval (v[i + 1]), l = hexval (v[i + 2]);
-          if (h < 0 || l < 0)
-            return false;
-          c = h << 4 | l;
-          i += 3;
-        }
-      else
-        i++;
-      if ((c == 0 && !abstract) || out >= sizeof sa->sun_path - 1)
-        return false;
-      sa->sun_path[out++] = (char) c;
-    }
-  *len = (socklen_t) (offsetof (struct sockaddr_un, sun_path) + out);
-  return true;
-}
-
-/* Connect to the first unix entry of a D-Bus address that answers (anchor protocol,
-   SPEC 10); -1 if none does. */
-static int connect_first (char *address)
-{
-  char *save = NULL;
-  for (char *entry = strtok_r (address, ";", &save); entry; entry = strtok_r (NULL, ";", &save))
-    {
-      const char *path = NULL, *abstract = NULL;
-      size_t path_n = 0, abstract_n = 0;
-      char *kv, *save2 = NULL;
-      if (strncmp (entry, "unix:", 5) != 0)
-        continue;
-      for (kv = strtok_r (entry + 5, ",", &save2); kv; kv = strtok_r (NULL, ",", &save2))
-        {
-          if (strncmp (kv, "path=", 5) == 0)
-            path = kv + 5, path_n = strlen (kv + 5);
-          else if (strncmp (kv, "abstract=", 9) == 0)
-            abstract = kv + 9, abstract_n = strlen (kv + 9);
-        }
-      struct sockaddr_un sa;
-      socklen_t len;
-      if (path ? !fill_addr (&sa, &len, path, path_n, false)
-               : (!abstract || !fill_addr (&sa, &len, abstract, abstract_n, true)))
-        continue;
-      int conn = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-      if (conn < 0)
-        return -1;
-      if (connect (conn, (struct sockaddr *) &sa, len) == 0)
-        return conn;
-      close (conn);
-    }
-  return -1;
-}
-
-/* Answer one request on a Connector: byte 0 + the connected socket, or byte 1 + why. */
-static void answer (int connector, char *request)
-{
-  int conn = connect_first (request);
-  if (conn < 0)
-    {
-      static const char msg[] = "\001cannot connect to the bus";
-      (void) send (connector, msg, sizeof msg - 1, MSG_NOSIGNAL);
-      return;
-    }
-  union
-  {
-    struct cmsghdr align;
-    char buf[CMSG_SPACE (sizeof (int))];
-  } ctrl;
-  char zero = 0;
-  struct iovec iov = { &zero, 1 };
-  struct msghdr mh;
-  memset (&mh, 0, sizeof mh);
-  memset (&ctrl, 0, sizeof ctrl);
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  mh.msg_control = ctrl.buf;
-  mh.msg_controllen = sizeof ctrl.buf;
-  struct cmsghdr *cm = CMSG_FIRSTHDR (&mh);
-  cm->cmsg_level = SOL_SOCKET;
-  cm->cmsg_type = SCM_RIGHTS;
-  cm->cmsg_len = CMSG_LEN (sizeof (int));
-  memcpy (CMSG_DATA (cm), &conn, sizeof conn);
-  (void) sendmsg (connector, &mh, MSG_NOSIGNAL);
-  close (conn);
-}
-
 /* --anchor-loop SYNC_FD BUS_FD CONNECTOR_FD... -- PATH...: serve the Connectors until
    the sync fd's reader goes away (or SIGTERM), then unlink the PATHs; exit 0. */
 static int anchor_loop (int argc, char **argv)
@@ -405,7 +301,7 @@ static int anchor_loop (int argc, char **argv)
   struct pollfd pfd[MAX_GROUPS + 2];
   char **paths = NULL;
   int n = 0, i, sync_fd = -1, bus_fd = -1;
-  static char request[65537];
+  static unsigned char request[65536];
   struct sigaction sa;
 
   memset (&sa, 0, sizeof sa);
@@ -456,11 +352,11 @@ static int anchor_loop (int argc, char **argv)
         {
           if (!pfd[i].revents)
             continue;
-          ssize_t got = recv (pfd[i].fd, request, sizeof request - 1, MSG_DONTWAIT);
+          ssize_t got = recv (pfd[i].fd, request, sizeof request, MSG_DONTWAIT);
           if (got > 0)
             {
-              request[got] = '\0';
-              answer (pfd[i].fd, request);
+              /* the same answer as xdg-containers-anchor's (anchor/answer.c) */
+              (void) anchor_answer (pfd[i].fd, request, (size_t) got);
             }
           else if (got == 0 || (errno != EAGAIN && errno != EINTR))
             {
