@@ -207,6 +207,19 @@ def wait_until(cond: Any, timeout: float = TIMEOUT) -> bool:
     return bool(cond())
 
 
+def wait_or_kill(proc: subprocess.Popen[bytes]) -> int:
+    """The exit status of a program whose input just ended (killed if it outlives
+    TIMEOUT); its stderr pipe is closed."""
+    try:
+        return proc.wait(TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
 class Serve:
     """``serve FD`` as a child process; ``conn`` is the service's end."""
 
@@ -221,14 +234,7 @@ class Serve:
     def close(self) -> int:
         """EOF on the Connector; the exit status."""
         self.conn.close()
-        try:
-            return self.proc.wait(TIMEOUT)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            assert self.proc.stderr is not None
-            self.proc.stderr.close()
+        return wait_or_kill(self.proc)
 
 
 class Zygote:
@@ -278,14 +284,7 @@ class Zygote:
         for a in self.anchors:
             a.close()
         self.ctl.close()
-        try:
-            return self.proc.wait(TIMEOUT)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            assert self.proc.stderr is not None
-            self.proc.stderr.close()
+        return wait_or_kill(self.proc)
 
 
 # -- serve ------------------------------------------------------------------------------------
