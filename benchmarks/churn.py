@@ -39,7 +39,7 @@ from dbus_fast.aio import MessageBus
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from xdg_containers.privatebus import PrivateBus  # noqa: E402
+from tests.support.bus import PrivateBus  # noqa: E402
 
 POLICY_NAME = "org.benchmark.Churn"
 EXT = "org.freedesktop.XdgContainers1."

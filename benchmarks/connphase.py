@@ -37,7 +37,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from xdg_containers.privatebus import PrivateBus  # noqa: E402
+from tests.support.bus import PrivateBus  # noqa: E402
 
 NAME = "com.example.ProxyBench.Echo"
 DRIVER = "org.freedesktop.DBus"

@@ -67,7 +67,7 @@ from tests.integration.test_hostile_wire import (  # noqa: E402
     signal,
     unix_path,
 )
-from xdg_containers.privatebus import PrivateBus  # noqa: E402
+from tests.support.bus import PrivateBus  # noqa: E402
 
 ECHO = "org.test.Echo"
 FILTERED = {

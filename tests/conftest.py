@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,18 +12,21 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from xdg_containers.privatebus import PrivateBus
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "org.freedesktop.DBus.Containers1"
 PATH = "/org/freedesktop/DBus/Containers1"
 IFACE = "org.freedesktop.DBus.Containers1"
+
+pytest_plugins = ["tests.support.bus"]
+
+if TYPE_CHECKING:
+    from tests.support.bus import PrivateBus
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Any:
@@ -46,26 +48,6 @@ def pytest_configure(config: Any) -> None:
     config.addinivalue_line(
         "markers", "both_loops: run the test on asyncio's loop and on the dispatching loop"
     )
-
-
-@pytest.fixture
-def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A private XDG_RUNTIME_DIR for the test."""
-    d = tempfile.mkdtemp(prefix="xdgc-runtime-")
-    os.chmod(d, 0o700)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", d)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def bus(runtime_dir: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBus]:
-    """A private dbus-daemon; DBUS_SESSION_BUS_ADDRESS points at it."""
-    b = PrivateBus()
-    b.start()
-    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", b.address)
-    yield b
-    b.stop()
 
 
 @dataclass

@@ -38,7 +38,7 @@ from dbus_fast.aio import MessageBus
 
 from tests.conftest import NAME as SERVICE_NAME
 from tests.conftest import ServiceProcess, start_service
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 T = TypeVar("T")
 

@@ -64,7 +64,7 @@ def activatable_bus(
     runtime_dir: str, tmp_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[ActivatableBus]:
     """A private dbus-daemon with the generated .service file; DBUS_SESSION_BUS_ADDRESS set."""
-    from xdg_containers.privatebus import PrivateBus
+    from tests.support.bus import PrivateBus
 
     bindir = os.path.join(tmp_path, "bin")
     services = os.path.join(tmp_path, "services")

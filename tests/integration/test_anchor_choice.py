@@ -15,8 +15,8 @@ from dbus_fast.aio import MessageBus
 
 from tests.conftest import ServiceProcess, add_server, connect, start_service
 from tests.integration.test_anchors import NO_STOP, bus_pid, identity_of
+from tests.support.bus import PrivateBus
 from xdg_containers.anchor.binary import BINARY, ENV, PROGRAM, anchor_command
-from xdg_containers.privatebus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -22,9 +22,9 @@ from dbus_fast.aio import MessageBus
 
 from tests.conftest import ServiceProcess, add_server, connect, ok
 from tests.integration.helpers_c1 import driver_call, observing, wait_disconnected
+from tests.support.bus import PrivateBus
 from tests.support.processes import alive
 from xdg_containers.anchor.sandbox import PROGRAM
-from xdg_containers.privatebus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 

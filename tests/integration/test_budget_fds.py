@@ -31,7 +31,7 @@ from tests.integration.resource_helpers import (
     stop_wrapped,
 )
 from tests.integration.test_hostile_wire import RawConn, fd_count, method_call, unix_path, wait_for
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(90)
 

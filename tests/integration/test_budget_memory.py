@@ -25,7 +25,7 @@ from tests.integration.resource_helpers import (
 )
 from tests.integration.test_hostile_attacks import claiming_header
 from tests.integration.test_hostile_wire import RawConn, method_call, wait_for
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -41,7 +41,7 @@ from tests.integration.test_hostile_wire import (
     method_call,
     rss_kib,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -21,7 +21,7 @@ from tests.integration.test_cli_common import (
     start_client,
     wait_until,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -25,7 +25,7 @@ from tests.integration.test_cli_common import (
     server_property,
     wait_until,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(90)
 

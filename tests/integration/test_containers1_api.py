@@ -29,7 +29,7 @@ from tests.integration.helpers_c1 import (
     wait_disconnected,
     wait_until,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -34,7 +34,7 @@ from tests.integration.helpers_c1 import (
     run_cmd,
     socket_path_of,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -26,7 +26,7 @@ from tests.integration.resource_helpers import (
     stop_wrapped,
 )
 from tests.integration.test_hostile_wire import RawConn, driver_call, wait_for
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -55,7 +55,7 @@ from tests.integration.test_hostile_wire import (
     stable_fd_count,
     wait_for,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -33,7 +33,7 @@ from tests.integration.test_hostile_wire import (
     rss_kib,
     signal,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -31,7 +31,7 @@ from tests.integration.test_hostile_wire import (
     method_call,
     wait_for,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 

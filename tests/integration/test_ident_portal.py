@@ -32,7 +32,7 @@ from dbus_fast import Message, Variant
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, ok
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = [pytest.mark.glib, pytest.mark.timeout(60)]
 

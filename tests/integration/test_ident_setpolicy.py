@@ -14,7 +14,7 @@ from dbus_fast.aio import MessageBus
 
 from tests.conftest import ServiceProcess, add_server, call, connect, error, ok
 from tests.integration.helpers_c1 import add_match, driver_call, name_has_owner, run_cmd
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -23,8 +23,8 @@ from tests.integration.test_cli_common import (
     report_of,
     wait_until,
 )
+from tests.support.bus import PrivateBus
 from xdg_containers.launcher import sandbox_command
-from xdg_containers.privatebus import PrivateBus
 
 pytestmark = pytest.mark.timeout(90)
 

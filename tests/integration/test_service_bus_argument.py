@@ -21,7 +21,7 @@ from dbus_fast.aio import MessageBus
 from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, error, ok
 from tests.integration.budget_helpers import bystander_running, report
 from tests.integration.helpers_c1 import run_cmd
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 from xdg_containers.wire.address import parse_address
 
 pytestmark = pytest.mark.timeout(60)

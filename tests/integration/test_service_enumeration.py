@@ -22,7 +22,7 @@ from dbus_fast.aio import MessageBus
 from tests.conftest import NAME, PATH, ServiceProcess, add_server, call, connect, ok
 from tests.integration.budget_helpers import bystander_running, report
 from tests.integration.helpers_c1 import add_match, driver_call, run_cmd, socket_path_of
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -34,7 +34,7 @@ from tests.integration.test_hostile_wire import (
     unix_path,
     wait_for,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 

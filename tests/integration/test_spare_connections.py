@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import ServiceProcess, add_server
 from tests.integration.test_hostile_wire import RawConn
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 DRIVER = "org.freedesktop.DBus"
 
