@@ -51,23 +51,20 @@ sys.path.insert(0, REPO)
 
 from dbus_fast import MessageType  # noqa: E402
 
-from tests.integration.test_hostile_wire import (  # noqa: E402
+from tests.support.bus import PrivateBus  # noqa: E402
+from tests.support.processes import fd_count, rss_kib  # noqa: E402
+from tests.support.rawconn import RawConn, RawPeer, add_server  # noqa: E402
+from tests.support.wire import (  # noqa: E402
     DRIVER,
     EXT,
-    RawConn,
-    RawPeer,
-    add_server,
     build_message,
     driver_call,
     error_message,
-    fd_count,
     method_call,
     method_return,
-    rss_kib,
     signal,
     unix_path,
 )
-from tests.support.bus import PrivateBus  # noqa: E402
 
 ECHO = "org.test.Echo"
 FILTERED = {

@@ -46,7 +46,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dbus_fast import MessageType  # noqa: E402
 from fuzz_live import start_service, stop_service  # noqa: E402
 
-from tests.integration.test_hostile_wire import (  # noqa: E402
+from tests.support.bus import PrivateBus  # noqa: E402
+from tests.support.processes import fd_count, rss_kib  # noqa: E402
+from tests.support.rawconn import RawConn, RawPeer, add_server  # noqa: E402
+from tests.support.wire import (  # noqa: E402
     EXT,
     F_DESTINATION,
     F_REPLY_SERIAL,
@@ -55,19 +58,13 @@ from tests.integration.test_hostile_wire import (  # noqa: E402
     MANAGER,
     MANAGER_PATH,
     METHOD_RETURN,
-    RawConn,
-    RawPeer,
     Received,
-    add_server,
     build_message,
-    fd_count,
     marshal,
     method_call,
     method_return,
-    rss_kib,
     signal,
 )
-from tests.support.bus import PrivateBus  # noqa: E402
 
 PEER = "org.test.Soak"
 IFACE = "org.test.Soak"

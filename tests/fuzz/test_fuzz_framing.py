@@ -26,7 +26,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.integration.test_hostile_wire import build_message, marshal
+from tests.support.wire import build_message, marshal
 from xdg_containers.wire.framing import FramingError, MessageReader
 from xdg_containers.wire.header import (
     ERROR,

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from tests.conftest import ServiceProcess, start_service
-from tests.integration.test_hostile_wire import RawConn, add_server
+from tests.support.rawconn import RawConn, add_server
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 

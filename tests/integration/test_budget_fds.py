@@ -30,8 +30,10 @@ from tests.integration.resource_helpers import (
     status_kib,
     stop_wrapped,
 )
-from tests.integration.test_hostile_wire import RawConn, fd_count, method_call, unix_path, wait_for
 from tests.support.bus import PrivateBus
+from tests.support.processes import fd_count, wait_for
+from tests.support.rawconn import RawConn
+from tests.support.wire import method_call, unix_path
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -24,8 +24,10 @@ from tests.integration.resource_helpers import (
     status_kib,
 )
 from tests.integration.test_hostile_attacks import claiming_header
-from tests.integration.test_hostile_wire import RawConn, method_call, wait_for
 from tests.support.bus import PrivateBus
+from tests.support.processes import wait_for
+from tests.support.rawconn import RawConn
+from tests.support.wire import method_call
 
 pytestmark = pytest.mark.timeout(120)
 

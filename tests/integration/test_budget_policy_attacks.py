@@ -27,21 +27,19 @@ from dbus_fast import Message, MessageType
 
 from tests.conftest import ServiceProcess
 from tests.integration.filter_helpers import run_dbus_send
-from tests.integration.test_hostile_wire import (
+from tests.support.bus import PrivateBus
+from tests.support.processes import rss_kib
+from tests.support.rawconn import RawConn, RawPeer, add_server
+from tests.support.wire import (
     DRIVER,
     DRIVER_PATH,
     EXT,
     MANAGER,
     MANAGER_PATH,
-    RawConn,
-    RawPeer,
     Received,
-    add_server,
     driver_call,
     method_call,
-    rss_kib,
 )
-from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(120)
 

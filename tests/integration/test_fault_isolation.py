@@ -25,8 +25,10 @@ from tests.integration.resource_helpers import (
     status_kib,
     stop_wrapped,
 )
-from tests.integration.test_hostile_wire import RawConn, driver_call, wait_for
 from tests.support.bus import PrivateBus
+from tests.support.processes import wait_for
+from tests.support.rawconn import RawConn
+from tests.support.wire import driver_call
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,13 +14,14 @@ from typing import Any
 from dbus_fast import Message, Variant
 
 from tests.conftest import ServiceProcess, add_server, call, connect, ok
-from tests.integration.test_hostile_wire import DRIVER, DRIVER_PATH, RawConn
 from tests.integration.test_spare_connections import (
     get_id,
     get_id_argv,
     settle_sockets,
     socket_count,
 )
+from tests.support.rawconn import RawConn
+from tests.support.wire import DRIVER, DRIVER_PATH
 
 EXT = "org.freedesktop.XdgContainers1."
 

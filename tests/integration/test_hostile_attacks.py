@@ -25,7 +25,10 @@ import pytest
 from dbus_fast import MessageType
 
 from tests.conftest import ServiceProcess
-from tests.integration.test_hostile_wire import (
+from tests.support.bus import PrivateBus
+from tests.support.processes import fd_count, rss_kib, stable_fd_count, wait_for
+from tests.support.rawconn import RawConn, RawPeer, add_server, echo_handler
+from tests.support.wire import (
     DRIVER,
     DRIVER_PATH,
     EXT,
@@ -40,22 +43,13 @@ from tests.integration.test_hostile_wire import (
     METHOD_CALL,
     METHOD_RETURN,
     NO_REPLY_EXPECTED,
-    RawConn,
-    RawPeer,
     Received,
-    add_server,
     build_message,
     driver_call,
-    echo_handler,
-    fd_count,
     method_call,
     method_return,
-    rss_kib,
     signal,
-    stable_fd_count,
-    wait_for,
 )
-from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 

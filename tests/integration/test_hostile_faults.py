@@ -16,22 +16,18 @@ import pytest
 from dbus_fast import MessageType
 
 from tests.conftest import ServiceProcess
-from tests.integration.test_hostile_wire import (
+from tests.support.bus import PrivateBus
+from tests.support.processes import fd_count, wait_for
+from tests.support.rawconn import RawConn, RawPeer, add_server, echo_handler
+from tests.support.wire import (
     DRIVER,
     DRIVER_PATH,
     MANAGER,
     MANAGER_PATH,
-    RawConn,
-    RawPeer,
     Received,
-    add_server,
     driver_call,
-    echo_handler,
-    fd_count,
     method_call,
-    wait_for,
 )
-from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import ServiceProcess, add_server
-from tests.integration.test_hostile_wire import RawConn
 from tests.support.bus import PrivateBus
+from tests.support.rawconn import RawConn
 
 DRIVER = "org.freedesktop.DBus"
 

@@ -1,8 +1,10 @@
-"""Process trees, read from /proc (what a test needs to find a service's children)."""
+"""Processes read from /proc: a service's children, its memory and fds, and polling."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 
 
 def descendants(pid: int) -> list[int]:
@@ -33,3 +35,39 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:  # gone before the open (ENOENT) or between open and read (ESRCH)
         return False
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process, KiB."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def fd_count(pid: int) -> int:
+    """Open fds of a process."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def stable_fd_count(pid: int, timeout: float = 5.0) -> int:
+    """Open fds of a process once two readings 50 ms apart agree."""
+    deadline = time.monotonic() + timeout
+    last = fd_count(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = fd_count(pid)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the fd count of {pid} did not settle")
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll ``predicate`` until true; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
