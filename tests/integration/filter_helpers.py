@@ -39,12 +39,11 @@ from dbus_fast.aio import MessageBus
 from tests.conftest import NAME as SERVICE_NAME
 from tests.conftest import ServiceProcess, start_service
 from tests.support.bus import PrivateBus
+from tests.support.wire import DRIVER, DRIVER_PATH
 
 T = TypeVar("T")
 
 EXT = "org.freedesktop.XdgContainers1."
-DRIVER = "org.freedesktop.DBus"
-DRIVER_PATH = "/org/freedesktop/DBus"
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"
 NAME_HAS_NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"
@@ -742,145 +741,3 @@ def wait_until(pred: Callable[[], bool], timeout: float = TIMEOUT, what: str = "
 def unique_names(names: Iterable[str]) -> list[str]:
     """The unique names among ``names``."""
     return [n for n in names if n.startswith(":")]
-
-
-# --------------------------------------------------------------------------------------
-# a raw client: hand-made bytes on a blocking socket
-
-
-def _pad(buf: bytearray, align: int) -> None:
-    buf.extend(b"\0" * (-len(buf) % align))
-
-
-def raw_message(
-    message_type: int,
-    serial: int,
-    fields: list[tuple[int, str, Any]],
-    body: bytes = b"",
-    flags: int = 0,
-) -> bytes:
-    """Marshal a little-endian message with exactly these header fields (any codes)."""
-    import struct
-
-    buf = bytearray(b"l" + bytes([message_type, flags, 1]))
-    buf += struct.pack("<II", len(body), serial)
-    arr = bytearray()
-    start = 16  # array data starts after the uint32 length, aligned to 8
-    for code, sig, value in fields:
-        pad = -(start + len(arr)) % 8
-        arr += b"\0" * pad
-        arr += bytes([code, len(sig)]) + sig.encode() + b"\0"
-        if sig in ("s", "o"):
-            arr += b"\0" * (-(start + len(arr)) % 4)
-            data = value.encode()
-            arr += struct.pack("<I", len(data)) + data + b"\0"
-        elif sig == "g":
-            arr += bytes([len(value)]) + value.encode() + b"\0"
-        elif sig == "u":
-            arr += b"\0" * (-(start + len(arr)) % 4)
-            arr += struct.pack("<I", value)
-        else:
-            raise ValueError(sig)
-    buf += struct.pack("<I", len(arr)) + arr
-    _pad(buf, 8)
-    return bytes(buf + body)
-
-
-FIELD_PATH, FIELD_INTERFACE, FIELD_MEMBER, FIELD_ERROR_NAME = 1, 2, 3, 4
-FIELD_REPLY_SERIAL, FIELD_DESTINATION, FIELD_SENDER, FIELD_SIGNATURE = 5, 6, 7, 8
-
-
-def driver_call(
-    serial: int,
-    member: str,
-    extra: list[tuple[int, str, Any]] | None = None,
-    signature: str = "",
-    body: bytes = b"",
-    flags: int = 0,
-) -> bytes:
-    """A bus-driver method call, with optional extra header fields."""
-    fields: list[tuple[int, str, Any]] = [
-        (FIELD_PATH, "o", DRIVER_PATH),
-        (FIELD_INTERFACE, "s", DRIVER),
-        (FIELD_MEMBER, "s", member),
-        (FIELD_DESTINATION, "s", DRIVER),
-    ]
-    if signature:
-        fields.append((FIELD_SIGNATURE, "g", signature))
-    return raw_message(1, serial, fields + (extra or []), body, flags)
-
-
-def string_body(*strings: str) -> bytes:
-    """A body of D-Bus strings (signature 's'*n), little endian."""
-    import struct
-
-    out = bytearray()
-    for s in strings:
-        _pad(out, 4)
-        data = s.encode()
-        out += struct.pack("<I", len(data)) + data + b"\0"
-    return bytes(out)
-
-
-class RawClient:
-    """A blocking socket speaking SASL EXTERNAL by hand, then raw messages."""
-
-    def __init__(self, address: str, timeout: float = 5.0) -> None:
-        """Connect to a ``unix:path=`` address (no handshake yet)."""
-        import socket
-
-        path = address.split("path=", 1)[1].split(",", 1)[0]
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.stream = self.sock.makefile("rb")
-        self.unique_name = ""
-
-    def auth(self, uid: int | None = None) -> bytes:
-        """AUTH EXTERNAL (our uid unless ``uid``); returns the server's first line."""
-        uid = os.getuid() if uid is None else uid
-        self.sock.sendall(b"\0AUTH EXTERNAL " + str(uid).encode().hex().encode() + b"\r\n")
-        return self.stream.readline()
-
-    def hello(self) -> str:
-        """BEGIN + Hello; returns the unique name."""
-        self.sock.sendall(b"BEGIN\r\n" + driver_call(1, "Hello"))
-        reply = self.read()
-        assert reply.message_type == MessageType.METHOD_RETURN, reply
-        self.unique_name = str(reply.body[0])
-        return self.unique_name
-
-    def send(self, data: bytes) -> None:
-        """Write bytes as they are."""
-        self.sock.sendall(data)
-
-    def read(self) -> Message:
-        """The next message (raises on EOF or timeout)."""
-        from dbus_fast._private.unmarshaller import Unmarshaller
-
-        msg = Unmarshaller(stream=self.stream, negotiate_unix_fd=False).unmarshall()  # type: ignore[arg-type]
-        if msg is None:
-            raise EOFError("connection closed")
-        return msg
-
-    def read_reply(self, serial: int) -> Message:
-        """Skip signals and other replies until the reply to ``serial``."""
-        while True:
-            msg = self.read()
-            if msg.reply_serial == serial:
-                return msg
-
-    def closed(self) -> bool:
-        """True if the other side closed the connection (EOF within the timeout)."""
-        try:
-            while True:
-                data = self.sock.recv(65536)
-                if not data:
-                    return True
-        except (TimeoutError, OSError):
-            return False
-
-    def close(self) -> None:
-        """Close the socket."""
-        self.stream.close()
-        self.sock.close()

@@ -11,7 +11,6 @@ import asyncio
 import os
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import IFACE, NAME, PATH, call, connect, ok
+from tests.support.sasl import opening
 
 DRIVER = "org.freedesktop.DBus"
 DRIVER_PATH = "/org/freedesktop/DBus"
@@ -277,9 +277,8 @@ def sasl_probe(path: str, uid: int | None = None, timeout: float = 3.0) -> bytes
     s.settimeout(timeout)
     try:
         s.connect(path)
-        claim = str(os.getuid() if uid is None else uid).encode().hex().encode()
         try:
-            s.sendall(b"\0AUTH EXTERNAL " + claim + b"\r\n")
+            s.sendall(opening(uid, begin=False))
         except (BrokenPipeError, ConnectionResetError):
             return b""
         data = b""
@@ -328,16 +327,17 @@ def reachable_by_others(socket_path: str, top: str) -> Iterator[None]:
                 pass
 
 
-#: A child that connects to argv[1] as whatever uid it runs as, claims that uid,
-#: and reports what the server said before closing.
+#: A child that connects to argv[1] as whatever uid it runs as, sends the bytes hex-encoded
+#: in argv[2] (else claims its own uid), and reports what the server said before closing.
 _PROBE_CHILD = r"""
-import os, socket, sys
+import binascii, os, socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.settimeout(3)
 s.connect(sys.argv[1])
+own = b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n"
 data = b""
 try:
-    s.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
+    s.sendall(binascii.unhexlify(sys.argv[2]) if len(sys.argv) > 2 else own)
     while True:
         chunk = s.recv(4096)
         if not chunk:
@@ -375,10 +375,11 @@ def stdlib_python() -> str:
     return sys.executable
 
 
-def probe_as_nobody(socket_path: str) -> subprocess.CompletedProcess[str]:
-    """Run the SASL probe child (stdlib only) as nobody."""
+def probe_as_nobody(socket_path: str, send: bytes = b"") -> subprocess.CompletedProcess[str]:
+    """Run the SASL probe child (stdlib only) as nobody; it sends ``send``, else an AUTH
+    claiming its own uid."""
     return subprocess.run(
-        [stdlib_python(), "-I", "-c", _PROBE_CHILD, socket_path],
+        [stdlib_python(), "-I", "-c", _PROBE_CHILD, socket_path, *([send.hex()] if send else [])],
         capture_output=True,
         text=True,
         timeout=10,
@@ -400,91 +401,6 @@ async def run_cmd(*args: str, nobody: bool = False, timeout: float = 5.0) -> tup
         raise AssertionError(f"{args} did not finish within {timeout}s") from None
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
-
-
-# -- raw D-Bus messages (independent of dbus-fast) ------------------------------------------
-
-
-def _pad(buf: bytes, n: int) -> bytes:
-    return buf + b"\0" * (-len(buf) % n)
-
-
-def build_method_call(
-    serial: int, destination: str, path: str, interface: str, member: str
-) -> bytes:
-    """A little-endian METHOD_CALL without arguments, built byte by byte."""
-    fields = b""
-    for code, sig, value in (
-        (1, "o", path),
-        (6, "s", destination),
-        (2, "s", interface),
-        (3, "s", member),
-    ):
-        fields = _pad(fields, 8)  # the array starts at offset 16, so relative == absolute
-        v = value.encode()
-        fields += bytes([code, 1, ord(sig), 0]) + struct.pack("<I", len(v)) + v + b"\0"
-    header = b"l" + bytes([1, 0, 1]) + struct.pack("<III", 0, serial, len(fields))
-    return _pad(header + fields, 8)
-
-
-def build_hello(serial: int = 1) -> bytes:
-    """org.freedesktop.DBus.Hello as raw bytes."""
-    return build_method_call(serial, DRIVER, DRIVER_PATH, DRIVER, "Hello")
-
-
-@dataclass
-class RawMessage:
-    """A parsed message: type, serial, header fields by code, raw body."""
-
-    message_type: int
-    serial: int
-    fields: dict[int, Any]
-    body: bytes
-    little_endian: bool
-
-    def first_string(self) -> str:
-        """The first body argument when it is a string."""
-        e = "<" if self.little_endian else ">"
-        (n,) = struct.unpack(e + "I", self.body[:4])
-        return self.body[4 : 4 + n].decode()
-
-
-def parse_message(buf: bytes) -> tuple[RawMessage, int] | None:
-    """Parse one message from the front of ``buf``; None if incomplete."""
-    if len(buf) < 16:
-        return None
-    e = "<" if buf[0:1] == b"l" else ">"
-    mtype = buf[1]
-    body_len, serial, flen = struct.unpack(e + "III", buf[4:16])
-    hdr_end = 16 + flen
-    body_start = hdr_end + (-hdr_end % 8)
-    total = body_start + body_len
-    if len(buf) < total:
-        return None
-    fields: dict[int, Any] = {}
-    off = 16
-    while off < hdr_end:
-        off += -off % 8
-        code = buf[off]
-        siglen = buf[off + 1]
-        sig = buf[off + 2 : off + 2 + siglen].decode()
-        off += 3 + siglen
-        if sig in ("s", "o"):
-            off += -off % 4
-            (n,) = struct.unpack(e + "I", buf[off : off + 4])
-            fields[code] = buf[off + 4 : off + 4 + n].decode()
-            off += 4 + n + 1
-        elif sig == "g":
-            n = buf[off]
-            fields[code] = buf[off + 1 : off + 1 + n].decode()
-            off += 1 + n + 1
-        elif sig == "u":
-            off += -off % 4
-            (fields[code],) = struct.unpack(e + "I", buf[off : off + 4])
-            off += 4
-        else:
-            raise AssertionError(f"unexpected header field type {sig!r}")
-    return RawMessage(mtype, serial, fields, buf[body_start:total], e == "<"), total
 
 
 def recv_until(

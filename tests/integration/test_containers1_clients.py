@@ -21,20 +21,19 @@ from dbus_fast.constants import RequestNameReply
 from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, ok
 from tests.integration.helpers_c1 import (
     DRIVER,
-    DRIVER_PATH,
     Observer,
-    build_hello,
-    build_method_call,
     driver_call,
     list_servers,
     name_has_owner,
     observing,
-    parse_message,
     recv_until,
     run_cmd,
     socket_path_of,
 )
 from tests.support.bus import PrivateBus
+from tests.support.sasl import opening
+from tests.support.wire import decode, wire_length
+from tests.support.wire import driver_call as raw_driver_call
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -330,10 +329,9 @@ def _pipelined_session(
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(socket_path)
-        uid = str(os.getuid()).encode().hex().encode()
-        payload = b"\0AUTH EXTERNAL " + uid + b"\r\nNEGOTIATE_UNIX_FD\r\nBEGIN\r\n" + build_hello(1)
+        payload = opening(fds=True) + raw_driver_call(1, "Hello")
         if with_call:
-            payload += build_method_call(2, DRIVER, DRIVER_PATH, DRIVER, "GetId")
+            payload += raw_driver_call(2, "GetId")
         if bytewise:
             for i in range(len(payload)):
                 s.sendall(payload[i : i + 1])
@@ -347,10 +345,10 @@ def _pipelined_session(
 
         def have_all(b: bytes) -> bool:
             messages.clear()
-            while (parsed := parse_message(b)) is not None:
-                messages.append(parsed[0])
-                b = b[parsed[1] :]
-            return wanted <= {m.fields.get(5) for m in messages}
+            while len(b) >= 16 and len(b) >= (n := wire_length(b)):
+                messages.append(decode(b[:n]))
+                b = b[n:]
+            return wanted <= {m.reply_serial for m in messages}
 
         recv_until(s, rest, have_all)
         return s, lines, list(messages)
@@ -374,18 +372,18 @@ async def test_pipelined_handshake_and_hello(
     try:
         guid = re.search(r"guid=([0-9a-f]{32})", results["Address"].value).group(1)  # type: ignore[union-attr]
         assert lines == b"OK " + guid.encode() + b"\r\nAGREE_UNIX_FD\r\n"
-        hello = next(m for m in messages if m.fields.get(5) == 1)
-        assert hello.message_type == 2  # METHOD_RETURN
-        assert hello.fields.get(8) == "s"
-        assert hello.fields.get(7) == DRIVER  # sender
-        unique = hello.first_string()
+        hello = next(m for m in messages if m.reply_serial == 1)
+        assert hello.message_type == MessageType.METHOD_RETURN
+        assert hello.signature == "s"
+        assert hello.sender == DRIVER
+        unique = hello.body[0]
         assert unique.startswith(":")
-        assert hello.fields.get(6) == unique  # destination: the client's own name
+        assert hello.destination == unique  # the client's own name
         if with_call:
-            getid = next(m for m in messages if m.fields.get(5) == 2)
-            assert getid.message_type == 2
+            getid = next(m for m in messages if m.reply_serial == 2)
+            assert getid.message_type == MessageType.METHOD_RETURN
             bus_id = ok(await driver_call(manager_bus, "GetId"))[0]
-            assert getid.first_string() == bus_id
+            assert getid.body[0] == bus_id
         # The unique name in the Hello reply is the client's own, and ours.
         info = ok(await call(manager_bus, "GetConnectionInfo", "s", [unique]))
         assert info[0] == path

@@ -25,14 +25,13 @@ from tests.integration.filter_helpers import (
     SERVICE_UNKNOWN,
     Conn,
     Policy,
-    RawClient,
     World,
     barrier,
-    driver_call,
-    string_body,
     wait_until,
     world_fixture,
 )
+from tests.support.rawconn import RawConn
+from tests.support.wire import METHOD_CALL, build_message, driver_call
 from tests.unit.test_matchrule import EAVESDROP_SPELLINGS
 
 MANAGER = "org.freedesktop.DBus.Containers1"
@@ -370,17 +369,17 @@ def _rss_kib(pid: int) -> int:
 def test_hello_5000_times(setup: Setup, which: str) -> None:
     world = setup.world
     pid = world.service.process.pid
-    raw = RawClient(setup.address(which), timeout=20)
+    raw = RawConn(setup.address(which), timeout=20)
     other = world.connect(setup.address(which))
     try:
-        assert raw.auth().startswith(b"OK ")
+        raw.handshake()
         name = raw.hello()
         rss_before = _rss_kib(pid)
         raw.send(b"".join(driver_call(serial, "Hello") for serial in range(2, 5002)))
         raw.send(driver_call(6000, "GetId"))
         errors = 0
         while True:
-            msg = raw.read()
+            msg = raw.next_message()
             if msg.reply_serial == 6000:
                 assert msg.message_type == MessageType.METHOD_RETURN
                 break
@@ -389,8 +388,8 @@ def test_hello_5000_times(setup: Setup, which: str) -> None:
                 errors += 1
         assert errors == 5000
         # The connection is intact and still has its name.
-        raw.send(driver_call(6001, "GetNameOwner", signature="s", body=string_body(name)))
-        assert raw.read_reply(6001).body == [name]
+        raw.send(driver_call(6001, "GetNameOwner", "s", [name]))
+        assert raw.read_reply(6001).msg.body == [name]
         # Other connections are unaffected.
         assert other.call("org.test.Talk", "Hi").message_type == MessageType.METHOD_RETURN
         fresh = world.connect(setup.address(which))
@@ -494,10 +493,9 @@ def test_hidden_names_never_leak(setup: Setup) -> None:
 def test_denied_calls_are_answered(setup: Setup) -> None:
     """Denied and allowed calls pipelined: each gets exactly its answer, never silence."""
     world = setup.world
-    raw = RawClient(setup.filtered)
+    raw = RawConn(setup.filtered)
     try:
-        raw.auth()
-        raw.hello()
+        raw.setup()
         plan = []
         batch = b""
         for i in range(60):
@@ -508,7 +506,7 @@ def test_denied_calls_are_answered(setup: Setup) -> None:
         raw.send(batch)
         got: list[tuple[int | None, str | None]] = []
         while len(got) < len(plan):
-            msg = raw.read()
+            msg = raw.next_message()
             if msg.message_type in (MessageType.METHOD_RETURN, MessageType.ERROR):
                 got.append((msg.reply_serial, msg.error_name))
                 if msg.message_type == MessageType.ERROR:
@@ -522,10 +520,8 @@ def test_denied_calls_are_answered(setup: Setup) -> None:
 
 
 def _raw_call(serial: int, dest: str, flags: MessageFlag = MessageFlag.NONE) -> bytes:
-    from tests.integration.filter_helpers import raw_message
-
-    return raw_message(
-        1,
+    return build_message(
+        METHOD_CALL,
         serial,
         [(1, "o", "/"), (2, "s", "org.test.Iface"), (3, "s", "Hi"), (6, "s", dest)],
         flags=int(flags),

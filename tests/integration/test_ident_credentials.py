@@ -29,17 +29,17 @@ from tests.integration.helpers_c1 import (
     NOBODY,
     PROPS,
     Observer,
-    as_nobody_kwargs,
-    build_hello,
     close_fds,
     driver_call,
     observing,
+    probe_as_nobody,
     reachable_by_others,
     run_cmd,
     socket_path_of,
-    stdlib_python,
 )
 from tests.support.bus import PrivateBus
+from tests.support.sasl import opening
+from tests.support.wire import driver_call as driver_call_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -506,31 +506,6 @@ async def test_confined_client_may_ask_about_itself_only(
 # -- another uid is refused before anything reaches the bus -------------------------------------
 
 
-#: Runs as another uid: connects, *claims the creator's uid* (argv[2]), and pipelines
-#: NEGOTIATE_UNIX_FD, BEGIN and a Hello (hex in argv[3]); prints what came back.
-_OTHER_UID_CHILD = r"""
-import binascii, os, socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.settimeout(3)
-s.connect(sys.argv[1])
-data = b""
-try:
-    s.sendall(b"\0AUTH EXTERNAL " + sys.argv[2].encode().hex().encode() + b"\r\n"
-              + b"NEGOTIATE_UNIX_FD\r\nBEGIN\r\n" + binascii.unhexlify(sys.argv[3]))
-    while True:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-except (BrokenPipeError, ConnectionResetError):
-    pass
-except socket.timeout:
-    print("TIMEOUT", repr(data))
-    sys.exit(2)
-print("CLOSED", os.getuid(), repr(data))
-"""
-
-
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a child as another uid")
 async def test_other_uid_is_refused_before_reaching_the_bus(
     service: ServiceProcess, manager_bus: MessageBus, observer: Observer, runtime_dir: str
@@ -538,22 +513,9 @@ async def test_other_uid_is_refused_before_reaching_the_bus(
     path, results = await add_server(manager_bus, app_id=APP)
     socket_path = socket_path_of(results)
     with reachable_by_others(socket_path, runtime_dir):
-        child = await asyncio.to_thread(
-            subprocess.run,
-            [
-                stdlib_python(),
-                "-I",
-                "-c",
-                _OTHER_UID_CHILD,
-                socket_path,
-                str(os.getuid()),
-                build_hello().hex(),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            **as_nobody_kwargs(),
-        )
+        # Claims the creator's uid and pipelines NEGOTIATE_UNIX_FD, BEGIN and a Hello.
+        claim = opening(os.getuid(), fds=True) + driver_call_bytes(1, "Hello")
+        child = await asyncio.to_thread(probe_as_nobody, socket_path, claim)
     assert child.returncode == 0, child.stderr
     # Closed without a word: no SASL answer, no Hello reply.
     assert child.stdout.strip() == f"CLOSED {NOBODY} b''", child.stdout

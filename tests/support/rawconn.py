@@ -23,6 +23,7 @@ from typing import Any
 
 from dbus_fast import Message, MessageType
 
+from tests.support.sasl import authenticate
 from tests.support.wire import (
     DRIVER,
     DRIVER_PATH,
@@ -61,19 +62,7 @@ class RawConn:
 
     def handshake(self, fds: bool = False, uid: int | None = None) -> str:
         """NUL, AUTH EXTERNAL (inline uid), [NEGOTIATE_UNIX_FD], BEGIN; return the guid."""
-        uid = os.getuid() if uid is None else uid
-        out = b"\0AUTH EXTERNAL " + str(uid).encode().hex().encode() + b"\r\n"
-        self.sock.sendall(out)
-        line = self.read_line()
-        if not line.startswith(b"OK "):
-            raise ConnectionError(f"auth refused: {line!r}")
-        self.guid = line[3:].strip().decode()
-        if fds:
-            self.sock.sendall(b"NEGOTIATE_UNIX_FD\r\n")
-            agree = self.read_line()
-            if agree != b"AGREE_UNIX_FD\r\n":
-                raise ConnectionError(f"fd passing refused: {agree!r}")
-        self.sock.sendall(b"BEGIN\r\n")
+        self.guid = authenticate(self.sock, uid, fds=fds)
         return self.guid
 
     def read_line(self, timeout: float | None = None) -> bytes:
@@ -217,6 +206,14 @@ class RawConn:
                 raise TimeoutError("no message in time")
             if not self._fill(left):
                 return None
+
+    def next_message(self, timeout: float | None = None) -> Message:
+        """The next decoded message (fds closed); EOFError when the connection closed."""
+        r = self.read_message(timeout)
+        if r is None:
+            raise EOFError("connection closed")
+        r.close_fds()
+        return r.msg
 
     def read_reply(self, serial: int, timeout: float | None = None) -> Received:
         """Wait for the reply to ``serial``; other messages are kept in the backlog."""

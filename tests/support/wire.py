@@ -85,12 +85,13 @@ def _type_end(sig: str, i: int) -> int:
 
 
 class _Writer:
-    def __init__(self, little: bool) -> None:
+    def __init__(self, little: bool, base: int = 0) -> None:
         self.b = bytearray()
         self.e = "<" if little else ">"
+        self.base = base  # the absolute offset of b[0]: alignment counts from the message start
 
     def align(self, n: int) -> None:
-        self.b += b"\0" * (-len(self.b) % n)
+        self.b += b"\0" * (-(self.base + len(self.b)) % n)
 
     def value(self, t: str, v: Any) -> None:
         c = t[0]
@@ -131,12 +132,12 @@ class _Writer:
             raise ValueError(f"cannot marshal type {t!r}")
 
 
-def marshal(sig: str, values: Sequence[Any], little: bool = True) -> bytes:
-    """Marshal ``values`` (one per complete type of ``sig``) as a body starting at offset 0.
+def marshal(sig: str, values: Sequence[Any], little: bool = True, base: int = 0) -> bytes:
+    """Marshal ``values`` (one per complete type of ``sig``) as data starting at offset ``base``.
 
     Arrays are lists (dicts for ``a{..}``), structs tuples, variants ``(signature, value)``.
     """
-    w = _Writer(little)
+    w = _Writer(little, base)
     for t, v in zip(complete_types(sig), values, strict=True):
         w.value(t, v)
     return bytes(w.b)
@@ -201,10 +202,11 @@ def method_call(
     flags: int = 0,
     little: bool = True,
     unix_fds: int = 0,
+    extra: Sequence[tuple[int, str, Any]] = (),
 ) -> bytes:
-    """A METHOD_CALL."""
+    """A METHOD_CALL; ``extra`` header fields (any code) follow the routing ones."""
     body = marshal(sig, args, little) if sig else b""
-    fields = _routing(path, interface, member, destination, sig, unix_fds)
+    fields = _routing(path, interface, member, destination, sig, unix_fds) + list(extra)
     return build_message(METHOD_CALL, serial, fields, body, flags=flags, little=little)
 
 

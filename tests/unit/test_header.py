@@ -19,6 +19,7 @@ from dbus_fast._private.unmarshaller import Unmarshaller
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.wire import build_message, marshal
 from xdg_containers.wire import build
 from xdg_containers.wire.header import (
     ERROR,
@@ -50,113 +51,7 @@ from xdg_containers.wire.types import (
     skip_value,
 )
 
-# -- a reference marshaller (both byte orders) ------------------------------------------
-
-_FIXED = {
-    "y": ("B", 1),
-    "b": ("I", 4),
-    "n": ("h", 2),
-    "q": ("H", 2),
-    "i": ("i", 4),
-    "u": ("I", 4),
-    "x": ("q", 8),
-    "t": ("Q", 8),
-    "d": ("d", 8),
-    "h": ("I", 4),
-}
-
-
-def _type_end(sig: str, i: int) -> int:
-    c = sig[i]
-    if c == "a":
-        return _type_end(sig, i + 1)
-    if c in "({":
-        close = ")" if c == "(" else "}"
-        j = i + 1
-        while sig[j] != close:
-            j = _type_end(sig, j)
-        return j + 1
-    return i + 1
-
-
-def split_types(sig: str) -> list[str]:
-    """Split a signature into its single complete types."""
-    out = []
-    i = 0
-    while i < len(sig):
-        j = _type_end(sig, i)
-        out.append(sig[i:j])
-        i = j
-    return out
-
-
-def _align_of(t: str) -> int:
-    c = t[0]
-    if c in "({":
-        return 8
-    if c in "aso":
-        return 4
-    if c in "gv":
-        return 1
-    return _FIXED[c][1]
-
-
-class Writer:
-    """Marshal values of any signature; ``base`` is the absolute offset of buf[0]."""
-
-    def __init__(self, little: bool, base: int = 0) -> None:
-        self.e = "<" if little else ">"
-        self.buf = bytearray()
-        self.base = base
-
-    def align(self, n: int) -> None:
-        self.buf.extend(b"\0" * (-(self.base + len(self.buf)) % n))
-
-    def write(self, sig: str, values: list[Any]) -> None:
-        types = split_types(sig)
-        assert len(types) == len(values), (sig, values)
-        for t, v in zip(types, values, strict=True):
-            self.write_one(t, v)
-
-    def write_one(self, t: str, v: Any) -> None:
-        c = t[0]
-        if c in _FIXED:
-            fmt, size = _FIXED[c]
-            self.align(size)
-            self.buf.extend(struct.pack(self.e + fmt, v))
-        elif c in "so":
-            raw = v.encode() if isinstance(v, str) else v
-            self.align(4)
-            self.buf.extend(struct.pack(self.e + "I", len(raw)) + raw + b"\0")
-        elif c == "g":
-            raw = v.encode()
-            self.buf.extend(bytes([len(raw)]) + raw + b"\0")
-        elif c == "v":
-            inner_sig, inner = v
-            self.write_one("g", inner_sig)
-            self.write_one(inner_sig, inner)
-        elif c == "a":
-            elem = t[1:]
-            self.align(4)
-            len_pos = len(self.buf)
-            self.buf.extend(b"\0\0\0\0")
-            self.align(_align_of(elem))
-            start = len(self.buf)
-            items = v.items() if isinstance(v, dict) else v
-            for item in items:
-                self.write_one(elem, item)
-            struct.pack_into(self.e + "I", self.buf, len_pos, len(self.buf) - start)
-        elif c in "({":
-            self.align(8)
-            self.write(t[1:-1], list(v))
-        else:
-            raise AssertionError(f"type {t!r}")
-
-
-def marshal(sig: str, values: list[Any], little: bool = True, base: int = 0) -> bytes:
-    w = Writer(little, base)
-    w.write(sig, values)
-    return bytes(w.buf)
+# -- the reference marshaller (tests/support/wire.py, both byte orders) --------------------
 
 
 def make_message(
@@ -172,16 +67,9 @@ def make_message(
 ) -> bytes:
     """A whole message; ``fields`` are (code, variant signature, value) in wire order."""
     raw_body = body_bytes if body_bytes is not None else marshal(body_sig, body or [], little)
-    w = Writer(little)
-    w.write_one("y", ord("l") if little else ord("B"))
-    w.write_one("y", mtype)
-    w.write_one("y", flags)
-    w.write_one("y", version)
-    w.write_one("u", len(raw_body))
-    w.write_one("u", serial)
-    w.write_one("a(yv)", [(code, (sig, value)) for code, sig, value in fields])
-    w.align(8)
-    return bytes(w.buf) + raw_body
+    return build_message(
+        mtype, serial, fields, raw_body, flags=flags, little=little, version=version
+    )
 
 
 def call_fields() -> list[tuple[int, str, Any]]:
