@@ -54,6 +54,7 @@ from dbus_fast import MessageType  # noqa: E402
 from tests.support.bus import PrivateBus  # noqa: E402
 from tests.support.processes import fd_count, rss_kib  # noqa: E402
 from tests.support.rawconn import RawConn, RawPeer, add_server  # noqa: E402
+from tests.support.sasl import opening  # noqa: E402
 from tests.support.wire import (  # noqa: E402
     DRIVER,
     EXT,
@@ -408,16 +409,8 @@ def one_case(rng: random.Random, address: str) -> tuple[str, str]:
         if case == "sasl":
             send_chunks(sock, rng, sasl_stream(rng))
             return case, drain(sock, 0.05)
-        uid = str(os.getuid()).encode().hex().encode()
         fds_on = rng.random() < 0.6
-        hello = (
-            b"\0AUTH EXTERNAL "
-            + uid
-            + b"\r\n"
-            + (b"NEGOTIATE_UNIX_FD\r\n" if fds_on else b"")
-            + b"BEGIN\r\n"
-        )
-        hello += driver_call(1, "Hello")
+        hello = opening(fds=fds_on) + driver_call(1, "Hello")
         if case == "stall":
             data = hello + templates(rng, 2, True)
             send_chunks(sock, rng, data[: rng.randint(1, len(data) - 1)])

@@ -28,6 +28,8 @@ from tests.conftest import ServiceProcess
 from tests.support.bus import PrivateBus
 from tests.support.processes import fd_count, rss_kib, stable_fd_count, wait_for
 from tests.support.rawconn import RawConn, RawPeer, add_server, echo_handler
+from tests.support.sasl import auth_line
+from tests.support.sasl import opening as sasl_opening
 from tests.support.wire import (
     DRIVER,
     DRIVER_PATH,
@@ -57,12 +59,6 @@ MiB = 1024 * 1024
 LOCAL_PATH = "/org/freedesktop/DBus/Local"
 LOCAL_IFACE = "org.freedesktop.DBus.Local"
 ECHO = "org.test.Echo"
-
-
-def auth_line(uid: int | None = None) -> bytes:
-    """``AUTH EXTERNAL <hex uid>`` with CRLF."""
-    uid = os.getuid() if uid is None else uid
-    return b"AUTH EXTERNAL " + str(uid).encode().hex().encode() + b"\r\n"
 
 
 @dataclass
@@ -660,7 +656,7 @@ def test_disconnect_mid_handshake_releases_everything(target: Target) -> None:
     nothing: its session (client socket, bus socket, pidfd) goes at once."""
     pid = target.pid
     fds_before = target.settled_fd_count()
-    opening = b"\0" + auth_line() + b"NEGOTIATE_UNIX_FD\r\nBEGIN\r\n"
+    opening = sasl_opening(fds=True)
     for cut in (0, 1, 5, 20, len(opening) - 8, len(opening) - 2):
         with target.connect() as c:
             if cut:

@@ -19,6 +19,7 @@ from tests.conftest import ServiceProcess
 from tests.support.bus import PrivateBus
 from tests.support.processes import fd_count, wait_for
 from tests.support.rawconn import RawConn, RawPeer, add_server, echo_handler
+from tests.support.sasl import opening
 from tests.support.wire import (
     DRIVER,
     DRIVER_PATH,
@@ -170,8 +171,7 @@ def test_half_close_right_after_a_fully_pipelined_start(
     peer = RawPeer(bus.address, SLOW, late_echo(0.2))
     try:
         with RawConn(address) as c:
-            uid = str(os.getuid()).encode().hex().encode()
-            data = b"\0AUTH EXTERNAL " + uid + b"\r\nBEGIN\r\n" + driver_call(1, "Hello")
+            data = opening() + driver_call(1, "Hello")
             data += b"".join(
                 method_call(2 + i, SLOW, "/", "org.test.I", "Echo", "s", [f"p{i}"])
                 for i in range(3)

@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import ServiceProcess, add_server
 from tests.support.bus import PrivateBus
 from tests.support.rawconn import RawConn
+from tests.support.sasl import BEGIN, NEGOTIATE, opening
 
 DRIVER = "org.freedesktop.DBus"
 
@@ -89,15 +90,15 @@ async def test_a_spare_dropped_under_a_client_is_replaced_without_it_noticing(
     assert get_id(address).returncode == 0  # a client came: a spare is made as it ends
     time.sleep(0.05)
     slow = RawConn(address)
-    slow.sock.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
+    slow.sock.sendall(opening(begin=False))
     assert slow.read_line().startswith(b"OK ")
     # The bus drops the spare under the session, which starts again (its own log line:
     # the check at take, which logs differently, saw a live spare).
     service.wait_for_log("closed a spare connection under the client", timeout=5)
     assert "closed an idle connection after" not in service.log()
-    slow.sock.sendall(b"NEGOTIATE_UNIX_FD\r\n")
+    slow.sock.sendall(NEGOTIATE)
     assert slow.read_line() == b"AGREE_UNIX_FD\r\n"
-    slow.sock.sendall(b"BEGIN\r\n")
+    slow.sock.sendall(BEGIN)
     name = slow.hello()
     assert name.startswith(":")
     assert len(slow.driver("GetId").body[0]) == 32
