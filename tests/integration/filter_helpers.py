@@ -506,33 +506,37 @@ def _gvariant_text(signature: str, args: list[Any]) -> list[str]:
     return out
 
 
-def run_dbus_send(
-    address: str,
-    dest: str,
-    path: str,
-    iface: str,
-    member: str,
-    signature: str = "",
-    args: list[Any] | None = None,
-) -> Outcome:
-    """libdbus: ``dbus-send --bus=ADDR --print-reply``."""
-    typed = {"s": "string", "u": "uint32"}
-    argv = [f"{typed[s]}:{a}" for s, a in zip(signature, args or [], strict=True)]
-    p = _run(
-        [
-            "dbus-send",
-            f"--bus={address}",
-            "--print-reply",
-            f"--dest={dest}",
-            path,
-            f"{iface}.{member}",
-            *argv,
-        ]
-    )
-    if p.returncode == 0:
-        return ("ok", _parse_dbus_send(p.stdout))
-    m = _DBUS_SEND_ERROR.search(p.stderr)
-    return ("error", m.group(1) if m else p.stderr.strip())
+@dataclass(frozen=True)
+class _Syntax:
+    """How a command-line client prints a one-value reply (regexes for re.match)."""
+
+    array: str
+    item: str
+    true: str
+    false: str
+    uint: str
+    string: str
+    empty: str
+
+
+_GVARIANT = _Syntax("([", r"'([^']*)'", "(true,)", "(false,)", r"\(uint32 (\d+),\)",
+                    r"\('([^']*)',\)", "()")
+_BUSCTL = _Syntax("as ", r'"([^"]*)"', "b true", "b false", r"u (\d+)$", r's "(.*)"$', "")
+
+
+def _parse(out: str, syn: _Syntax) -> Any:
+    out = out.strip()
+    if out.startswith(syn.array):
+        return sorted(re.findall(syn.item, out))
+    if out in (syn.true, syn.false):
+        return out == syn.true
+    m = re.match(syn.uint, out)
+    if m:
+        return int(m.group(1))
+    m = re.match(syn.string, out)
+    if m:
+        return m.group(1)
+    return None if out == syn.empty else out
 
 
 def _parse_dbus_send(out: str) -> Any:
@@ -548,93 +552,70 @@ def _parse_dbus_send(out: str) -> Any:
     return strings[0] if strings else None
 
 
-def run_gdbus(
-    address: str,
-    dest: str,
-    path: str,
-    iface: str,
-    member: str,
-    signature: str = "",
-    args: list[Any] | None = None,
-) -> Outcome:
-    """GDBus: ``gdbus call --address``."""
-    p = _run(
-        [
-            "gdbus",
-            "call",
-            "--address",
-            address,
-            "--dest",
-            dest,
-            "--object-path",
-            path,
-            "--method",
-            f"{iface}.{member}",
-            *_gvariant_text(signature, args or []),
-        ]
-    )
-    if p.returncode == 0:
-        return ("ok", _parse_gvariant(p.stdout.strip()))
-    m = _GDBUS_ERROR.search(p.stderr)
-    return ("error", m.group(1) if m else p.stderr.strip())
+#: The argv of one call: (address, dest, path, iface, member, signature, args).
+Argv = Callable[[str, str, str, str, str, str, list[Any]], list[str]]
 
 
-def _parse_gvariant(out: str) -> Any:
-    if out.startswith("(["):
-        return sorted(re.findall(r"'([^']*)'", out))
-    if out in ("(true,)", "(false,)"):
-        return out == "(true,)"
-    m = re.match(r"\(uint32 (\d+),\)", out)
-    if m:
-        return int(m.group(1))
-    m = re.match(r"\('([^']*)',\)", out)
-    if m:
-        return m.group(1)
-    return None if out == "()" else out
+def _cli_runner(
+    argv: Argv,
+    parse: Callable[[str], Any],
+    errors: re.Pattern[str],
+    extra_env: dict[str, str] | None = None,
+) -> Callable[..., Outcome]:
+    """A runner calling a command-line client; the error name is the last ``errors`` match
+    that is not ``n/a`` (sd-bus logs several), else the whole stderr."""
+
+    def run(
+        address: str,
+        dest: str,
+        path: str,
+        iface: str,
+        member: str,
+        signature: str = "",
+        args: list[Any] | None = None,
+    ) -> Outcome:
+        env = {**os.environ, **extra_env} if extra_env else None
+        p = _run(argv(address, dest, path, iface, member, signature, args or []), env)
+        if p.returncode == 0:
+            return ("ok", parse(p.stdout))
+        names = [n for n in errors.findall(p.stderr) if n != "n/a"]
+        return ("error", names[-1] if names else p.stderr.strip())
+
+    return run
 
 
-def run_busctl(
-    address: str,
-    dest: str,
-    path: str,
-    iface: str,
-    member: str,
-    signature: str = "",
-    args: list[Any] | None = None,
-) -> Outcome:
-    """sd-bus: ``busctl --address call``; the error name comes from sd-bus's debug log."""
-    env = {**os.environ, "SYSTEMD_LOG_LEVEL": "debug"}
-    p = _run(
-        [
-            "busctl",
-            f"--address={address}",
-            "call",
-            dest,
-            path,
-            iface,
-            member,
-            *([signature, *map(str, args or [])] if signature else []),
-        ],
-        env,
-    )
-    if p.returncode == 0:
-        return ("ok", _parse_busctl(p.stdout.strip()))
-    names = [n for n in _SDBUS_ERROR.findall(p.stderr) if n != "n/a"]
-    return ("error", names[-1] if names else p.stderr.strip())
+_TYPED = {"s": "string", "u": "uint32"}
 
+#: libdbus: ``dbus-send --bus=ADDR --print-reply``.
+run_dbus_send = _cli_runner(
+    lambda address, dest, path, iface, member, signature, args: [
+        "dbus-send", f"--bus={address}", "--print-reply", f"--dest={dest}", path,
+        f"{iface}.{member}", *(f"{_TYPED[s]}:{a}" for s, a in zip(signature, args, strict=True)),
+    ],
+    _parse_dbus_send,
+    _DBUS_SEND_ERROR,
+)
 
-def _parse_busctl(out: str) -> Any:
-    if out.startswith("as "):
-        return sorted(re.findall(r'"([^"]*)"', out))
-    if out in ("b true", "b false"):
-        return out == "b true"
-    m = re.match(r"u (\d+)$", out)
-    if m:
-        return int(m.group(1))
-    m = re.match(r's "(.*)"$', out)
-    if m:
-        return m.group(1)
-    return None if out == "" else out
+#: GDBus: ``gdbus call --address``.
+run_gdbus = _cli_runner(
+    lambda address, dest, path, iface, member, signature, args: [
+        "gdbus", "call", "--address", address, "--dest", dest, "--object-path", path,
+        "--method", f"{iface}.{member}", *_gvariant_text(signature, args),
+    ],
+    lambda out: _parse(out, _GVARIANT),
+    _GDBUS_ERROR,
+)
+
+#: sd-bus: ``busctl --address call``; the error name comes from sd-bus's debug log.
+run_busctl = _cli_runner(
+    lambda address, dest, path, iface, member, signature, args: [
+        "busctl", f"--address={address}", "call", dest, path, iface, member,
+        *([signature, *map(str, args)] if signature else []),
+    ],
+    lambda out: _parse(out, _BUSCTL),
+    _SDBUS_ERROR,
+    {"SYSTEMD_LOG_LEVEL": "debug"},
+)
 
 
 def run_dbus_python(
