@@ -14,14 +14,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import ServiceProcess, add_server, connect, ok
-from tests.integration.helpers_c1 import driver_call, observing, wait_disconnected
+from tests.integration.helpers_c1 import driver_call, wait_disconnected
 from tests.support.bus import PrivateBus
 from tests.support.processes import alive
 from xdg_containers.anchor.sandbox import PROGRAM
@@ -155,13 +154,6 @@ class LauncherAnchor:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-
-
-@pytest.fixture
-async def observer(bus: PrivateBus) -> AsyncIterator[object]:
-    """Records ServerRemoved."""
-    async with observing(bus.address) as obs:
-        yield obs
 
 
 async def test_connector_anchor_is_what_the_bus_sees(

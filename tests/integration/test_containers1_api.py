@@ -9,7 +9,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from dbus_fast import Variant
@@ -24,7 +24,6 @@ from tests.integration.helpers_c1 import (
     close_fds,
     driver_call,
     list_servers,
-    observing,
     socket_path_of,
     wait_disconnected,
     wait_until,
@@ -32,13 +31,6 @@ from tests.integration.helpers_c1 import (
 from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-async def observer(bus: PrivateBus) -> AsyncIterator[Observer]:
-    """A third connection to the real bus recording ServerRemoved and NameOwnerChanged."""
-    async with observing(bus.address) as obs:
-        yield obs
 
 
 SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"

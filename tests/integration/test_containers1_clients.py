@@ -31,7 +31,6 @@ from tests.integration.helpers_c1 import (
     driver_call,
     list_servers,
     name_has_owner,
-    observing,
     recv_until,
     run_cmd,
     socket_path_of,
@@ -42,13 +41,6 @@ from tests.support.wire import decode, wire_length
 from tests.support.wire import driver_call as raw_driver_call
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-async def observer(bus: PrivateBus) -> AsyncIterator[Observer]:
-    """A third connection to the real bus recording ServerRemoved and NameOwnerChanged."""
-    async with observing(bus.address) as obs:
-        yield obs
 
 
 PEER = "org.example.C1Peer"

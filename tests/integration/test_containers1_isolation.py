@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator
 
 import pytest
 from dbus_fast import Variant
@@ -27,7 +26,6 @@ from tests.integration.helpers_c1 import (
     Observer,
     as_nobody_kwargs,
     list_servers,
-    observing,
     run_cmd,
     sasl_probe,
     socket_path_of,
@@ -36,13 +34,6 @@ from tests.integration.helpers_c1 import (
 from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-async def observer(bus: PrivateBus) -> AsyncIterator[Observer]:
-    """A third connection to the real bus recording ServerRemoved and NameOwnerChanged."""
-    async with observing(bus.address) as obs:
-        yield obs
 
 
 BUS_ARG = "org.freedesktop.XdgContainers1.Bus"

@@ -28,7 +28,6 @@ import asyncio
 import os
 import re
 import stat
-from collections.abc import AsyncIterator
 
 import pytest
 from dbus_fast import Message, Variant
@@ -48,7 +47,6 @@ from tests.integration.helpers_c1 import (
     connect_errno,
     driver_call,
     list_servers,
-    observing,
     probe_as_nobody,
     reachable_by_others,
     run_cmd,
@@ -60,13 +58,6 @@ from tests.integration.helpers_c1 import (
 from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-async def observer(bus: PrivateBus) -> AsyncIterator[Observer]:
-    """A third connection to the real bus recording ServerRemoved and NameOwnerChanged."""
-    async with observing(bus.address) as obs:
-        yield obs
 
 
 SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"

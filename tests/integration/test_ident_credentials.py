@@ -31,7 +31,6 @@ from tests.integration.helpers_c1 import (
     Observer,
     close_fds,
     driver_call,
-    observing,
     probe_as_nobody,
     reachable_by_others,
     run_cmd,
@@ -57,13 +56,6 @@ conns = [dbus.bus.BusConnection(a) for a in sys.argv[1:]]
 print(" ".join(str(c.get_unique_name()) for c in conns), flush=True)
 sys.stdin.read()
 """
-
-
-@pytest.fixture
-async def observer(bus: PrivateBus) -> AsyncIterator[Observer]:
-    """A third connection to the real bus recording NameOwnerChanged and ServerRemoved."""
-    async with observing(bus.address) as obs:
-        yield obs
 
 
 @asynccontextmanager

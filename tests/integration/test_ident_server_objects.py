@@ -11,7 +11,6 @@ import itertools
 import os
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -27,7 +26,6 @@ from tests.integration.helpers_c1 import (
     close_fds,
     driver_call,
     list_servers,
-    observing,
     run_cmd,
     socket_path_of,
     wait_disconnected,
@@ -69,13 +67,6 @@ GONE_ERRORS = (
     "org.freedesktop.DBus.Error.UnknownInterface",
 )
 PEER_IFACE = "org.example.IdentPeer"
-
-
-@pytest.fixture
-async def observer(bus: PrivateBus) -> AsyncIterator[Observer]:
-    """Records ServerRemoved, NameOwnerChanged and (after ``watch_properties``) more."""
-    async with observing(bus.address) as obs:
-        yield obs
 
 
 async def watch_properties(obs: Observer, path: str) -> None:
