@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -230,6 +231,20 @@ async def add_server(
     )
     path, results = ok(reply)
     return path, results
+
+
+@asynccontextmanager
+async def confined_client(
+    manager: MessageBus, *args: Any, **kwargs: Any
+) -> AsyncIterator[tuple[str, dict[str, Variant], MessageBus]]:
+    """AddServer (``add_server``'s arguments) and a client on the minted socket:
+    (path, results, client); the client is disconnected on exit."""
+    path, results = await add_server(manager, *args, **kwargs)
+    client = await connect(results["Address"].value)
+    try:
+        yield path, results, client
+    finally:
+        client.disconnect()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import RequestNameReply
 
-from tests.conftest import ServiceProcess, add_server, call, connect, error, ok
+from tests.conftest import ServiceProcess, add_server, call, confined_client, connect, error, ok
 from tests.integration.helpers_c1 import (
     DRIVER,
     PROPS,
@@ -246,9 +246,11 @@ async def test_identify_errors(
 async def test_connection_info_by_well_known_name(
     service: ServiceProcess, manager_bus: MessageBus
 ) -> None:
-    path, results = await add_server(manager_bus, "org.example.Test", "org.example.App", "inst")
-    confined = await connect(results["Address"].value)
-    try:
+    async with confined_client(manager_bus, "org.example.Test", "org.example.App", "inst") as (
+        path,
+        _,
+        confined,
+    ):
         assert (
             await confined.request_name("org.example.ConfinedApp") == RequestNameReply.PRIMARY_OWNER
         )
@@ -263,8 +265,6 @@ async def test_connection_info_by_well_known_name(
         assert creds["org.freedesktop.DBus.Containers1.Path"].value == path
         assert creds["UnixUserID"].value == os.getuid()
         assert creds["ProcessID"].value == os.getpid()
-    finally:
-        confined.disconnect()
 
 
 async def test_connection_info_after_stop_listening(

@@ -15,7 +15,16 @@ import pytest
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import NAME, REPO, ServiceProcess, add_server, call, connect, ok
+from tests.conftest import (
+    NAME,
+    REPO,
+    ServiceProcess,
+    add_server,
+    call,
+    confined_client,
+    connect,
+    ok,
+)
 from tests.integration.helpers_c1 import (
     list_servers,
     sasl_probe,
@@ -82,9 +91,11 @@ async def test_bus_death_exits_non_zero_with_clear_log(
 async def test_second_instance_exits_non_zero_name_taken(
     service: ServiceProcess, manager_bus: MessageBus, bus: PrivateBus, runtime_dir: str
 ) -> None:
-    path, results = await add_server(manager_bus, metadata={"k": Variant("s", "v")})
-    confined = await connect(results["Address"].value)
-    try:
+    async with confined_client(manager_bus, metadata={"k": Variant("s", "v")}) as (
+        path,
+        results,
+        confined,
+    ):
         env = dict(os.environ, XDG_RUNTIME_DIR=runtime_dir)
         env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         proc = await asyncio.to_thread(
@@ -110,8 +121,6 @@ async def test_second_instance_exits_non_zero_name_taken(
         info = ok(await call(manager_bus, "GetConnectionInfo", "s", [confined.unique_name]))
         assert info[0] == path
         assert confined.connected
-    finally:
-        confined.disconnect()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

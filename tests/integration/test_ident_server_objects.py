@@ -17,7 +17,17 @@ import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import NAME, PATH, ServiceProcess, add_server, call, connect, error, ok
+from tests.conftest import (
+    NAME,
+    PATH,
+    ServiceProcess,
+    add_server,
+    call,
+    confined_client,
+    connect,
+    error,
+    ok,
+)
 from tests.integration.helpers_c1 import (
     NOBODY,
     PROPS,
@@ -331,9 +341,7 @@ async def test_counters_count_forwarded_and_denied_messages(
     try:
         assert (await hidden.request_name(HIDDEN)).value == 1
         # Unfiltered: traffic is forwarded and counted, nothing is denied.
-        plain, plain_res = await add_server(manager_bus, instance_id="plain")
-        c = await connect(plain_res["Address"].value)
-        try:
+        async with confined_client(manager_bus, instance_id="plain") as (plain, _, c):
             before = await get_all(manager_bus, plain)
             assert before["MessagesForwarded"] >= 2  # Hello and its reply at least
             for _ in range(5):
@@ -344,8 +352,6 @@ async def test_counters_count_forwarded_and_denied_messages(
             # Even unfiltered, BecomeMonitor is refused: that is a denial.
             error(await driver_call(c, "BecomeMonitor", "asu", [[], 0]), "AccessDenied")
             assert await get(manager_bus, plain, "MessagesDenied") == 1
-        finally:
-            c.disconnect()
 
         # Filtered: a call to a hidden name is denied and counted as such.
         filtered, f_res = await add_server(
@@ -448,9 +454,7 @@ async def test_properties_changed_for_listening_via_the_object(
 ) -> None:
     """StopListening on the server object, through a dbus-fast proxy object, as an admin
     tool would; the signal arrives on the proxy interface's ``on_properties_changed``."""
-    path, results = await add_server(manager_bus)
-    client = await connect(results["Address"].value)
-    try:
+    async with confined_client(manager_bus) as (path, _, client):
         xml = ok(
             await call(
                 manager_bus,
@@ -475,8 +479,6 @@ async def test_properties_changed_for_listening_via_the_object(
         # A second StopListening is a harmless no-op, and announces nothing new.
         await server_iface.call_stop_listening()  # type: ignore[attr-defined]
         ok(await driver_call(client, "GetId"))  # the connection still works
-    finally:
-        client.disconnect()
     await observer.wait_removed(path)
 
 

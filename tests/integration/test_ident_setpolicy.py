@@ -12,7 +12,7 @@ import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import ServiceProcess, add_server, call, connect, error, ok
+from tests.conftest import ServiceProcess, add_server, call, confined_client, connect, error, ok
 from tests.integration.helpers_c1 import add_match, driver_call, name_has_owner, run_cmd
 from tests.support.bus import PrivateBus
 
@@ -118,9 +118,11 @@ async def test_tighten_hides_a_talk_peer_from_the_live_connection(
     service: ServiceProcess, manager_bus: MessageBus, peers: tuple[Peer, Peer]
 ) -> None:
     a, _b = peers
-    path, results = await add_server(manager_bus, named=filtered({PEER_A: "talk", PEER_B: "talk"}))
-    client = await connect(results["Address"].value)
-    try:
+    async with confined_client(manager_bus, named=filtered({PEER_A: "talk", PEER_B: "talk"})) as (
+        path,
+        _,
+        client,
+    ):
         await assert_can_talk(client, PEER_A)
         await assert_can_talk(client, PEER_B)
         calls_before = len(a.calls)
@@ -129,17 +131,13 @@ async def test_tighten_hides_a_talk_peer_from_the_live_connection(
         await assert_hidden(client, PEER_A)
         assert len(a.calls) == calls_before
         await assert_can_talk(client, PEER_B)
-    finally:
-        client.disconnect()
 
 
 async def test_loosen_lets_a_hidden_peer_through_on_the_live_connection(
     service: ServiceProcess, manager_bus: MessageBus, peers: tuple[Peer, Peer]
 ) -> None:
     _a, b = peers
-    path, results = await add_server(manager_bus, named=filtered({PEER_A: "talk"}))
-    client = await connect(results["Address"].value)
-    try:
+    async with confined_client(manager_bus, named=filtered({PEER_A: "talk"})) as (path, _, client):
         await assert_can_talk(client, PEER_A)
         await assert_hidden(client, PEER_B)
         assert b.calls == []
@@ -147,8 +145,6 @@ async def test_loosen_lets_a_hidden_peer_through_on_the_live_connection(
         await assert_can_talk(client, PEER_B)
         assert b.calls == ["Ping"]
         await assert_can_talk(client, PEER_A)
-    finally:
-        client.disconnect()
 
 
 async def test_loosening_never_reveals_past_broadcasts(
@@ -183,9 +179,7 @@ async def test_call_rules_via_set_policy(
     service: ServiceProcess, manager_bus: MessageBus, peers: tuple[Peer, Peer]
 ) -> None:
     _a, b = peers
-    path, results = await add_server(manager_bus, named=filtered({}))
-    client = await connect(results["Address"].value)
-    try:
+    async with confined_client(manager_bus, named=filtered({})) as (path, _, client):
         await assert_hidden(client, PEER_B)
         ok(
             await set_policy(
@@ -199,8 +193,6 @@ async def test_call_rules_via_set_policy(
         error(await ping(client, PEER_B, "Other"), "AccessDenied")
         assert PEER_B in await list_names(client)
         assert b.calls == ["Ping"]
-    finally:
-        client.disconnect()
 
 
 # -- switching the filter on and off -------------------------------------------------------------
@@ -231,9 +223,7 @@ async def test_enabling_filter_applies_to_the_live_connection(
 async def test_disabling_filter_applies_to_the_live_connection(
     service: ServiceProcess, manager_bus: MessageBus, peers: tuple[Peer, Peer]
 ) -> None:
-    path, results = await add_server(manager_bus, named=filtered({PEER_A: "talk"}))
-    client = await connect(results["Address"].value)
-    try:
+    async with confined_client(manager_bus, named=filtered({PEER_A: "talk"})) as (path, _, client):
         await assert_hidden(client, PEER_B)
         # Empty named arguments: Filter defaults to false, the server is unfiltered again.
         ok(await set_policy(manager_bus, path, {}))
@@ -242,8 +232,6 @@ async def test_disabling_filter_applies_to_the_live_connection(
         await assert_hidden(client, PEER_B)
         ok(await set_policy(manager_bus, path, {FILTER: Variant("b", False)}))
         await assert_can_talk(client, PEER_B)
-    finally:
-        client.disconnect()
 
 
 # -- invalid arguments leave the policy as it was ------------------------------------------------
@@ -252,9 +240,7 @@ async def test_disabling_filter_applies_to_the_live_connection(
 async def test_invalid_set_policy_arguments(
     service: ServiceProcess, manager_bus: MessageBus, peers: tuple[Peer, Peer]
 ) -> None:
-    path, results = await add_server(manager_bus, named=filtered({PEER_A: "talk"}))
-    client = await connect(results["Address"].value)
-    try:
+    async with confined_client(manager_bus, named=filtered({PEER_A: "talk"})) as (path, _, client):
         cases: list[tuple[dict[str, Variant], list[str]]] = [
             # Policy (or Call/Broadcast) without Filter=true: a silent unfiltered proxy.
             ({FILTER: Variant("b", False), POLICY: Variant("a{ss}", {PEER_B: "talk"})}, [POLICY]),
@@ -286,8 +272,6 @@ async def test_invalid_set_policy_arguments(
             # Nothing changed: A still talk, B still hidden.
             await assert_can_talk(client, PEER_A)
             await assert_hidden(client, PEER_B)
-    finally:
-        client.disconnect()
 
 
 async def test_set_policy_signature_and_server_checks(
