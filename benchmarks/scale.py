@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from dbus_fast.aio import MessageBus
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from startup import (
     TALK_NAME,
@@ -62,6 +63,8 @@ from startup import (
     stop_xdg_dbus_proxy,
     unix_path,
 )
+
+from tests.support.processes import descendants
 
 MiB = 1024.0
 
@@ -89,27 +92,6 @@ def checkpoints(n: int) -> list[int]:
         out.append(c)
         c *= 10
     out.append(n)
-    return out
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc/*/stat parent links)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
     return out
 
 

@@ -50,15 +50,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def status_kib(pid: int, key: str) -> int:
-    """A ``VmXxx:`` line of /proc/PID/status, KiB (VmRSS, VmHWM: the peak RSS)."""
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"no {key}")
-
-
 def reset_peak_rss(pid: int) -> None:
     """Make VmHWM start again from the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
     with open(f"/proc/{pid}/clear_refs", "w") as fh:

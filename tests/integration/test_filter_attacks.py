@@ -30,6 +30,7 @@ from tests.integration.filter_helpers import (
     wait_until,
     world_fixture,
 )
+from tests.support.processes import rss_kib
 from tests.support.rawconn import RawConn
 from tests.support.wire import METHOD_CALL, build_message, driver_call
 from tests.unit.test_matchrule import EAVESDROP_SPELLINGS
@@ -357,14 +358,6 @@ def test_broadcast_rule_restricts_paths(setup: Setup) -> None:
 # -- repeated Hello ----------------------------------------------------------------------------
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.parametrize("which", BOTH)
 def test_hello_5000_times(setup: Setup, which: str) -> None:
     world = setup.world
@@ -374,7 +367,7 @@ def test_hello_5000_times(setup: Setup, which: str) -> None:
     try:
         raw.handshake()
         name = raw.hello()
-        rss_before = _rss_kib(pid)
+        rss_before = rss_kib(pid)
         raw.send(b"".join(driver_call(serial, "Hello") for serial in range(2, 5002)))
         raw.send(driver_call(6000, "GetId"))
         errors = 0
@@ -396,7 +389,7 @@ def test_hello_5000_times(setup: Setup, which: str) -> None:
         assert fresh.call("org.test.Talk", "Hi").message_type == MessageType.METHOD_RETURN
         fresh.close()
         assert world.service.process.poll() is None
-        grown = _rss_kib(pid) - rss_before
+        grown = rss_kib(pid) - rss_before
         assert grown < 20 * 1024, f"service RSS grew by {grown} KiB"
     finally:
         raw.close()

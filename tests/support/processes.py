@@ -37,13 +37,18 @@ def alive(pid: int) -> bool:
         return False
 
 
-def rss_kib(pid: int) -> int:
-    """VmRSS of a process, KiB."""
+def status_kib(pid: int, key: str) -> int:
+    """A ``VmXxx:`` line of /proc/PID/status, KiB (VmRSS, VmHWM: the peak RSS)."""
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {key}")
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process, KiB."""
+    return status_kib(pid, "VmRSS")
 
 
 def fd_count(pid: int) -> int:
