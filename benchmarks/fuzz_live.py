@@ -35,10 +35,8 @@ import os
 import random
 import select
 import shutil
-import signal as signals
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,6 +49,8 @@ sys.path.insert(0, REPO)
 
 from dbus_fast import MessageType  # noqa: E402
 
+from tests import conftest  # noqa: E402
+from tests.conftest import ServiceProcess  # noqa: E402
 from tests.support.bus import PrivateBus  # noqa: E402
 from tests.support.processes import fd_count, rss_kib  # noqa: E402
 from tests.support.rawconn import RawConn, RawPeer, add_server  # noqa: E402
@@ -79,74 +79,35 @@ FILTERED = {
 # processes
 
 
-@dataclass
-class Service:
-    process: subprocess.Popen[bytes]
-    log_path: str
-    runtime: str
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-            return fh.read()
-
-
-def start_service(bus_address: str, extra: list[str], name: str = "fuzz") -> Service:
-    """``python -m xdg_containers -v serve --address`` waiting for READY=1."""
+def start_service(bus_address: str, extra: list[str], name: str = "fuzz") -> ServiceProcess:
+    """``python -m xdg_containers -v serve --address`` with a runtime dir of its own,
+    waiting for READY=1 (``stop_service`` removes the dir)."""
     runtime = tempfile.mkdtemp(prefix=f"xdgc-{name}-runtime-")
     os.chmod(runtime, 0o700)
-    log_fd, log_path = tempfile.mkstemp(prefix=f"xdgc-{name}-", suffix=".log")
-    env = dict(
-        os.environ,
-        XDG_RUNTIME_DIR=runtime,
-        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    r, w = os.pipe()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "xdg_containers",
-            "-v",
-            "serve",
-            "--address",
-            bus_address,
-            "--ready-fd",
-            str(w),
-            *extra,
-        ],
-        stdout=log_fd,
-        stderr=log_fd,
-        pass_fds=(w,),
-        env=env,
-        cwd=REPO,
-    )
-    os.close(w)
-    os.close(log_fd)
-    ready, _, _ = select.select([r], [], [], 20)
-    data = os.read(r, 100) if ready else b""
-    os.close(r)
-    svc = Service(proc, log_path, runtime)
-    if b"READY=1" not in data:
-        proc.kill()
-        proc.wait()
-        raise SystemExit(f"service did not start; log:\n{svc.log()}")
-    return svc
+    return conftest.start_service(bus_address, runtime, extra)
 
 
-def stop_service(svc: Service) -> int:
-    if svc.process.poll() is None:
-        svc.process.send_signal(signals.SIGTERM)
-        try:
-            svc.process.wait(10)
-        except subprocess.TimeoutExpired:
-            svc.process.kill()
-            svc.process.wait()
-    shutil.rmtree(svc.runtime, ignore_errors=True)
-    return int(svc.process.returncode)
+def stop_service(svc: ServiceProcess) -> int:
+    """Stop the service, remove its runtime dir; its exit status."""
+    rc = svc.stop()
+    shutil.rmtree(svc.runtime_dir, ignore_errors=True)
+    return rc
+
+
+def finish(svc: ServiceProcess, bus: PrivateBus, failures: list[str], seed: int) -> int:
+    """Stop the service and the bus, print the failures (the service log is kept when there
+    are any); the exit status of the run."""
+    rc = stop_service(svc)
+    if rc != 0 and not failures:
+        failures.append(f"service exited {rc} on SIGTERM")
+    bus.stop()
+    if not failures:
+        os.unlink(svc.log_path)
+    for f in failures:
+        print("FAIL:", f, file=sys.stderr)
+    if failures:
+        print(f"service log kept at {svc.log_path}; rerun with --seed {seed}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -485,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     bus = PrivateBus()
     bus.start()
     svc = start_service(bus.address, extra)
-    os.environ["XDG_RUNTIME_DIR"] = svc.runtime
+    os.environ["XDG_RUNTIME_DIR"] = svc.runtime_dir
     failures: list[str] = []
     peer: RawPeer | None = None
     manager: RawConn | None = None
@@ -601,17 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             peer.stop()
         if manager is not None:
             manager.close()
-        rc = stop_service(svc)
-        if rc != 0 and not failures:
-            failures.append(f"service exited {rc} on SIGTERM")
-        bus.stop()
-        if not failures:
-            os.unlink(svc.log_path)
-    for f in failures:
-        print("FAIL:", f, file=sys.stderr)
-    if failures:
-        print(f"service log kept at {svc.log_path}; rerun with --seed {seed}", file=sys.stderr)
-    return 1 if failures else 0
+        status = finish(svc, bus, failures, seed)
+    return status
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dbus_fast import MessageType  # noqa: E402
-from fuzz_live import start_service, stop_service  # noqa: E402
+from fuzz_live import finish, start_service  # noqa: E402
 
 from tests.support.bus import PrivateBus  # noqa: E402
 from tests.support.processes import fd_count, rss_kib  # noqa: E402
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     bus = PrivateBus()
     bus.start()
     svc = start_service(bus.address, [], "soak")
-    os.environ["XDG_RUNTIME_DIR"] = svc.runtime
+    os.environ["XDG_RUNTIME_DIR"] = svc.runtime_dir
     tally = Tally()
     failures: list[str] = []
     peer = RawPeer(bus.address, PEER, soak_handler)
@@ -449,17 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         peer.stop()
         manager.close()
-        rc = stop_service(svc)
-        if rc != 0 and not failures:
-            failures.append(f"service exited {rc} on SIGTERM")
-        bus.stop()
-        if not failures:
-            os.unlink(svc.log_path)
-    for f in failures:
-        print("FAIL:", f, file=sys.stderr)
-    if failures:
-        print(f"service log kept at {svc.log_path}; rerun with --seed {seed}", file=sys.stderr)
-    return 1 if failures else 0
+        status = finish(svc, bus, failures, seed)
+    return status
 
 
 if __name__ == "__main__":

@@ -83,6 +83,19 @@ class ServiceProcess:
             return []
         return sorted(os.listdir(d))
 
+    @property
+    def pid(self) -> int:
+        """The service's process id."""
+        return self.process.pid
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, SIGKILL if it hangs; the exit status."""
+        try:
+            return self.terminate(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
     def terminate(self, timeout: float = 10.0) -> int:
         """SIGTERM and wait; return the exit status."""
         if self.process.poll() is None:

@@ -6,7 +6,6 @@ service's CPU time, peak RSS and log volume from /proc and its log.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -33,13 +32,7 @@ def start_wrapped(
 
 def stop_wrapped(sp: ServiceProcess) -> None:
     """SIGTERM (SIGKILL if it hangs), then drop its log file."""
-    if sp.process.poll() is None:
-        sp.process.send_signal(signal.SIGTERM)
-        try:
-            sp.process.wait(10)
-        except subprocess.TimeoutExpired:
-            sp.process.kill()
-            sp.process.wait()
+    sp.stop()
     os.unlink(sp.log_path)
 
 
