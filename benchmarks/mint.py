@@ -16,8 +16,9 @@ import subprocess
 import sys
 import tempfile
 
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
+from startup import add_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,27 +26,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 async def mint(bus_address: str, filtered: bool, talk: list[str]) -> str:
     """AddServer on the running service; return the minted address."""
     bus = await MessageBus(bus_address=bus_address).connect()
-    named: dict[str, Variant] = {"StopOnDisconnect": Variant("b", False)}
-    if filtered:
-        named["org.freedesktop.XdgContainers1.Filter"] = Variant("b", True)
-        named["org.freedesktop.XdgContainers1.Policy"] = Variant(
-            "a{ss}", {n: "talk" for n in talk}
-        )
-    reply = await bus.call(
-        Message(
-            destination="org.freedesktop.DBus.Containers1",
-            path="/org/freedesktop/DBus/Containers1",
-            interface="org.freedesktop.DBus.Containers1",
-            member="AddServer",
-            signature="sssa{sv}a{sv}",
-            body=["org.example.Bench", "org.example.Bench", "1", {}, named],
-        )
-    )
-    assert reply is not None
-    if reply.message_type == MessageType.ERROR:
-        raise SystemExit(f"AddServer failed: {reply.error_name}: {reply.body}")
+    named = {"StopOnDisconnect": Variant("b", False)}
+    _path, address = await add_server(bus, talk if filtered else None, named=named)
     bus.disconnect()
-    return str(reply.body[1]["Address"].value)
+    return address
 
 
 def main() -> int:
