@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from tests.support.bus import PrivateBus  # noqa: E402
-from tests.support.processes import descendants  # noqa: E402
+from tests.support.processes import descendants, stop_all  # noqa: E402
 
 NAME = "com.example.ProxyBench.Echo"
 #: dbus-daemon's built-in 128 pending replies would refuse tput's 256 calls in flight.
@@ -93,13 +92,7 @@ class Variant:
 
     def stop(self) -> None:
         """Terminate what this variant started, then its bus."""
-        for p in reversed(self.procs):
-            p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(self.procs)
         self.bus.stop()
 
 

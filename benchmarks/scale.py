@@ -95,6 +95,18 @@ def checkpoints(n: int) -> list[int]:
     return out
 
 
+def hello_after(
+    t0: float, path: str, socks: list[socket.socket], firsts: list[float], hellos: list[float]
+) -> None:
+    """Record the step that began at ``t0`` (AddServer, or a spawn to its sync byte), then a
+    raw Hello on ``path``, whose socket stays open in ``socks``."""
+    t1 = time.perf_counter()
+    sock, _ = raw_hello(path)
+    hellos.append(time.perf_counter() - t1)
+    firsts.append(t1 - t0)
+    socks.append(sock)
+
+
 def tree_pss_kib(pid: int) -> tuple[int, int]:
     """(PSS sum, process count) of ``pid`` and its descendants."""
     procs = [pid, *descendants(pid)]
@@ -136,12 +148,7 @@ async def run_ours(
             while reached < cp:
                 t0 = time.perf_counter()
                 _path, address = await add_server(manager, args.talk, str(reached))
-                t1 = time.perf_counter()
-                sock, _ = raw_hello(unix_path(address))
-                t2 = time.perf_counter()
-                socks.append(sock)
-                adds.append(t1 - t0)
-                hellos.append(t2 - t1)
+                hello_after(t0, unix_path(address), socks, adds, hellos)
                 reached += 1
                 if time.monotonic() > deadline:
                     break
@@ -188,14 +195,8 @@ def run_xdg(args: argparse.Namespace, bus: str, children: Children) -> tuple[lis
             while reached < cp:
                 sock_path = os.path.join(d, f"bus-{reached}")
                 t0 = time.perf_counter()
-                xp = spawn_xdg_dbus_proxy(bus, sock_path, args.talk)
-                t1 = time.perf_counter()
-                proxies.append(xp)
-                sock, _ = raw_hello(sock_path)
-                t2 = time.perf_counter()
-                socks.append(sock)
-                spawns.append(t1 - t0)
-                hellos.append(t2 - t1)
+                proxies.append(spawn_xdg_dbus_proxy(bus, sock_path, args.talk))
+                hello_after(t0, sock_path, socks, spawns, hellos)
                 reached += 1
                 if time.monotonic() > deadline:
                     break

@@ -54,6 +54,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from tests.support.bus import PrivateBus  # noqa: E402
+from tests.support.processes import close_all, stop_all  # noqa: E402
 from tests.support.sasl import BEGIN, authenticate  # noqa: E402
 from tests.support.wire import decode, driver_call, wire_length  # noqa: E402
 
@@ -95,24 +96,9 @@ class Children:
             self.procs.remove(proc)
 
     def cleanup(self) -> None:
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_all(self.fds)
         self.fds.clear()
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    p.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for p in self.procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs)
         self.procs.clear()
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)

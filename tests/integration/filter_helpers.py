@@ -39,6 +39,7 @@ from dbus_fast.aio import MessageBus
 from tests.conftest import NAME as SERVICE_NAME
 from tests.conftest import ServiceProcess, start_service
 from tests.support.bus import PrivateBus
+from tests.support.processes import stop_all
 from tests.support.wire import DRIVER, DRIVER_PATH
 
 T = TypeVar("T")
@@ -445,15 +446,7 @@ class World:
         """Stop everything; check the service exits cleanly."""
         for c in self._conns:
             c.close()
-        for p in self._procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self._procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self._procs)
         self.loop.stop()
         rc = None
         log = ""

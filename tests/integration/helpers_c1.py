@@ -23,6 +23,7 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import IFACE, NAME, PATH, call, connect, ok
+from tests.support.processes import close_all
 from tests.support.sasl import opening
 
 DRIVER = "org.freedesktop.DBus"
@@ -92,11 +93,7 @@ async def manager(
 
 def close_fds(reply: Message) -> None:
     """Close the fds a reply carried (ProcessFD, ...)."""
-    for fd in reply.unix_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    close_all(reply.unix_fds)
 
 
 async def list_servers(bus: MessageBus) -> list[str]:

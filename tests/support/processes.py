@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 
 def descendants(pid: int) -> list[int]:
@@ -76,3 +78,29 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def stop_all(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 5.0) -> None:
+    """SIGTERM every process still running (last started first), then reap each, with
+    SIGKILL for one that outlives ``timeout``."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def close_all(fds: Iterable[int]) -> None:
+    """Close every fd, ignoring those already closed."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

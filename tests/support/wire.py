@@ -12,7 +12,6 @@ dbus-fast's unmarshaller, so the tests never judge the service with its own pars
 from __future__ import annotations
 
 import io
-import os
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from typing import Any
 
 from dbus_fast import Message
 from dbus_fast._private.unmarshaller import Unmarshaller
+
+from tests.support.processes import close_all
 
 # Message types and header field codes (D-Bus specification).
 METHOD_CALL, METHOD_RETURN, ERROR, SIGNAL = 1, 2, 3, 4
@@ -299,11 +300,7 @@ class Received:
 
     def close_fds(self) -> None:
         """Close the fds that arrived with the message."""
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_all(self.fds)
         self.fds = []
 
 
