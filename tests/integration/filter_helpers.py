@@ -545,18 +545,21 @@ def _parse_dbus_send(out: str) -> Any:
     return strings[0] if strings else None
 
 
-#: The argv of one call: (address, dest, path, iface, member, signature, args).
-Argv = Callable[[str, str, str, str, str, str, list[Any]], list[str]]
+@dataclass(frozen=True)
+class Call:
+    """One method call a client makes: where to, what, and its arguments."""
+
+    address: str
+    dest: str
+    path: str
+    iface: str
+    member: str
+    signature: str
+    args: list[Any]
 
 
-def _cli_runner(
-    argv: Argv,
-    parse: Callable[[str], Any],
-    errors: re.Pattern[str],
-    extra_env: dict[str, str] | None = None,
-) -> Callable[..., Outcome]:
-    """A runner calling a command-line client; the error name is the last ``errors`` match
-    that is not ``n/a`` (sd-bus logs several), else the whole stderr."""
+def _runner(backend: Callable[[Call], Outcome]) -> Callable[..., Outcome]:
+    """A runner: ``run(address, dest, path, iface, member, signature="", args=None)``."""
 
     def run(
         address: str,
@@ -567,67 +570,75 @@ def _cli_runner(
         signature: str = "",
         args: list[Any] | None = None,
     ) -> Outcome:
+        return backend(Call(address, dest, path, iface, member, signature, args or []))
+
+    return run
+
+
+def _cli(
+    argv: Callable[[Call], list[str]],
+    parse: Callable[[str], Any],
+    errors: re.Pattern[str],
+    extra_env: dict[str, str] | None = None,
+) -> Callable[[Call], Outcome]:
+    """A command-line client; the error name is the last ``errors`` match that is not
+    ``n/a`` (sd-bus logs several), else the whole stderr."""
+
+    def backend(c: Call) -> Outcome:
         env = {**os.environ, **extra_env} if extra_env else None
-        p = _run(argv(address, dest, path, iface, member, signature, args or []), env)
+        p = _run(argv(c), env)
         if p.returncode == 0:
             return ("ok", parse(p.stdout))
         names = [n for n in errors.findall(p.stderr) if n != "n/a"]
         return ("error", names[-1] if names else p.stderr.strip())
 
-    return run
+    return backend
 
 
 _TYPED = {"s": "string", "u": "uint32"}
 
 #: libdbus: ``dbus-send --bus=ADDR --print-reply``.
-run_dbus_send = _cli_runner(
-    lambda address, dest, path, iface, member, signature, args: [
-        "dbus-send", f"--bus={address}", "--print-reply", f"--dest={dest}", path,
-        f"{iface}.{member}", *(f"{_TYPED[s]}:{a}" for s, a in zip(signature, args, strict=True)),
+run_dbus_send = _runner(_cli(
+    lambda c: [
+        "dbus-send", f"--bus={c.address}", "--print-reply", f"--dest={c.dest}", c.path,
+        f"{c.iface}.{c.member}",
+        *(f"{_TYPED[s]}:{a}" for s, a in zip(c.signature, c.args, strict=True)),
     ],
     _parse_dbus_send,
     _DBUS_SEND_ERROR,
-)
+))
 
 #: GDBus: ``gdbus call --address``.
-run_gdbus = _cli_runner(
-    lambda address, dest, path, iface, member, signature, args: [
-        "gdbus", "call", "--address", address, "--dest", dest, "--object-path", path,
-        "--method", f"{iface}.{member}", *_gvariant_text(signature, args),
+run_gdbus = _runner(_cli(
+    lambda c: [
+        "gdbus", "call", "--address", c.address, "--dest", c.dest, "--object-path", c.path,
+        "--method", f"{c.iface}.{c.member}", *_gvariant_text(c.signature, c.args),
     ],
     lambda out: _parse(out, _GVARIANT),
     _GDBUS_ERROR,
-)
+))
 
 #: sd-bus: ``busctl --address call``; the error name comes from sd-bus's debug log.
-run_busctl = _cli_runner(
-    lambda address, dest, path, iface, member, signature, args: [
-        "busctl", f"--address={address}", "call", dest, path, iface, member,
-        *([signature, *map(str, args)] if signature else []),
+run_busctl = _runner(_cli(
+    lambda c: [
+        "busctl", f"--address={c.address}", "call", c.dest, c.path, c.iface, c.member,
+        *([c.signature, *map(str, c.args)] if c.signature else []),
     ],
     lambda out: _parse(out, _BUSCTL),
     _SDBUS_ERROR,
     {"SYSTEMD_LOG_LEVEL": "debug"},
-)
+))
 
 
-def run_dbus_python(
-    address: str,
-    dest: str,
-    path: str,
-    iface: str,
-    member: str,
-    signature: str = "",
-    args: list[Any] | None = None,
-) -> Outcome:
+def _dbus_python(c: Call) -> Outcome:
     """dbus-python (libdbus underneath), blocking call on a private connection."""
     import dbus
     import dbus.bus
 
-    conn = dbus.bus.BusConnection(address)
+    conn = dbus.bus.BusConnection(c.address)
     try:
         value = conn.call_blocking(
-            dest, path, iface, member, signature, args or [], timeout=TIMEOUT
+            c.dest, c.path, c.iface, c.member, c.signature, c.args, timeout=TIMEOUT
         )
     except dbus.exceptions.DBusException as exc:
         return ("error", exc.get_dbus_name())
@@ -644,34 +655,25 @@ def run_dbus_python(
     return ("ok", value)
 
 
+run_dbus_python = _runner(_dbus_python)
+
+
 def make_dbus_fast_runner(world: World) -> Callable[..., Outcome]:
     """dbus-fast (pure Python) through the World's loop."""
 
-    def run(
-        address: str,
-        dest: str,
-        path: str,
-        iface: str,
-        member: str,
-        signature: str = "",
-        args: list[Any] | None = None,
-    ) -> Outcome:
-        conn = world.connect(address)
+    def backend(c: Call) -> Outcome:
+        conn = world.connect(c.address)
         try:
-            reply = conn.call(dest, member, signature, args, path=path, interface=iface)
+            reply = conn.call(c.dest, c.member, c.signature, c.args, path=c.path,
+                              interface=c.iface)
         finally:
             conn.close()
         if reply.message_type == MessageType.ERROR:
             return ("error", reply.error_name)
-        body = reply.body
-        if not body:
-            return ("ok", None)
-        value = body[0]
-        if isinstance(value, list):
-            return ("ok", sorted(value))
-        return ("ok", value)
+        value = reply.body[0] if reply.body else None
+        return ("ok", sorted(value) if isinstance(value, list) else value)
 
-    return run
+    return _runner(backend)
 
 
 CLIENT_NAMES = ["dbus-send", "gdbus", "busctl", "dbus-python", "dbus-fast"]
