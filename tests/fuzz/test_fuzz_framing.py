@@ -23,9 +23,10 @@ import struct
 import tracemalloc
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.fuzz import fuzz_settings
 from tests.support.wire import build_message, marshal
 from xdg_containers.wire.framing import FramingError, MessageReader
 from xdg_containers.wire.header import (
@@ -38,14 +39,7 @@ from xdg_containers.wire.header import (
     parse_header,
 )
 
-_LONG = int(os.environ.get("XDGC_FUZZ_EXAMPLES", "0"))
-FUZZ = settings(
-    max_examples=_LONG or 100,
-    derandomize=not _LONG,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings()
 LIMIT = 128 * 1024 * 1024
 
 # -- strategies ---------------------------------------------------------------------------
@@ -177,7 +171,7 @@ def test_random_messages_random_splits_come_back_whole(data: Any) -> None:
             assert getattr(hdr, name) == value, name
 
 
-@settings(FUZZ, max_examples=_LONG or 40)
+@fuzz_settings(40)
 @given(msg=messages(), lead=st.binary(min_size=1, max_size=64))
 def test_partial_messages_are_not_handed_out(msg: tuple[bytes, Any], lead: bytes) -> None:
     raw, _ = msg
