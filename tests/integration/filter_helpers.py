@@ -597,37 +597,32 @@ def _cli(
 
 _TYPED = {"s": "string", "u": "uint32"}
 
-#: libdbus: ``dbus-send --bus=ADDR --print-reply``.
-run_dbus_send = _runner(_cli(
-    lambda c: [
+#: The argv of each command-line client for one call.
+CLI_ARGV: dict[str, Callable[[Call], list[str]]] = {
+    # libdbus
+    "dbus-send": lambda c: [
         "dbus-send", f"--bus={c.address}", "--print-reply", f"--dest={c.dest}", c.path,
         f"{c.iface}.{c.member}",
         *(f"{_TYPED[s]}:{a}" for s, a in zip(c.signature, c.args, strict=True)),
     ],
-    _parse_dbus_send,
-    _DBUS_SEND_ERROR,
-))
-
-#: GDBus: ``gdbus call --address``.
-run_gdbus = _runner(_cli(
-    lambda c: [
+    # GDBus
+    "gdbus": lambda c: [
         "gdbus", "call", "--address", c.address, "--dest", c.dest, "--object-path", c.path,
         "--method", f"{c.iface}.{c.member}", *_gvariant_text(c.signature, c.args),
     ],
-    lambda out: _parse(out, _GVARIANT),
-    _GDBUS_ERROR,
-))
-
-#: sd-bus: ``busctl --address call``; the error name comes from sd-bus's debug log.
-run_busctl = _runner(_cli(
-    lambda c: [
+    # sd-bus
+    "busctl": lambda c: [
         "busctl", f"--address={c.address}", "call", c.dest, c.path, c.iface, c.member,
         *([c.signature, *map(str, c.args)] if c.signature else []),
     ],
-    lambda out: _parse(out, _BUSCTL),
-    _SDBUS_ERROR,
-    {"SYSTEMD_LOG_LEVEL": "debug"},
-))
+}
+run_dbus_send = _runner(_cli(CLI_ARGV["dbus-send"], _parse_dbus_send, _DBUS_SEND_ERROR))
+run_gdbus = _runner(_cli(CLI_ARGV["gdbus"], lambda out: _parse(out, _GVARIANT), _GDBUS_ERROR))
+#: The error name comes from sd-bus's debug log.
+run_busctl = _runner(
+    _cli(CLI_ARGV["busctl"], lambda out: _parse(out, _BUSCTL), _SDBUS_ERROR,
+         {"SYSTEMD_LOG_LEVEL": "debug"})
+)
 
 
 def _dbus_python(c: Call) -> Outcome:

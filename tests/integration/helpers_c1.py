@@ -384,6 +384,19 @@ def probe_as_nobody(socket_path: str, send: bytes = b"") -> subprocess.Completed
     )
 
 
+async def dbus_send(
+    address: str, member: str, *args: str, dest: str = NAME, path: str = PATH, iface: str = IFACE
+) -> str:
+    """``dbus-send --print-reply`` (to the manager unless told); its output, failing the test
+    on an error."""
+    rc, out, err = await run_cmd(
+        "dbus-send", f"--bus={address}", "--print-reply", f"--dest={dest}", path,
+        f"{iface}.{member}", *args,
+    )
+    assert rc == 0, err
+    return out
+
+
 async def run_cmd(*args: str, nobody: bool = False, timeout: float = 5.0) -> tuple[int, str, str]:
     """Run a command without blocking the loop (in-process peers keep serving)."""
     kwargs: dict[str, Any] = as_nobody_kwargs() if nobody else {}

@@ -28,6 +28,7 @@ from tests.integration.filter_helpers import (
 from tests.integration.helpers_c1 import (
     DRIVER,
     Observer,
+    dbus_send,
     driver_call,
     list_servers,
     name_has_owner,
@@ -175,11 +176,9 @@ async def test_client_calls_echo_tool(
     )
     assert outcome in (("ok", None), ("ok", ())), outcome
     if client == "dbus-send":  # the reply comes from the echo tool itself
-        rc, out, err = await run_cmd(
-            "dbus-send", f"--bus={address}", "--print-reply", f"--dest={ECHO_TOOL}", "/",
-            "org.example.Anything.Method",
+        out = await dbus_send(
+            address, "Method", dest=ECHO_TOOL, path="/", iface="org.example.Anything"
         )
-        assert rc == 0, err
         assert re.search(rf"method return .*sender={re.escape(echo_tool)}\b", out), out
 
 
@@ -389,28 +388,11 @@ async def test_manager_callable_from_cli(
         r"\(objectpath '/org/freedesktop/DBus/Containers1/c\d+', \{'Address': <'unix:path=", out
     ), out
     # dbus-send where no a{sv} argument is needed.
-    rc, out, err = await run_cmd(
-        "dbus-send",
-        f"--bus={bus.address}",
-        "--print-reply",
-        f"--dest={NAME}",
-        PATH,
-        f"{IFACE}.GetServerInfo",
-        f"objpath:{path}",
-    )
-    assert rc == 0, err
+    out = await dbus_send(bus.address, "GetServerInfo", f"objpath:{path}")
     assert (
         'string "org.example.Test"' in out and 'string "app"' in out and 'string "inst"' in out
     ), out
-    rc, out, err = await run_cmd(
-        "dbus-send",
-        f"--bus={bus.address}",
-        "--print-reply",
-        f"--dest={NAME}",
-        PATH,
-        f"{IFACE}.ListServers",
-    )
-    assert rc == 0, err
+    out = await dbus_send(bus.address, "ListServers")
     assert f'object path "{path}"' in out, out
     rc, out, err = await run_cmd(
         "busctl",
@@ -423,14 +405,5 @@ async def test_manager_callable_from_cli(
     )
     assert rc == 0, err
     assert out.startswith("as 10 ") and '"StopOnNotify"' in out, out
-    rc, out, err = await run_cmd(
-        "dbus-send",
-        f"--bus={bus.address}",
-        "--print-reply",
-        f"--dest={NAME}",
-        PATH,
-        f"{IFACE}.StopServer",
-        f"objpath:{path}",
-    )
-    assert rc == 0, err
+    await dbus_send(bus.address, "StopServer", f"objpath:{path}")
     assert path not in await list_servers(manager_bus)

@@ -24,6 +24,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, error, ok
+from tests.integration.filter_helpers import CLI_ARGV, Call
 from tests.integration.helpers_c1 import (
     DRIVER,
     NOBODY,
@@ -277,42 +278,8 @@ async def test_cli_callers_get_the_credentials_without_error(
     ProcessFD); what matters is that none gets an error and the values are right."""
     path, results = await add_server(manager_bus, app_id=APP)
     async with child_client(results["Address"].value) as (child, (name,)):
-        if tool == "gdbus":
-            cmd = [
-                "gdbus",
-                "call",
-                "--address",
-                bus.address,
-                "-d",
-                NAME,
-                "-o",
-                PATH,
-                "-m",
-                f"{IFACE}.GetConnectionCredentials",
-                name,
-            ]
-        elif tool == "busctl":
-            cmd = [
-                "busctl",
-                f"--address={bus.address}",
-                "call",
-                NAME,
-                PATH,
-                IFACE,
-                "GetConnectionCredentials",
-                "s",
-                name,
-            ]
-        else:
-            cmd = [
-                "dbus-send",
-                f"--bus={bus.address}",
-                "--print-reply",
-                f"--dest={NAME}",
-                PATH,
-                f"{IFACE}.GetConnectionCredentials",
-                f"string:{name}",
-            ]
+        call = Call(bus.address, NAME, PATH, IFACE, "GetConnectionCredentials", "s", [name])
+        cmd = CLI_ARGV[tool](call)
         rc, out, err = await run_cmd(*cmd)
         assert rc == 0, err
         assert "Error" not in err, err
