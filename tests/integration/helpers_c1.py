@@ -397,6 +397,15 @@ async def dbus_send(
     return out
 
 
+async def gdbus_call(
+    address: str, path: str, method: str, *args: str, dest: str = NAME, nobody: bool = False
+) -> tuple[int, str, str]:
+    """``gdbus call`` of ``method`` (interface.member) on ``path`` (gdbus can spell a{sv});
+    (exit status, stdout, stderr)."""
+    argv = ["gdbus", "call", "--address", address, "-d", dest, "-o", path, "-m", method]
+    return await run_cmd(*argv, *args, nobody=nobody)
+
+
 async def run_cmd(*args: str, nobody: bool = False, timeout: float = 5.0) -> tuple[int, str, str]:
     """Run a command without blocking the loop (in-process peers keep serving)."""
     kwargs: dict[str, Any] = as_nobody_kwargs() if nobody else {}

@@ -30,6 +30,7 @@ from tests.integration.helpers_c1 import (
     Observer,
     dbus_send,
     driver_call,
+    gdbus_call,
     list_servers,
     name_has_owner,
     recv_until,
@@ -366,17 +367,8 @@ async def test_manager_callable_from_cli(
     assert rc == 0, err
     assert re.match(r'oa\{sv\} "/org/freedesktop/DBus/Containers1/c\d+" 2 ', out), out
     assert '"Address" s "unix:path=' in out and '"SocketPath" ay ' in out, out
-    rc, out, err = await run_cmd(
-        "gdbus",
-        "call",
-        "--address",
-        bus.address,
-        "--dest",
-        NAME,
-        "--object-path",
-        PATH,
-        "--method",
-        f"{IFACE}.AddServer",
+    rc, out, err = await gdbus_call(
+        bus.address, PATH, f"{IFACE}.AddServer",
         "org.example.Cli",
         "gdbus-app",
         "",

@@ -20,13 +20,13 @@ import pytest
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, error, ok
+from tests.conftest import IFACE, PATH, ServiceProcess, add_server, call, connect, error, ok
 from tests.integration.helpers_c1 import (
     NOBODY,
     Observer,
     as_nobody_kwargs,
+    gdbus_call,
     list_servers,
-    run_cmd,
     sasl_probe,
     socket_path_of,
     stdlib_python,
@@ -59,17 +59,8 @@ async def test_other_uid_cannot_add_server(
     service: ServiceProcess, bus: PrivateBus, manager_bus: MessageBus
 ) -> None:
     os.chmod(bus.tmpdir, 0o711)  # let uid 65534 reach the bus socket (itself 0777)
-    rc, out, err = await run_cmd(
-        "gdbus",
-        "call",
-        "--address",
-        bus.address,
-        "-d",
-        NAME,
-        "-o",
-        PATH,
-        "-m",
-        f"{IFACE}.AddServer",
+    rc, out, err = await gdbus_call(
+        bus.address, PATH, f"{IFACE}.AddServer",
         "org.example.Intruder",
         "app",
         "",

@@ -33,7 +33,7 @@ import pytest
 from dbus_fast import Message, Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, error, ok
+from tests.conftest import IFACE, PATH, ServiceProcess, add_server, call, connect, error, ok
 from tests.integration.helpers_c1 import (
     DRIVER,
     LIMIT_CONTAINERS,
@@ -46,10 +46,10 @@ from tests.integration.helpers_c1 import (
     close_fds,
     connect_errno,
     driver_call,
+    gdbus_call,
     list_servers,
     probe_as_nobody,
     reachable_by_others,
-    run_cmd,
     sasl_probe,
     socket_path_of,
     wait_disconnected,
@@ -91,17 +91,8 @@ async def assert_gdbus_stop_denied_for_other_uid(bus: PrivateBus, server_path: s
     """upstream: a local attacker with another uid cannot stop our servers."""
     os.chmod(bus.tmpdir, 0o711)  # the bus socket itself is 0777, its dir 0700
     for member in ("StopListening", "StopServer"):
-        rc, out, err = await run_cmd(
-            "gdbus",
-            "call",
-            "--address",
-            bus.address,
-            "-d",
-            NAME,
-            "-o",
-            PATH,
-            "-m",
-            f"{IFACE}.{member}",
+        rc, out, err = await gdbus_call(
+            bus.address, PATH, f"{IFACE}.{member}",
             server_path,
             nobody=True,
         )
@@ -216,18 +207,9 @@ async def test_wrong_uid(
         assert child.returncode == 0, child.stderr
         assert child.stdout.strip() == f"CLOSED {NOBODY} b''", child.stdout
         # A real client as that uid fails the same way (upstream: G_IO_ERROR_CLOSED).
-        rc, out, _err = await run_cmd(
-            "gdbus",
-            "call",
-            "--address",
-            results["Address"].value,
-            "-d",
-            DRIVER,
-            "-o",
-            "/org/freedesktop/DBus",
-            "-m",
-            "org.freedesktop.DBus.GetId",
-            nobody=True,
+        rc, out, _err = await gdbus_call(
+            results["Address"].value, "/org/freedesktop/DBus", "org.freedesktop.DBus.GetId",
+            dest=DRIVER, nobody=True,
         )
         assert rc != 0, out
     await observer.sync()

@@ -35,6 +35,7 @@ from tests.integration.helpers_c1 import (
     add_match,
     close_fds,
     driver_call,
+    gdbus_call,
     list_servers,
     run_cmd,
     socket_path_of,
@@ -546,17 +547,8 @@ async def test_object_methods_refuse_another_uid(
     os.chmod(bus.tmpdir, 0o711)  # the bus socket is 0777, its dir 0700
     try:
         for member, args in (("Stop", []), ("StopListening", []), ("SetPolicy", ["{}"])):
-            rc, out, err = await run_cmd(
-                "gdbus",
-                "call",
-                "--address",
-                bus.address,
-                "-d",
-                NAME,
-                "-o",
-                path,
-                "-m",
-                f"{SERVER_IFACE}.{member}",
+            rc, out, err = await gdbus_call(
+                bus.address, path, f"{SERVER_IFACE}.{member}",
                 *args,
                 nobody=True,
             )
