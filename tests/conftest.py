@@ -180,31 +180,14 @@ async def connect(address: str, negotiate_unix_fd: bool = True) -> MessageBus:
 
 
 async def call(
-    bus: MessageBus,
-    member: str,
-    signature: str = "",
-    body: list[Any] | None = None,
-    *,
-    destination: str = NAME,
-    path: str = PATH,
-    interface: str = IFACE,
-    unix_fds: list[int] | None = None,
+    bus: MessageBus, member: str, signature: str = "", body: list[Any] | None = None, **fields: Any
 ) -> Message:
-    """Make a call and return the reply (method return or error) without raising."""
-    reply = await asyncio.wait_for(
-        bus.call(
-            Message(
-                destination=destination,
-                path=path,
-                interface=interface,
-                member=member,
-                signature=signature,
-                body=body or [],
-                unix_fds=unix_fds or [],
-            )
-        ),
-        10,
-    )
+    """Call the manager (``fields``: other Message fields, e.g. destination, path, interface,
+    unix_fds) and return the reply, method return or error, without raising."""
+    fields = {"destination": NAME, "path": PATH, "interface": IFACE, **fields}
+    fields["unix_fds"] = fields.get("unix_fds") or []
+    msg = Message(member=member, signature=signature, body=body or [], **fields)
+    reply = await asyncio.wait_for(bus.call(msg), 10)
     assert reply is not None
     return reply
 

@@ -208,25 +208,14 @@ class Conn:
         signature: str = "",
         body: list[Any] | None = None,
         *,
-        path: str = "/",
-        interface: str | None = "org.test.Iface",
-        flags: MessageFlag = MessageFlag.NONE,
-        serial: int | None = None,
-        reply_serial: int | None = None,
         timeout: float = TIMEOUT,
+        **fields: Any,
     ) -> Message:
-        """A method call; returns the reply (return or error)."""
-        msg = Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=body or [],
-            flags=flags,
-            serial=serial,
-            reply_serial=reply_serial,
-        )
+        """A method call (``fields``: other Message fields; path "/" and interface
+        org.test.Iface unless given); returns the reply (return or error)."""
+        fields = {"path": "/", "interface": "org.test.Iface", **fields}
+        msg = Message(destination=destination, member=member, signature=signature,
+                      body=body or [], **fields)
 
         async def go() -> Message:
             return await asyncio.wait_for(self.bus.call(msg), timeout)
