@@ -39,15 +39,12 @@ from dbus_fast.aio import MessageBus
 from tests.conftest import NAME as SERVICE_NAME
 from tests.conftest import ServiceProcess, start_service
 from tests.support.bus import PrivateBus
+from tests.support.names import EXT
 from tests.support.processes import stop_all
 from tests.support.wire import DRIVER, DRIVER_PATH
 
 T = TypeVar("T")
 
-EXT = "org.freedesktop.XdgContainers1."
-ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
-SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"
-NAME_HAS_NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"
 TIMEOUT = 10.0
 
 

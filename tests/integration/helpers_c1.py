@@ -28,7 +28,6 @@ from tests.support.sasl import opening
 
 DRIVER = "org.freedesktop.DBus"
 DRIVER_PATH = "/org/freedesktop/DBus"
-PROPS = "org.freedesktop.DBus.Properties"
 SERVER_PREFIX = "/org/freedesktop/DBus/Containers1/c"
 #: The uid a "local attacker" / "other user" runs as (nobody on Debian).
 NOBODY = 65534

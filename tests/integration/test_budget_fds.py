@@ -27,11 +27,10 @@ from tests.integration.resource_helpers import (
     new_server,
     set_fd_limit,
     start_wrapped,
-    status_kib,
     stop_wrapped,
 )
 from tests.support.bus import PrivateBus
-from tests.support.processes import fd_count, wait_for
+from tests.support.processes import fd_count, status_kib, wait_for
 from tests.support.rawconn import RawConn
 from tests.support.wire import method_call, unix_path
 

@@ -17,15 +17,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import ServiceProcess
-from tests.integration.resource_helpers import (
-    Bystander,
-    new_server,
-    reset_peak_rss,
-    status_kib,
-)
+from tests.integration.resource_helpers import Bystander, new_server, reset_peak_rss
 from tests.integration.test_hostile_attacks import claiming_header
 from tests.support.bus import PrivateBus
-from tests.support.processes import wait_for
+from tests.support.processes import status_kib, wait_for
 from tests.support.rawconn import RawConn
 from tests.support.wire import method_call
 

@@ -23,14 +23,12 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import IFACE, NAME, PATH, REPO, call, ok
+from tests.support.names import EXT, PROPS, SERVER_IFACE
 from xdg_containers.cli import build_parser
 from xdg_containers.launcher import check_usage, command_of, named_arguments
 
 DRIVER = "org.freedesktop.DBus"
 DRIVER_PATH = "/org/freedesktop/DBus"
-PROPS = "org.freedesktop.DBus.Properties"
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
-EXT = "org.freedesktop.XdgContainers1."
 
 #: A D-Bus client for tests: connects to argv[1] (or $DBUS_SESSION_BUS_ADDRESS), reports
 #: its unique name, pid, GetConnectionInfo about itself, ListNames and GetId as one JSON

@@ -19,7 +19,6 @@ from dbus_fast.constants import RequestNameReply
 from tests.conftest import ServiceProcess, add_server, call, confined_client, connect, error, ok
 from tests.integration.helpers_c1 import (
     DRIVER,
-    PROPS,
     Observer,
     close_fds,
     driver_call,
@@ -29,11 +28,11 @@ from tests.integration.helpers_c1 import (
     wait_until,
 )
 from tests.support.bus import PrivateBus
+from tests.support.names import PROPS, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(30)
 
 
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
 LISTEN_FD = "org.freedesktop.XdgContainers1.ListenFD"
 
 

@@ -19,12 +19,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.constants import RequestNameReply
 
 from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, ok
-from tests.integration.filter_helpers import (
-    run_busctl,
-    run_dbus_python,
-    run_dbus_send,
-    run_gdbus,
-)
+from tests.integration.filter_helpers import run_busctl, run_dbus_python, run_dbus_send, run_gdbus
 from tests.integration.helpers_c1 import (
     DRIVER,
     Observer,

@@ -32,11 +32,11 @@ from tests.integration.helpers_c1 import (
     stdlib_python,
 )
 from tests.support.bus import PrivateBus
+from tests.support.names import BUS_ARG
 
 pytestmark = pytest.mark.timeout(30)
 
 
-BUS_ARG = "org.freedesktop.XdgContainers1.Bus"
 
 
 async def test_claimed_uid_must_match_socket_uid(

@@ -39,7 +39,6 @@ from tests.integration.helpers_c1 import (
     LIMIT_CONTAINERS,
     MAX_CONTAINERS,
     NOBODY,
-    PROPS,
     SPEC_ARGUMENTS,
     Observer,
     add_match,
@@ -56,11 +55,11 @@ from tests.integration.helpers_c1 import (
     wait_until,
 )
 from tests.support.bus import PrivateBus
+from tests.support.names import PROPS, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(30)
 
 
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
 GONE = (2, 111)  # ENOENT, ECONNREFUSED: what connecting to a stopped server gives
 
 

@@ -22,11 +22,10 @@ from tests.integration.resource_helpers import (
     log_lines,
     new_server,
     start_wrapped,
-    status_kib,
     stop_wrapped,
 )
 from tests.support.bus import PrivateBus
-from tests.support.processes import wait_for
+from tests.support.processes import status_kib, wait_for
 from tests.support.rawconn import RawConn
 from tests.support.wire import driver_call
 

@@ -18,11 +18,8 @@ import pytest
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 
 from tests.integration.filter_helpers import (
-    ACCESS_DENIED,
     DRIVER,
     DRIVER_PATH,
-    NAME_HAS_NO_OWNER,
-    SERVICE_UNKNOWN,
     Conn,
     Policy,
     World,
@@ -30,6 +27,7 @@ from tests.integration.filter_helpers import (
     wait_until,
     world_fixture,
 )
+from tests.support.names import ACCESS_DENIED, NAME_HAS_NO_OWNER, SERVER_IFACE, SERVICE_UNKNOWN
 from tests.support.processes import rss_kib
 from tests.support.rawconn import RawConn
 from tests.support.wire import METHOD_CALL, build_message, driver_call
@@ -37,7 +35,6 @@ from tests.unit.test_matchrule import EAVESDROP_SPELLINGS
 
 MANAGER = "org.freedesktop.DBus.Containers1"
 MANAGER_PATH = "/org/freedesktop/DBus/Containers1"
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
 
 POLICY = Policy(
     levels={"org.test.Talk": "talk", "org.test.See": "see"},

@@ -15,10 +15,7 @@ import pytest
 from dbus_fast import MessageType
 
 from tests.integration.filter_helpers import (
-    ACCESS_DENIED,
     DRIVER,
-    NAME_HAS_NO_OWNER,
-    SERVICE_UNKNOWN,
     Conn,
     Pair,
     Policy,
@@ -26,6 +23,7 @@ from tests.integration.filter_helpers import (
     barrier,
     world_fixture,
 )
+from tests.support.names import ACCESS_DENIED, NAME_HAS_NO_OWNER, SERVICE_UNKNOWN
 
 CHURNS = 2000
 POLICY = Policy(

@@ -23,7 +23,6 @@ from dbus_fast import Message, MessageFlag, MessageType
 from tests.integration.filter_helpers import (
     DRIVER,
     DRIVER_PATH,
-    SERVICE_UNKNOWN,
     Conn,
     Pair,
     Policy,
@@ -32,6 +31,7 @@ from tests.integration.filter_helpers import (
     wait_until,
     world_fixture,
 )
+from tests.support.names import SERVICE_UNKNOWN
 from tests.support.rawconn import RawConn
 from tests.support.wire import driver_call
 

@@ -20,10 +20,9 @@ from tests.integration.test_spare_connections import (
     settle_sockets,
     socket_count,
 )
+from tests.support.names import EXT
 from tests.support.rawconn import RawConn
 from tests.support.wire import DRIVER, DRIVER_PATH
-
-EXT = "org.freedesktop.XdgContainers1."
 
 
 def _wait_closed(conn: RawConn, timeout: float) -> float:

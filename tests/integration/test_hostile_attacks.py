@@ -26,6 +26,7 @@ from dbus_fast import MessageType
 
 from tests.conftest import ServiceProcess
 from tests.support.bus import PrivateBus
+from tests.support.names import EXT
 from tests.support.processes import fd_count, rss_kib, stable_fd_count, wait_for
 from tests.support.rawconn import RawConn, RawPeer, add_server, echo_handler
 from tests.support.sasl import auth_line
@@ -33,7 +34,6 @@ from tests.support.sasl import opening as sasl_opening
 from tests.support.wire import (
     DRIVER,
     DRIVER_PATH,
-    EXT,
     F_DESTINATION,
     F_INTERFACE,
     F_MEMBER,

@@ -28,7 +28,6 @@ from tests.integration.filter_helpers import CLI_ARGV, Call
 from tests.integration.helpers_c1 import (
     DRIVER,
     NOBODY,
-    PROPS,
     Observer,
     close_fds,
     driver_call,
@@ -38,12 +37,12 @@ from tests.integration.helpers_c1 import (
     socket_path_of,
 )
 from tests.support.bus import PrivateBus
+from tests.support.names import PROPS, SERVER_IFACE
 from tests.support.sasl import opening
 from tests.support.wire import driver_call as driver_call_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
 PATH_KEY = "org.freedesktop.DBus.Containers1.Path"
 SO_PEERSEC = 31
 APP = "org.example.IdentApp"

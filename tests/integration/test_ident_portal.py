@@ -33,6 +33,7 @@ from dbus_fast.aio import MessageBus
 
 from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, ok
 from tests.support.bus import PrivateBus
+from tests.support.names import FILTER, POLICY
 
 pytestmark = [pytest.mark.glib, pytest.mark.timeout(60)]
 
@@ -40,8 +41,6 @@ PORTAL_NAME = "org.example.IdentPortal"
 PORTAL_PATH = "/org/example/IdentPortal"
 PORTAL_IFACE = "org.example.IdentPortal"
 NOT_CONTAINER = "org.freedesktop.DBus.Error.NotContainer"
-FILTER = "org.freedesktop.XdgContainers1.Filter"
-POLICY = "org.freedesktop.XdgContainers1.Policy"
 
 
 def fdinfo_pid(fd: int) -> int:

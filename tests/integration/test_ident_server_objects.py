@@ -30,7 +30,6 @@ from tests.conftest import (
 )
 from tests.integration.helpers_c1 import (
     NOBODY,
-    PROPS,
     Observer,
     add_match,
     close_fds,
@@ -43,13 +42,11 @@ from tests.integration.helpers_c1 import (
     wait_until,
 )
 from tests.support.bus import PrivateBus
+from tests.support.names import FILTER, PROPS, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(60)
 
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
 EMITS = "org.freedesktop.DBus.Property.EmitsChangedSignal"
-FILTER = "org.freedesktop.XdgContainers1.Filter"
-POLICY = "org.freedesktop.XdgContainers1.Policy"
 
 #: SPEC §6: every property and its signature.
 SPEC_PROPERTIES = {

@@ -24,14 +24,10 @@ from tests.conftest import (
 )
 from tests.integration.helpers_c1 import add_match, driver_call, name_has_owner, run_cmd
 from tests.support.bus import PrivateBus
+from tests.support.names import BROADCAST, CALL, FILTER, POLICY, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(60)
 
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
-FILTER = "org.freedesktop.XdgContainers1.Filter"
-POLICY = "org.freedesktop.XdgContainers1.Policy"
-CALL = "org.freedesktop.XdgContainers1.Call"
-BROADCAST = "org.freedesktop.XdgContainers1.Broadcast"
 
 PEER_A = "org.example.IdentPolicyA"
 PEER_B = "org.example.IdentPolicyB"

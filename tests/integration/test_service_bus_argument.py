@@ -22,11 +22,11 @@ from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, 
 from tests.integration.budget_helpers import bystander_running, report
 from tests.integration.helpers_c1 import run_cmd
 from tests.support.bus import PrivateBus
+from tests.support.names import BUS_ARG
 from xdg_containers.wire.address import parse_address
 
 pytestmark = pytest.mark.timeout(60)
 
-BUS_ARG = "org.freedesktop.XdgContainers1.Bus"
 
 
 @pytest.fixture

@@ -33,7 +33,6 @@ DRIVER = "org.freedesktop.DBus"
 DRIVER_PATH = "/org/freedesktop/DBus"
 MANAGER = "org.freedesktop.DBus.Containers1"
 MANAGER_PATH = "/org/freedesktop/DBus/Containers1"
-EXT = "org.freedesktop.XdgContainers1."
 
 _ALIGN = {
     "y": 1,
