@@ -37,14 +37,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from startup import (
-    Children,
-    memory_kib,
-    raw_hello,
-    readable,
-    start_bus,
-    start_service,
-)
+from startup import Children, memory_kib, raw_hello, readable, start_bus, start_service
 
 from tests.support.dropin import front_dropin
 

@@ -12,17 +12,8 @@ import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import (
-    NAME,
-    ServiceProcess,
-    add_server,
-    call,
-    confined_client,
-    connect,
-    error,
-    ok,
-)
-from tests.integration.helpers_c1 import add_match, driver_call, name_has_owner, run_cmd
+from tests.conftest import ServiceProcess, add_server, call, confined_client, connect, error, ok
+from tests.integration.helpers_c1 import add_match, driver_call, gdbus_call, name_has_owner
 from tests.support.bus import PrivateBus
 from tests.support.names import BROADCAST, CALL, FILTER, POLICY, SERVER_IFACE
 
@@ -287,14 +278,15 @@ async def test_set_policy_signature_and_server_checks(
     reply = await call(manager_bus, "SetPolicy", "s", ["x"], path=path, interface=SERVER_IFACE)
     error(reply, "InvalidArgs")
     # Works from the command line too (gdbus can spell a{sv}).
-    gdbus = ["gdbus", "call", "--address", service.bus_address, "-d", NAME, "-o", path, "-m",
-             f"{SERVER_IFACE}.SetPolicy"]
-    rc, _out, err = await run_cmd(
-        *gdbus,
+    address, set_policy = service.bus_address, f"{SERVER_IFACE}.SetPolicy"
+    rc, _out, err = await gdbus_call(
+        address,
+        path,
+        set_policy,
         "{'org.freedesktop.XdgContainers1.Filter': <true>, "
         "'org.freedesktop.XdgContainers1.Policy': <{'org.example.X': 'see'}>}",
     )
     assert rc == 0, err
     policy_without_filter = "{'org.freedesktop.XdgContainers1.Policy': <{'org.example.X': 'see'}>}"
-    rc, _out, err = await run_cmd(*gdbus, policy_without_filter)
+    rc, _out, err = await gdbus_call(address, path, set_policy, policy_without_filter)
     assert rc != 0 and "org.freedesktop.DBus.Error.InvalidArgs" in err, err
