@@ -52,12 +52,11 @@ from dbus_fast import MessageType  # noqa: E402
 from tests import conftest  # noqa: E402
 from tests.conftest import ServiceProcess  # noqa: E402
 from tests.support.bus import PrivateBus  # noqa: E402
-from tests.support.names import EXT  # noqa: E402
+from tests.support.names import DRIVER, EXT  # noqa: E402
 from tests.support.processes import fd_count, rss_kib  # noqa: E402
 from tests.support.rawconn import RawConn, RawPeer, add_server  # noqa: E402
 from tests.support.sasl import opening  # noqa: E402
 from tests.support.wire import (  # noqa: E402
-    DRIVER,
     build_message,
     driver_call,
     error_message,

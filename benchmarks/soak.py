@@ -47,7 +47,7 @@ from dbus_fast import MessageType  # noqa: E402
 from fuzz_live import finish, start_service  # noqa: E402
 
 from tests.support.bus import PrivateBus  # noqa: E402
-from tests.support.names import EXT  # noqa: E402
+from tests.support.names import EXT, MANAGER, MANAGER_PATH  # noqa: E402
 from tests.support.processes import fd_count, rss_kib  # noqa: E402
 from tests.support.rawconn import RawConn, RawPeer, add_server  # noqa: E402
 from tests.support.wire import (  # noqa: E402
@@ -55,8 +55,6 @@ from tests.support.wire import (  # noqa: E402
     F_REPLY_SERIAL,
     F_SIGNATURE,
     F_UNIX_FDS,
-    MANAGER,
-    MANAGER_PATH,
     METHOD_RETURN,
     Received,
     build_message,

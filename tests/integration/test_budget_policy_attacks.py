@@ -28,18 +28,18 @@ from dbus_fast import Message, MessageType
 from tests.conftest import ServiceProcess
 from tests.integration.filter_helpers import run_dbus_send
 from tests.support.bus import PrivateBus
-from tests.support.names import ACCESS_DENIED, EXT, INVALID_ARGS, NAME_HAS_NO_OWNER, SERVICE_UNKNOWN
-from tests.support.processes import rss_kib
-from tests.support.rawconn import RawConn, RawPeer, add_server
-from tests.support.wire import (
-    DRIVER,
-    DRIVER_PATH,
+from tests.support.names import (
+    ACCESS_DENIED,
+    EXT,
+    INVALID_ARGS,
     MANAGER,
     MANAGER_PATH,
-    Received,
-    driver_call,
-    method_call,
+    NAME_HAS_NO_OWNER,
+    SERVICE_UNKNOWN,
 )
+from tests.support.processes import rss_kib
+from tests.support.rawconn import RawConn, RawPeer, add_server
+from tests.support.wire import DRIVER, DRIVER_PATH, Received, driver_call, method_call
 
 pytestmark = pytest.mark.timeout(120)
 

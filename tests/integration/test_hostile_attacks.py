@@ -26,7 +26,7 @@ from dbus_fast import MessageType
 
 from tests.conftest import ServiceProcess
 from tests.support.bus import PrivateBus
-from tests.support.names import EXT
+from tests.support.names import EXT, MANAGER, MANAGER_PATH
 from tests.support.processes import fd_count, rss_kib, stable_fd_count, wait_for
 from tests.support.rawconn import RawConn, RawPeer, add_server, echo_handler
 from tests.support.sasl import auth_line
@@ -40,8 +40,6 @@ from tests.support.wire import (
     F_PATH,
     F_REPLY_SERIAL,
     F_SIGNATURE,
-    MANAGER,
-    MANAGER_PATH,
     METHOD_CALL,
     METHOD_RETURN,
     NO_REPLY_EXPECTED,

@@ -17,18 +17,11 @@ from dbus_fast import MessageType
 
 from tests.conftest import ServiceProcess
 from tests.support.bus import PrivateBus
+from tests.support.names import DRIVER, DRIVER_PATH, MANAGER, MANAGER_PATH
 from tests.support.processes import fd_count, wait_for
 from tests.support.rawconn import RawConn, RawPeer, add_server, echo_handler
 from tests.support.sasl import opening
-from tests.support.wire import (
-    DRIVER,
-    DRIVER_PATH,
-    MANAGER,
-    MANAGER_PATH,
-    Received,
-    driver_call,
-    method_call,
-)
+from tests.support.wire import Received, driver_call, method_call
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+DRIVER = "org.freedesktop.DBus"
+DRIVER_PATH = "/org/freedesktop/DBus"
+MANAGER = "org.freedesktop.DBus.Containers1"
+MANAGER_PATH = "/org/freedesktop/DBus/Containers1"
 SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
 PROPS = "org.freedesktop.DBus.Properties"
 EXT = "org.freedesktop.XdgContainers1."

@@ -23,12 +23,11 @@ from typing import Any
 
 from dbus_fast import Message, MessageType
 
+from tests.support.names import MANAGER, MANAGER_PATH
 from tests.support.sasl import authenticate
 from tests.support.wire import (
     DRIVER,
     DRIVER_PATH,
-    MANAGER,
-    MANAGER_PATH,
     NO_REPLY_EXPECTED,
     Received,
     Undecodable,

@@ -20,6 +20,7 @@ from typing import Any
 from dbus_fast import Message
 from dbus_fast._private.unmarshaller import Unmarshaller
 
+from tests.support.names import DRIVER, DRIVER_PATH
 from tests.support.processes import close_all
 
 # Message types and header field codes (D-Bus specification).
@@ -29,10 +30,6 @@ F_REPLY_SERIAL, F_DESTINATION, F_SENDER, F_SIGNATURE, F_UNIX_FDS = 5, 6, 7, 8, 9
 NO_REPLY_EXPECTED = 0x1
 NO_AUTO_START = 0x2
 
-DRIVER = "org.freedesktop.DBus"
-DRIVER_PATH = "/org/freedesktop/DBus"
-MANAGER = "org.freedesktop.DBus.Containers1"
-MANAGER_PATH = "/org/freedesktop/DBus/Containers1"
 
 _ALIGN = {
     "y": 1,
