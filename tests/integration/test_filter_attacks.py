@@ -17,17 +17,15 @@ from typing import Any
 import pytest
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 
-from tests.integration.filter_helpers import (
+from tests.integration.filter_helpers import Conn, Policy, World, barrier, wait_until, world_fixture
+from tests.support.names import (
+    ACCESS_DENIED,
     DRIVER,
     DRIVER_PATH,
-    Conn,
-    Policy,
-    World,
-    barrier,
-    wait_until,
-    world_fixture,
+    NAME_HAS_NO_OWNER,
+    SERVER_IFACE,
+    SERVICE_UNKNOWN,
 )
-from tests.support.names import ACCESS_DENIED, NAME_HAS_NO_OWNER, SERVER_IFACE, SERVICE_UNKNOWN
 from tests.support.processes import rss_kib
 from tests.support.rawconn import RawConn
 from tests.support.wire import METHOD_CALL, build_message, driver_call

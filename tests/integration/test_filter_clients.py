@@ -12,16 +12,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.filter_helpers import (
-    CLIENT_NAMES,
+from tests.integration.filter_helpers import CLIENT_NAMES, Policy, World, runner, world_fixture
+from tests.support.names import (
+    ACCESS_DENIED,
     DRIVER,
     DRIVER_PATH,
-    Policy,
-    World,
-    runner,
-    world_fixture,
+    NAME_HAS_NO_OWNER,
+    SERVICE_UNKNOWN,
 )
-from tests.support.names import ACCESS_DENIED, NAME_HAS_NO_OWNER, SERVICE_UNKNOWN
 
 
 @pytest.fixture(scope="module")

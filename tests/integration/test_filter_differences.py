@@ -20,18 +20,9 @@ from collections.abc import Iterator
 import pytest
 from dbus_fast import Message, MessageFlag, MessageType
 
-from tests.integration.filter_helpers import (
-    DRIVER,
-    DRIVER_PATH,
-    Conn,
-    Pair,
-    Policy,
-    World,
-    barrier,
-    wait_until,
-    world_fixture,
-)
-from tests.support.names import SERVICE_UNKNOWN
+from tests.integration import filter_helpers as fh
+from tests.integration.filter_helpers import Conn, Pair, Policy, World, barrier
+from tests.support.names import DRIVER, DRIVER_PATH, SERVICE_UNKNOWN
 from tests.support.rawconn import RawConn
 from tests.support.wire import driver_call
 
@@ -46,7 +37,7 @@ POLICY = Policy(
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    yield from world_fixture()
+    yield from fh.world_fixture()
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +282,7 @@ def test_repeated_hello(world: World, pair: Pair) -> None:
                 assert _match_rules(world, name) == before
             else:
                 wanted = before + 50 * per_hello
-                wait_until(
+                fh.wait_until(
                     lambda name=name, wanted=wanted: _match_rules(world, name) == wanted,
                     what="xdg-dbus-proxy's 250 extra match rules",
                 )

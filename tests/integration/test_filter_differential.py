@@ -24,8 +24,6 @@ import pytest
 from dbus_fast import MessageFlag, MessageType
 
 from tests.integration.filter_helpers import (
-    DRIVER,
-    DRIVER_PATH,
     Conn,
     Pair,
     Policy,
@@ -37,7 +35,13 @@ from tests.integration.filter_helpers import (
     wait_until,
     world_fixture,
 )
-from tests.support.names import ACCESS_DENIED, NAME_HAS_NO_OWNER, SERVICE_UNKNOWN
+from tests.support.names import (
+    ACCESS_DENIED,
+    DRIVER,
+    DRIVER_PATH,
+    NAME_HAS_NO_OWNER,
+    SERVICE_UNKNOWN,
+)
 
 CHILD_EXITED = "org.freedesktop.DBus.Error.Spawn.ChildExited"
 MATCH_RULE_INVALID = "org.freedesktop.DBus.Error.MatchRuleInvalid"
