@@ -148,30 +148,23 @@ async def test_info_table_and_json(service: ServiceProcess, manager_bus: Message
     assert data["Address"] == results["Address"].value
     assert data["Creator"]["UnixUserID"] == os.getuid()
     assert data["Creator"]["ProcessID"] == os.getpid()
-    assert set(data) >= {
-        "ContainerType",
-        "AppID",
-        "InstanceID",
-        "Listening",
-        "Connections",
-        "MessagesForwarded",
-        "MessagesDenied",
-        "Creator",
-        "Metadata",
-    }
+    assert set(data) >= {"ContainerType", "AppID", "InstanceID", "Listening", "Connections",
+                         "MessagesForwarded", "MessagesDenied", "Creator", "Metadata"}
+
+
+async def cli_fails(code: int, text: str, *args: str) -> None:
+    """The CLI exits ``code`` saying ``text`` on stderr, printing nothing on stdout."""
+    r = await cli(*args)
+    assert r.returncode == code and text in r.stderr and r.stdout == "", (r.stdout, r.stderr)
 
 
 async def test_info_errors(service: ServiceProcess, manager_bus: MessageBus) -> None:
     """Unknown servers exit 1; a malformed path is a usage error."""
-    for args in (("info", C0), ("info", "c7", "--json")):
-        r = await cli(*args)
-        assert r.returncode == 1
-        assert "no such server" in r.stderr and r.stdout == ""
-    r = await cli("info", "not/a/path")
-    assert r.returncode == 2 and "not a D-Bus object path" in r.stderr
+    await cli_fails(1, "no such server", "info", C0)
+    await cli_fails(1, "no such server", "info", "c7", "--json")
+    await cli_fails(2, "not a D-Bus object path", "info", "not/a/path")
     # a path the service does not own at all
-    r = await cli("info", "/org/example/Elsewhere")
-    assert r.returncode == 1 and "no such server" in r.stderr
+    await cli_fails(1, "no such server", "info", "/org/example/Elsewhere")
 
 
 async def test_identify_shows_the_real_process(
@@ -225,14 +218,11 @@ async def test_identify_shows_the_real_process(
 async def test_identify_errors(service: ServiceProcess, manager_bus: MessageBus) -> None:
     """Unconfined, bus-driver and ownerless names are clear errors (exit 1)."""
     assert manager_bus.unique_name is not None
-    r = await cli("identify", manager_bus.unique_name)
-    assert r.returncode == 1 and "is not a container connection" in r.stderr, r.stderr
-    r = await cli("identify", "org.freedesktop.DBus", "--json")
-    assert r.returncode == 1 and "is not a container connection" in r.stderr
-    r = await cli("identify", ":1.9999")
-    assert r.returncode == 1 and "no connection named :1.9999" in r.stderr
-    r = await cli("identify", "org.example.NobodyOwnsThis")
-    assert r.returncode == 1 and "no connection named" in r.stderr
+    unconfined = "is not a container connection"
+    await cli_fails(1, unconfined, "identify", manager_bus.unique_name)
+    await cli_fails(1, unconfined, "identify", "org.freedesktop.DBus", "--json")
+    await cli_fails(1, "no connection named :1.9999", "identify", ":1.9999")
+    await cli_fails(1, "no connection named", "identify", "org.example.NobodyOwnsThis")
 
 
 async def test_stop_listening_only_then_stop(
