@@ -152,6 +152,13 @@ def slow_echo(bus: PrivateBus) -> Iterator[RawPeer]:
     peer.stop()
 
 
+def answer(conn: RawConn, data: bytes, expected: bytes) -> None:
+    """Send handshake bytes; the server's next line starts with ``expected``."""
+    conn.send(data)
+    line = conn.read_line()
+    assert line.startswith(expected), line
+
+
 def read_all_until_eof(conn: RawConn, timeout: float = 5.0) -> bytes:
     """Everything the service still sends before it closes (fails if it does not close)."""
     data = bytes(conn.buf)
@@ -199,8 +206,7 @@ def test_bytes_before_the_nul(target: Target, opening: bytes) -> None:
 def test_begin_before_ok_is_refused_and_never_starts_messages(target: Target) -> None:
     with target.connect() as c:
         # A client that thinks it may skip AUTH: BEGIN and a Hello right away.
-        c.send(b"\0BEGIN\r\n" + driver_call(1, "Hello"))
-        assert c.read_line().startswith(b"ERROR")
+        answer(c, b"\0BEGIN\r\n" + driver_call(1, "Hello"), b"ERROR")
         # The Hello is an unfinished handshake line, not a message: no answer comes.
         assert no_data_for(c, 0.5)
         # Once its "line" ends, the binary bytes get the connection closed.
@@ -211,10 +217,8 @@ def test_begin_before_ok_is_refused_and_never_starts_messages(target: Target) ->
 
 def test_begin_before_ok_then_a_proper_handshake_works(target: Target) -> None:
     with target.connect() as c:
-        c.send(b"\0BEGIN\r\n")
-        assert c.read_line().startswith(b"ERROR")
-        c.send(auth_line())
-        assert c.read_line().startswith(b"OK ")
+        answer(c, b"\0BEGIN\r\n", b"ERROR")
+        answer(c, auth_line(), b"OK ")
         c.send(b"BEGIN\r\n")
         assert c.hello().startswith(":")
     target.assert_healthy()
@@ -224,8 +228,8 @@ def test_begin_before_ok_then_a_proper_handshake_works(target: Target) -> None:
 def test_begin_followed_by_blanks_is_begin(target: Target, suffix: bytes) -> None:
     """dbus-daemon accepts ``BEGIN`` followed by blanks; so do we (SPEC §5)."""
     with target.connect() as c:
-        c.send(b"\0" + auth_line() + b"BEGIN" + suffix + b"\r\n" + driver_call(1, "Hello"))
-        assert c.read_line().startswith(b"OK ")
+        begin = b"BEGIN" + suffix + b"\r\n"
+        answer(c, b"\0" + auth_line() + begin + driver_call(1, "Hello"), b"OK ")
         reply = c.read_reply(1)
         assert reply.msg.message_type == MessageType.METHOD_RETURN
         assert str(reply.msg.body[0]).startswith(":")
@@ -235,17 +239,12 @@ def test_begin_followed_by_blanks_is_begin(target: Target, suffix: bytes) -> Non
 def test_lowercase_commands_are_not_commands(target: Target) -> None:
     uid_hex = str(os.getuid()).encode().hex().encode()
     with target.connect() as c:
-        c.send(b"\0auth external " + uid_hex + b"\r\n")
-        assert c.read_line().startswith(b"ERROR")
-        c.send(b"Auth EXTERNAL " + uid_hex + b"\r\n")
-        assert c.read_line().startswith(b"ERROR")
-        c.send(auth_line())
-        assert c.read_line().startswith(b"OK ")
-        c.send(b"negotiate_unix_fd\r\n")
-        assert c.read_line().startswith(b"ERROR")
+        answer(c, b"\0auth external " + uid_hex + b"\r\n", b"ERROR")
+        answer(c, b"Auth EXTERNAL " + uid_hex + b"\r\n", b"ERROR")
+        answer(c, auth_line(), b"OK ")
+        answer(c, b"negotiate_unix_fd\r\n", b"ERROR")
         # "begin" is not BEGIN: the Hello after it is read as an unfinished handshake line.
-        c.send(b"begin\r\n" + driver_call(1, "Hello"))
-        assert c.read_line().startswith(b"ERROR")
+        answer(c, b"begin\r\n" + driver_call(1, "Hello"), b"ERROR")
         assert no_data_for(c, 0.3)
         c.send(b"\r\n")
         assert read_all_until_eof(c) == b""
@@ -254,10 +253,8 @@ def test_lowercase_commands_are_not_commands(target: Target) -> None:
 
 def test_lowercase_begin_then_begin_works(target: Target) -> None:
     with target.connect() as c:
-        c.send(b"\0" + auth_line())
-        assert c.read_line().startswith(b"OK ")
-        c.send(b"begin\r\n")
-        assert c.read_line().startswith(b"ERROR")
+        answer(c, b"\0" + auth_line(), b"OK ")
+        answer(c, b"begin\r\n", b"ERROR")
         c.send(b"BEGIN\r\n")
         assert c.hello().startswith(":")
     target.assert_healthy()
@@ -297,8 +294,7 @@ def test_a_uid_that_is_not_ours_is_rejected_not_accepted(target: Target) -> None
     with target.connect() as c:
         c.send(b"\0" + auth_line(uid=0 if os.getuid() else 1))
         assert c.read_line() == b"REJECTED EXTERNAL\r\n"
-        c.send(auth_line())
-        assert c.read_line().startswith(b"OK ")
+        answer(c, auth_line(), b"OK ")
     target.assert_healthy()
 
 
