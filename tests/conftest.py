@@ -208,7 +208,7 @@ def error(reply: Message, name: str) -> str:
     return str(reply.body[0]) if reply.body else ""
 
 
-async def add_server(
+async def add_server_reply(
     bus: MessageBus,
     container_type: str = "org.example.Test",
     app_id: str = "org.example.App",
@@ -216,16 +216,15 @@ async def add_server(
     metadata: dict[str, Variant] | None = None,
     named: dict[str, Variant] | None = None,
     unix_fds: list[int] | None = None,
-) -> tuple[str, dict[str, Variant]]:
-    """AddServer; returns (path, results)."""
-    reply = await call(
-        bus,
-        "AddServer",
-        "sssa{sv}a{sv}",
-        [container_type, app_id, instance_id, metadata or {}, named or {}],
-        unix_fds=unix_fds,
-    )
-    path, results = ok(reply)
+) -> Message:
+    """AddServer's reply, success or error."""
+    body = [container_type, app_id, instance_id, metadata or {}, named or {}]
+    return await call(bus, "AddServer", "sssa{sv}a{sv}", body, unix_fds=unix_fds)
+
+
+async def add_server(bus: MessageBus, *args: Any, **kwargs: Any) -> tuple[str, dict[str, Variant]]:
+    """AddServer (``add_server_reply``'s arguments); returns (path, results)."""
+    path, results = ok(await add_server_reply(bus, *args, **kwargs))
     return path, results
 
 

@@ -16,7 +16,16 @@ from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import RequestNameReply
 
-from tests.conftest import ServiceProcess, add_server, call, confined_client, connect, error, ok
+from tests.conftest import (
+    ServiceProcess,
+    add_server,
+    add_server_reply,
+    call,
+    confined_client,
+    connect,
+    error,
+    ok,
+)
 from tests.integration.helpers_c1 import (
     DRIVER,
     Observer,
@@ -28,7 +37,7 @@ from tests.integration.helpers_c1 import (
     wait_until,
 )
 from tests.support.bus import PrivateBus
-from tests.support.names import PROPS, SERVER_IFACE
+from tests.support.names import BUS_ARG, POLICY, PROPS, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -162,22 +171,8 @@ async def test_wrong_named_argument_type_names_both_types(
 async def test_policy_without_filter_is_invalid(
     service: ServiceProcess, manager_bus: MessageBus
 ) -> None:
-    reply = await call(
-        manager_bus,
-        "AddServer",
-        "sssa{sv}a{sv}",
-        [
-            "org.example.Test",
-            "app",
-            "",
-            {},
-            {
-                "org.freedesktop.XdgContainers1.Policy": Variant(
-                    "a{ss}", {"org.example.Foo": "talk"}
-                )
-            },
-        ],
-    )
+    policy = {POLICY: Variant("a{ss}", {"org.example.Foo": "talk"})}
+    reply = await add_server_reply(manager_bus, "org.example.Test", "app", "", named=policy)
     text = error(reply, "InvalidArgs")
     assert "Filter" in text, text
     assert await list_servers(manager_bus) == []
@@ -497,18 +492,8 @@ async def test_bus_argument_session_and_invalid(
     finally:
         confined.disconnect()
     for bad in ("not an address", "nosuchtransport:foo=bar", "unix:"):
-        reply = await call(
-            manager_bus,
-            "AddServer",
-            "sssa{sv}a{sv}",
-            [
-                "org.example.Test",
-                "app",
-                "",
-                {},
-                {"org.freedesktop.XdgContainers1.Bus": Variant("s", bad)},
-            ],
-        )
+        bus_arg = {BUS_ARG: Variant("s", bad)}
+        reply = await add_server_reply(manager_bus, "org.example.Test", "app", "", named=bus_arg)
         text = error(reply, "InvalidArgs")
         assert "Bus" in text, text
 

@@ -33,7 +33,17 @@ import pytest
 from dbus_fast import Message, Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import IFACE, PATH, ServiceProcess, add_server, call, connect, error, ok
+from tests.conftest import (
+    IFACE,
+    PATH,
+    ServiceProcess,
+    add_server,
+    add_server_reply,
+    call,
+    connect,
+    error,
+    ok,
+)
 from tests.integration.helpers_c1 import (
     DRIVER,
     LIMIT_CONTAINERS,
@@ -453,12 +463,7 @@ async def test_invalid_nesting(service: ServiceProcess, manager_bus: MessageBus)
     )
     confined = await connect(results["Address"].value)
     try:
-        reply = await call(
-            confined,
-            "AddServer",
-            "sssa{sv}a{sv}",
-            ["com.example.NotFlatpak", "inner-app", "instance1", {}, {}],
-        )
+        reply = await add_server_reply(confined, "com.example.NotFlatpak", "inner-app", "instance1")
         error(reply, "AccessDenied")
         # Nor may it stop its own server.
         for member in ("StopServer", "StopListening"):
@@ -489,12 +494,7 @@ async def test_max_containers(
             manager_bus, "com.example.NotFlatpak", "sample-app", "instance1"
         )
         placeholders.append(path)
-    reply = await call(
-        manager_bus,
-        "AddServer",
-        "sssa{sv}a{sv}",
-        ["com.example.NotFlatpak", "sample-app", "instance1", {}, {}],
-    )
+    reply = await add_server_reply(manager_bus, "com.example.NotFlatpak", "sample-app", "instance1")
     error(reply, "LimitsExceeded")
     assert len(sp.sockets()) == 3
     ok(await call(manager_bus, "StopListening", "o", [placeholders[1]]))
