@@ -106,51 +106,20 @@ class RawConn:
             self.sock.sendall(data)
 
     def send_call(
-        self,
-        destination: str | None,
-        path: str,
-        interface: str | None,
-        member: str,
-        sig: str = "",
-        args: Sequence[Any] = (),
-        *,
-        serial: int | None = None,
-        flags: int = 0,
-        fds: Sequence[int] = (),
+        self, *call: Any, serial: int | None = None, flags: int = 0, fds: Sequence[int] = ()
     ) -> int:
-        """Send a method call; return its serial."""
+        """Send a method call (``call``: wire.method_call's destination, path, interface,
+        member[, sig, args]); return its serial."""
         serial = self.next_serial() if serial is None else serial
-        self.send(
-            method_call(
-                serial,
-                destination,
-                path,
-                interface,
-                member,
-                sig,
-                args,
-                flags=flags,
-                unix_fds=len(fds),
-            ),
-            fds,
-        )
+        self.send(method_call(serial, *call, flags=flags, unix_fds=len(fds)), fds)
         return serial
 
     def call(
-        self,
-        destination: str | None,
-        path: str,
-        interface: str | None,
-        member: str,
-        sig: str = "",
-        args: Sequence[Any] = (),
-        *,
-        fds: Sequence[int] = (),
-        timeout: float | None = None,
+        self, *call: Any, fds: Sequence[int] = (), timeout: float | None = None
     ) -> Received:
-        """Send a call and wait for its reply (other messages go to the backlog)."""
-        serial = self.send_call(destination, path, interface, member, sig, args, fds=fds)
-        return self.read_reply(serial, timeout)
+        """Send a call (as ``send_call``) and wait for its reply (other messages go to the
+        backlog)."""
+        return self.read_reply(self.send_call(*call, fds=fds), timeout)
 
     def driver(self, member: str, sig: str = "", args: Sequence[Any] = ()) -> Message:
         """Call the bus driver; the decoded reply."""
