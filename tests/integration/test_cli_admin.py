@@ -9,7 +9,7 @@ import pytest
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import ServiceProcess, add_server, call, connect, ok
+from tests.conftest import ServiceProcess, add_server, connect
 from tests.integration.test_cli_common import (
     RemovedWatcher,
     cli,
@@ -45,15 +45,7 @@ async def test_list_table_and_json(service: ServiceProcess, manager_bus: Message
     p1, _ = await add_server(manager_bus, "org.example.Two", "org.example.App2", "i-2")
     client = await connect(r0["Address"].value)
     try:
-        ok(
-            await call(
-                client,
-                "GetId",
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-            )
-        )
+        await driver_call(client, "GetId")
         table = await cli("list")
         assert table.returncode == 0, table.stderr
         assert table.stdout.splitlines()[0].split() == [
@@ -240,15 +232,7 @@ async def test_stop_listening_only_then_stop(
         assert await server_property(manager_bus, path, "Listening") is False
         assert not os.path.exists(socket_path)
         # the connection keeps working
-        ok(
-            await call(
-                client,
-                "GetId",
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-            )
-        )
+        await driver_call(client, "GetId")
         assert await list_servers(manager_bus) == [path]
 
         r = await cli("stop", path, "--json")
