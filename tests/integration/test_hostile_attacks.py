@@ -159,6 +159,14 @@ def answer(conn: RawConn, data: bytes, expected: bytes) -> None:
     assert line.startswith(expected), line
 
 
+def closed_once_the_line_ends(conn: RawConn, quiet: float) -> None:
+    """What was sent is an unfinished handshake line: nothing comes back for ``quiet``
+    seconds, and once the line ends its binary bytes get the connection closed."""
+    assert no_data_for(conn, quiet)
+    conn.send(b"\r\n")
+    assert read_all_until_eof(conn) == b""
+
+
 def read_all_until_eof(conn: RawConn, timeout: float = 5.0) -> bytes:
     """Everything the service still sends before it closes (fails if it does not close)."""
     data = bytes(conn.buf)
@@ -208,10 +216,7 @@ def test_begin_before_ok_is_refused_and_never_starts_messages(target: Target) ->
         # A client that thinks it may skip AUTH: BEGIN and a Hello right away.
         answer(c, b"\0BEGIN\r\n" + driver_call(1, "Hello"), b"ERROR")
         # The Hello is an unfinished handshake line, not a message: no answer comes.
-        assert no_data_for(c, 0.5)
-        # Once its "line" ends, the binary bytes get the connection closed.
-        c.send(b"\r\n")
-        assert read_all_until_eof(c) == b""
+        closed_once_the_line_ends(c, 0.5)
     target.assert_healthy("handshake line has non-ASCII or control bytes")
 
 
@@ -245,9 +250,7 @@ def test_lowercase_commands_are_not_commands(target: Target) -> None:
         answer(c, b"negotiate_unix_fd\r\n", b"ERROR")
         # "begin" is not BEGIN: the Hello after it is read as an unfinished handshake line.
         answer(c, b"begin\r\n" + driver_call(1, "Hello"), b"ERROR")
-        assert no_data_for(c, 0.3)
-        c.send(b"\r\n")
-        assert read_all_until_eof(c) == b""
+        closed_once_the_line_ends(c, 0.3)
     target.assert_healthy("handshake line has non-ASCII or control bytes")
 
 
