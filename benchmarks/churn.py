@@ -35,7 +35,7 @@ sys.path.insert(0, REPO)
 
 from startup import Children, add_server, spawn_xdg_dbus_proxy, start_service  # noqa: E402
 
-from tests.support.bus import PrivateBus  # noqa: E402
+from tests.support.bus import started_bus  # noqa: E402
 
 POLICY_NAME = "org.benchmark.Churn"
 EXT = "org.freedesktop.XdgContainers1."
@@ -111,8 +111,7 @@ async def measure(
 
 async def run(args: argparse.Namespace) -> int:
     children = Children()
-    bus = PrivateBus()
-    bus.start()
+    bus = started_bus()
     conns: list[MessageBus] = []
     try:
         start_service(bus.address, children)

@@ -36,7 +36,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from tests.support.bus import PrivateBus  # noqa: E402
+from tests.support.bus import PrivateBus, started_bus  # noqa: E402
 from tests.support.sasl import BEGIN, NEGOTIATE, opening  # noqa: E402
 from tests.support.wire import driver_call, method_call, wire_length  # noqa: E402
 
@@ -178,8 +178,7 @@ def main() -> int:
     try:
         for label, spec in specs:
             if not buses or args.own_bus:
-                bus = PrivateBus()
-                bus.start()
+                bus = started_bus()
                 buses.append(bus)
                 env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=bus.address)
                 procs.append(subprocess.Popen(["dbus-test-tool", "echo", f"--name={NAME}"],

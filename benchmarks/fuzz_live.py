@@ -51,7 +51,7 @@ from dbus_fast import MessageType  # noqa: E402
 
 from tests import conftest  # noqa: E402
 from tests.conftest import ServiceProcess  # noqa: E402
-from tests.support.bus import PrivateBus  # noqa: E402
+from tests.support.bus import PrivateBus, started_bus  # noqa: E402
 from tests.support.names import DRIVER, EXT  # noqa: E402
 from tests.support.processes import fd_count, rss_kib  # noqa: E402
 from tests.support.rawconn import RawConn, RawPeer, add_server  # noqa: E402
@@ -442,8 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     for lim in args.limit:
         extra += ["--limit", lim]
 
-    bus = PrivateBus()
-    bus.start()
+    bus = started_bus()
     svc = start_service(bus.address, extra)
     os.environ["XDG_RUNTIME_DIR"] = svc.runtime_dir
     failures: list[str] = []

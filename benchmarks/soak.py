@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dbus_fast import MessageType  # noqa: E402
 from fuzz_live import finish, start_service  # noqa: E402
 
-from tests.support.bus import PrivateBus  # noqa: E402
+from tests.support.bus import started_bus  # noqa: E402
 from tests.support.names import EXT, MANAGER, MANAGER_PATH  # noqa: E402
 from tests.support.processes import fd_count, rss_kib  # noqa: E402
 from tests.support.rawconn import RawConn, RawPeer, add_server  # noqa: E402
@@ -331,8 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
 
-    bus = PrivateBus()
-    bus.start()
+    bus = started_bus()
     svc = start_service(bus.address, [], "soak")
     os.environ["XDG_RUNTIME_DIR"] = svc.runtime_dir
     tally = Tally()

@@ -38,7 +38,7 @@ from dbus_fast.aio import MessageBus
 
 from tests.conftest import NAME as SERVICE_NAME
 from tests.conftest import ServiceProcess, start_service
-from tests.support.bus import PrivateBus
+from tests.support.bus import started_bus
 from tests.support.names import EXT
 from tests.support.processes import stop_all
 from tests.support.wire import DRIVER, DRIVER_PATH
@@ -331,8 +331,7 @@ class World:
         for name in activatable:
             with open(os.path.join(self._service_dir, f"{name}.service"), "w") as fh:
                 fh.write(f"[D-BUS Service]\nName={name}\nExec=/bin/false\n")
-        self.bus = PrivateBus(service_dirs=[self._service_dir])
-        self.bus.start()
+        self.bus = started_bus(service_dirs=[self._service_dir])
         self.loop = LoopThread()
         self._conns: list[Conn] = []
         self._procs: list[subprocess.Popen[bytes]] = []

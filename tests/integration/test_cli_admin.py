@@ -21,7 +21,7 @@ from tests.integration.test_cli_common import (
     start_client,
     wait_until,
 )
-from tests.support.bus import PrivateBus
+from tests.support.bus import PrivateBus, started_bus
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -293,8 +293,7 @@ async def test_no_bus_at_all(runtime_dir: str) -> None:
 async def test_bus_selection_flags(service: ServiceProcess, manager_bus: MessageBus) -> None:
     """--address, --session and --system pick the bus; they exclude each other."""
     await add_server(manager_bus)
-    elsewhere = PrivateBus()
-    elsewhere.start()
+    elsewhere = started_bus()
     try:
         # --address wins over the session bus; the session bus here has no service.
         env = cli_env(DBUS_SESSION_BUS_ADDRESS=elsewhere.address)

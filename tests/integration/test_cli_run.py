@@ -25,7 +25,7 @@ from tests.integration.test_cli_common import (
     server_property,
     wait_until,
 )
-from tests.support.bus import PrivateBus
+from tests.support.bus import PrivateBus, started_bus
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -323,8 +323,7 @@ async def test_system_bus_and_bus_flags(
     runtime_dir: str, bus: PrivateBus, manager_bus: MessageBus
 ) -> None:
     """--system-bus: a second server proxied to the service's idea of the system bus."""
-    system = PrivateBus()
-    system.start()
+    system = started_bus()
     sp = start_service(
         bus.address, runtime_dir, env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": system.address}
     )

@@ -36,7 +36,7 @@ from tests.integration.helpers_c1 import (
     wait_disconnected,
     wait_until,
 )
-from tests.support.bus import PrivateBus
+from tests.support.bus import PrivateBus, started_bus
 from tests.support.names import BUS_ARG, POLICY, PROPS, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(30)
@@ -435,8 +435,7 @@ async def test_listen_fd_must_be_listening_unix_stream(
 async def test_bus_argument_proxies_to_another_bus(
     service: ServiceProcess, manager_bus: MessageBus, bus: PrivateBus
 ) -> None:
-    second = PrivateBus()
-    second.start()
+    second = started_bus()
     direct: MessageBus | None = None
     confined: MessageBus | None = None
     try:

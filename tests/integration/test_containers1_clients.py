@@ -143,6 +143,9 @@ async def minted(
     yield path, results
 
 
+#: A minted server: (path, results).
+Minted = tuple[str, dict[str, Any]]
+
 #: The command-line and library clients, each run by tests/integration/filter_helpers.py.
 CLIENTS = {"gdbus": run_gdbus, "busctl": run_busctl, "dbus-send": run_dbus_send,
            "dbus-python": run_dbus_python}
@@ -152,9 +155,7 @@ CLIENTS = {"gdbus": run_gdbus, "busctl": run_busctl, "dbus-send": run_dbus_send,
 
 
 @pytest.mark.parametrize("client", ["gdbus", "busctl", "dbus-send", "dbus-python"])
-async def test_client_calls_peer(
-    client: str, minted: tuple[str, dict[str, Any]], peer: Peer
-) -> None:
+async def test_client_calls_peer(client: str, minted: Minted, peer: Peer) -> None:
     address = minted[1]["Address"].value
     outcome = await asyncio.to_thread(
         CLIENTS[client], address, PEER, PEER_PATH, PEER_IFACE, "Echo", "s", ["hello"]
@@ -163,9 +164,7 @@ async def test_client_calls_peer(
 
 
 @pytest.mark.parametrize("client", ["gdbus", "busctl", "dbus-send", "dbus-python"])
-async def test_client_calls_echo_tool(
-    client: str, minted: tuple[str, dict[str, Any]], echo_tool: str
-) -> None:
+async def test_client_calls_echo_tool(client: str, minted: Minted, echo_tool: str) -> None:
     address = minted[1]["Address"].value
     outcome = await asyncio.to_thread(
         CLIENTS[client], address, ECHO_TOOL, "/", "org.example.Anything", "Method"
@@ -363,12 +362,7 @@ async def test_manager_callable_from_cli(
     assert re.match(r'oa\{sv\} "/org/freedesktop/DBus/Containers1/c\d+" 2 ', out), out
     assert '"Address" s "unix:path=' in out and '"SocketPath" ay ' in out, out
     rc, out, err = await gdbus_call(
-        bus.address, PATH, f"{IFACE}.AddServer",
-        "org.example.Cli",
-        "gdbus-app",
-        "",
-        "{}",
-        "{}",
+        bus.address, PATH, f"{IFACE}.AddServer", "org.example.Cli", "gdbus-app", "", "{}", "{}"
     )
     assert rc == 0, err
     assert re.match(

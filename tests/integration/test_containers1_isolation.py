@@ -31,7 +31,7 @@ from tests.integration.helpers_c1 import (
     socket_path_of,
     stdlib_python,
 )
-from tests.support.bus import PrivateBus
+from tests.support.bus import PrivateBus, started_bus
 from tests.support.names import BUS_ARG
 
 pytestmark = pytest.mark.timeout(30)
@@ -60,12 +60,7 @@ async def test_other_uid_cannot_add_server(
 ) -> None:
     os.chmod(bus.tmpdir, 0o711)  # let uid 65534 reach the bus socket (itself 0777)
     rc, out, err = await gdbus_call(
-        bus.address, PATH, f"{IFACE}.AddServer",
-        "org.example.Intruder",
-        "app",
-        "",
-        "{}",
-        "{}",
+        bus.address, PATH, f"{IFACE}.AddServer", "org.example.Intruder", "app", "", "{}", "{}",
         nobody=True,
     )
     # (If it got one, the service's SIGTERM at teardown removes the socket.)
@@ -158,8 +153,7 @@ async def _burn_names_until(address: str, target: str) -> None:
 async def test_other_bus_client_does_not_shadow_real_bus_peer(
     service: ServiceProcess, manager_bus: MessageBus, observer: Observer
 ) -> None:
-    second = PrivateBus()
-    second.start()
+    second = started_bus()
     confined: MessageBus | None = None
     try:
         path, results = await add_server(
@@ -188,8 +182,7 @@ async def test_other_bus_client_does_not_shadow_real_bus_peer(
 async def test_other_bus_client_does_not_hijack_confined_identity(
     service: ServiceProcess, manager_bus: MessageBus, observer: Observer
 ) -> None:
-    second = PrivateBus()
-    second.start()
+    second = started_bus()
     clients: list[MessageBus] = []
     try:
         main_path, main_results = await add_server(manager_bus, app_id="org.example.OnRealBus")

@@ -14,7 +14,7 @@ from dbus_fast.aio import MessageBus
 from tests.conftest import ServiceProcess, connect, start_service
 from tests.integration import test_cli_common as common
 from tests.integration.test_cli_common import cli, cli_env, client_argv, driver_call, report_of
-from tests.support.bus import PrivateBus
+from tests.support.bus import PrivateBus, started_bus
 from xdg_containers.launcher import sandbox_command
 
 pytestmark = pytest.mark.timeout(90)
@@ -139,8 +139,7 @@ async def test_sandbox_system_bus(
     runtime_dir: str, bus: PrivateBus, manager_bus: MessageBus
 ) -> None:
     """--sandbox --system-bus: the system bus is a minted socket too; the real one is hidden."""
-    system = PrivateBus()
-    system.start()
+    system = started_bus()
     env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": system.address}
     sp = start_service(bus.address, runtime_dir, env=env)
     try:

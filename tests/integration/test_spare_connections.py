@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ServiceProcess, add_server
-from tests.support.bus import PrivateBus
+from tests.support.bus import PrivateBus, started_bus
 from tests.support.rawconn import RawConn
 from tests.support.sasl import BEGIN, NEGOTIATE, opening
 
@@ -26,8 +26,7 @@ DRIVER = "org.freedesktop.DBus"
 @pytest.fixture
 def bus(runtime_dir: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBus]:
     """A private dbus-daemon that drops unfinished handshakes after 300 ms."""
-    b = PrivateBus(limits={"auth_timeout": 300})
-    b.start()
+    b = started_bus(limits={"auth_timeout": 300})
     monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", b.address)
     yield b
     b.stop()

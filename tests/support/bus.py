@@ -66,3 +66,14 @@ def bus(runtime_dir: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBu
     with PrivateBus() as b:
         monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", b.address)
         yield b
+
+
+def started_bus(
+    service_dirs: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    limits: dict[str, int] | None = None,
+) -> PrivateBus:
+    """A PrivateBus already running (the caller stops it)."""
+    b = PrivateBus(service_dirs, env, limits)
+    b.start()
+    return b
