@@ -96,6 +96,12 @@ class ServiceProcess:
             self.process.kill()
             return self.process.wait()
 
+    def finish(self) -> None:
+        """SIGTERM: it must exit 0; then its log file goes."""
+        rc = self.terminate()
+        assert rc == 0, f"service exited {rc} on SIGTERM; log:\n{self.log()}"
+        os.unlink(self.log_path)
+
     def terminate(self, timeout: float = 10.0) -> int:
         """SIGTERM and wait; return the exit status."""
         if self.process.poll() is None:

@@ -314,8 +314,7 @@ async def test_no_bubblewrap_is_failed_not_the_service_pid(
         assert ok(await call(manager, "ListServers")) == [[]]
         manager.disconnect()
     finally:
-        assert sp.terminate() == 0
-        os.unlink(sp.log_path)
+        sp.finish()
 
 
 
