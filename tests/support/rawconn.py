@@ -38,6 +38,7 @@ from tests.support.wire import (
     unix_path,
     wire_length,
 )
+from xdg_containers.anchor.program import received_fds
 
 
 class RawConn:
@@ -135,11 +136,7 @@ class RawConn:
         data, anc, _flags, _ = self.sock.recvmsg(
             1 << 20, socket.CMSG_SPACE(64 * 4), socket.MSG_CMSG_CLOEXEC
         )
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % 4])
-                self.fds.extend(arr)
+        self.fds.extend(received_fds(anc))
         if not data:
             self.eof = True
             return False
