@@ -111,6 +111,12 @@ class Bystander:
         if self._thread is not None:
             self._thread.join(self.timeout + 5)
 
+    def gets_through(self, wait: float) -> bool:
+        """True if the bystander completes another round within ``wait`` seconds."""
+        rounds = len(self.latencies)
+        time.sleep(wait)
+        return len(self.latencies) > rounds
+
     @property
     def worst(self) -> float:
         """The slowest round so far (seconds)."""
