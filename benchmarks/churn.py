@@ -210,21 +210,11 @@ async def run(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--churn", type=int, default=2000, help="acquire/release pairs (default 2000)"
-    )
-    parser.add_argument(
-        "--samples",
-        type=int,
-        default=300,
-        help="round trips per proxy and kind, per phase (default 300)",
-    )
-    parser.add_argument(
-        "--budget",
-        type=float,
-        default=45.0,
-        help="seconds for the measurement phases together (default 45)",
-    )
+    parser.add_argument("--churn", type=int, default=2000, help="acquire/release pairs [2000]")
+    parser.add_argument("--samples", type=int, default=300,
+                        help="round trips per proxy and kind, per phase [300]")
+    parser.add_argument("--budget", type=float, default=45.0,
+                        help="seconds for the measurement phases together [45]")
     args = parser.parse_args()
     return asyncio.run(run(args))
 

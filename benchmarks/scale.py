@@ -95,6 +95,11 @@ def checkpoints(n: int) -> list[int]:
     return out
 
 
+def median_ms(seconds: list[float]) -> float:
+    """The median, in milliseconds."""
+    return statistics.median(seconds) * 1e3
+
+
 def hello_after(
     t0: float, path: str, socks: list[socket.socket], firsts: list[float], hellos: list[float]
 ) -> None:
@@ -155,18 +160,8 @@ async def run_ours(
             time.sleep(args.settle)
             rss, pss = memory_kib(service.pid)
             tree, procs = tree_pss_kib(service.pid)
-            rows.append(
-                Row(
-                    reached,
-                    rss,
-                    pss,
-                    statistics.median(adds) * 1e3,
-                    statistics.median(hellos) * 1e3,
-                    fd_count(service.pid),
-                    tree,
-                    procs,
-                )
-            )
+            add_ms, hello_ms, fds = median_ms(adds), median_ms(hellos), fd_count(service.pid)
+            rows.append(Row(reached, rss, pss, add_ms, hello_ms, fds, tree, procs))
             adds.clear()
             hellos.clear()
             if reached < cp:
@@ -206,15 +201,7 @@ def run_xdg(args: argparse.Namespace, bus: str, children: Children) -> tuple[lis
                 r, p = memory_kib(xp.proc.pid)
                 rss += r
                 pss += p
-            rows.append(
-                Row(
-                    reached,
-                    rss,
-                    pss,
-                    statistics.median(spawns) * 1e3,
-                    statistics.median(hellos) * 1e3,
-                )
-            )
+            rows.append(Row(reached, rss, pss, median_ms(spawns), median_ms(hellos)))
             spawns.clear()
             hellos.clear()
             if reached < cp:
@@ -348,12 +335,8 @@ def main() -> int:
     parser.add_argument(
         "--settle", type=float, default=0.5, help="seconds to wait before each memory reading [0.5]"
     )
-    parser.add_argument(
-        "--budget",
-        type=float,
-        default=240.0,
-        help="seconds for both ramps together, half each [240]",
-    )
+    parser.add_argument("--budget", type=float, default=240.0,
+                        help="seconds for both ramps together, half each [240]")
     parser.add_argument(
         "--python", default=sys.executable, help="interpreter for the service [this one]"
     )

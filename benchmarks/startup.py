@@ -285,16 +285,9 @@ async def manager_call(
     manager: MessageBus, member: str, signature: str, body: list[Any]
 ) -> list[Any]:
     """Call the Containers1 manager; the reply's body (exit naming the error otherwise)."""
-    reply = await manager.call(
-        Message(
-            destination=MANAGER,
-            path=MANAGER_PATH,
-            interface=MANAGER,
-            member=member,
-            signature=signature,
-            body=body,
-        )
-    )
+    msg = Message(destination=MANAGER, path=MANAGER_PATH, interface=MANAGER, member=member,
+                  signature=signature, body=body)
+    reply = await manager.call(msg)
     assert reply is not None
     if reply.message_type != MessageType.METHOD_RETURN:
         raise SystemExit(f"{member} failed: {reply.error_name}: {reply.body}")
