@@ -731,15 +731,8 @@ def test_build_message_matches_dbus_fast_bytes() -> None:
         },
         marshal("s", ["hi"]),
     )
-    golden = Message(
-        destination="c.d",
-        path="/x",
-        interface="a.b",
-        member="M",
-        signature="s",
-        body=["hi"],
-        serial=12,
-    )
+    golden = Message(destination="c.d", path="/x", interface="a.b", member="M", signature="s",
+                     body=["hi"], serial=12)
     assert raw == bytes(golden._marshall(False))
 
 
