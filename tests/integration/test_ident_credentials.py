@@ -62,7 +62,8 @@ sys.stdin.read()
 async def child_client(
     *addresses: str, **popen: Any
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, list[str]]]:
-    """Run the confined-client child; yields (process, its unique names, one per address)."""
+    """Run the confined-client child; yields (process, its unique names, one per address).
+    Leaving the block normally ends the child as ``end_child`` does."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -83,6 +84,8 @@ async def child_client(
         names = line.decode().split()
         assert len(names) == len(addresses), names
         yield proc, names
+        if proc.returncode is None:
+            await end_child(proc)  # a clean exit of its own, checked
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -191,7 +194,6 @@ async def test_process_fd_and_pid_name_the_confined_child(
             assert creds["UnixUserID"] == Variant("u", os.getuid())
         finally:
             close_fds(reply)
-        await end_child(child)
 
 
 async def test_pidfd_reports_the_exit_and_cannot_be_fooled_by_pid_reuse(
@@ -266,7 +268,6 @@ async def test_caller_without_fd_negotiation_gets_the_reply_without_process_fd(
             ok(await driver_call(no_fds, "GetId"))
         finally:
             no_fds.disconnect()
-        await end_child(child)
 
 
 @pytest.mark.parametrize("tool", ["gdbus", "busctl", "dbus-send"])
@@ -289,7 +290,6 @@ async def test_cli_callers_get_the_credentials_without_error(
             assert f"'ProcessID': <uint32 {child.pid}>" in out, out
         elif tool == "busctl":
             assert f'"ProcessID" u {child.pid}' in out, out
-        await end_child(child)
 
 
 # -- UnixUserID / UnixGroupIDs / LinuxSecurityLabel / Path ----------------------------------
@@ -340,7 +340,6 @@ async def test_user_groups_label_and_path_match_what_the_bus_says(
             PATH_KEY,
         }, sorted(ours)
         assert "ProcessFD" in ours
-        await end_child(child)
 
 
 async def test_path_names_the_right_server_and_outlives_stop_listening(
@@ -362,7 +361,6 @@ async def test_path_names_the_right_server_and_outlives_stop_listening(
                 assert fdinfo_pid(process_fd(reply)) == child.pid
             finally:
                 close_fds(reply)
-        await end_child(child)
 
 
 # -- errors: exactly GetConnectionInfo's -----------------------------------------------------
