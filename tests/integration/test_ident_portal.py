@@ -258,6 +258,19 @@ def flatpak_like() -> dict[str, Variant]:
     }
 
 
+
+async def add_flatpak_app(
+    manager: MessageBus, app_id: str, instance: str, desktop_file: str, network: bool
+) -> tuple[str, dict[str, Variant]]:
+    """AddServer as flatpak would (``flatpak_like``), with the metadata the portal reads."""
+    metadata = {
+        "DesktopFile": Variant("s", desktop_file),
+        "NetworkAccess": Variant("b", network),
+    }
+    return await add_server(
+        manager, "org.flatpak", app_id, instance, metadata=metadata, named=flatpak_like()
+    )
+
 # -- the portal tells a confined app from a host app --------------------------------------
 
 
@@ -266,17 +279,8 @@ async def test_portal_identifies_confined_and_host_callers(
 ) -> None:
     loop = asyncio.get_running_loop()
     assert loop.__class__.__name__ == "GLibEventLoop", "this test must run on asyncio-glib"
-    metadata = {
-        "DesktopFile": Variant("s", "org.example.Photos.desktop"),
-        "NetworkAccess": Variant("b", False),
-    }
-    path, results = await add_server(
-        manager_bus,
-        "org.flatpak",
-        "org.example.Photos",
-        "1234",
-        metadata=metadata,
-        named=flatpak_like(),
+    path, results = await add_flatpak_app(
+        manager_bus, "org.example.Photos", "1234", "org.example.Photos.desktop", network=False
     )
     confined = await connect(results["Address"].value)
     host = await connect(bus.address)
@@ -331,17 +335,8 @@ sys.stdin.read()
 async def test_portal_gets_the_pidfd_of_a_confined_app_process(
     service: ServiceProcess, manager_bus: MessageBus, portal: Portal
 ) -> None:
-    metadata = {
-        "DesktopFile": Variant("s", "org.example.Chat.desktop"),
-        "NetworkAccess": Variant("b", True),
-    }
-    _path, results = await add_server(
-        manager_bus,
-        "org.flatpak",
-        "org.example.Chat",
-        "77",
-        metadata=metadata,
-        named=flatpak_like(),
+    _path, results = await add_flatpak_app(
+        manager_bus, "org.example.Chat", "77", "org.example.Chat.desktop", network=True
     )
     app = subprocess.Popen(
         [
@@ -397,14 +392,7 @@ async def test_portal_keeps_apps_apart(
     """Two instances of different apps, one without metadata (NetworkAccess unset means no
     network, DesktopFile unset means empty); a stopped-listening server still identifies its
     live connection."""
-    p1, r1 = await add_server(
-        manager_bus,
-        "org.flatpak",
-        "org.example.One",
-        "a",
-        metadata={"DesktopFile": Variant("s", "one.desktop"), "NetworkAccess": Variant("b", True)},
-        named=flatpak_like(),
-    )
+    p1, r1 = await add_flatpak_app(manager_bus, "org.example.One", "a", "one.desktop", True)
     p2, r2 = await add_server(
         manager_bus,
         "io.snapcraft",
