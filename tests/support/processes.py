@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -100,7 +101,5 @@ def stop_all(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 5.0) -> 
 def close_all(fds: Iterable[int]) -> None:
     """Close every fd, ignoring those already closed."""
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
