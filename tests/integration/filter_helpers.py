@@ -245,15 +245,9 @@ class Conn:
         self.send(
             Message.new_signal(path, interface, member, signature, body or [])
             if destination is None
-            else Message(
-                message_type=MessageType.SIGNAL,
-                path=path,
-                interface=interface,
-                member=member,
-                destination=destination,
-                signature=signature,
-                body=body or [],
-            )
+            else Message(message_type=MessageType.SIGNAL, path=path, interface=interface,
+                         member=member, destination=destination, signature=signature,
+                         body=body or [])
         )
 
     def roundtrip(self) -> None:
