@@ -18,7 +18,18 @@ import pytest
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, error, ok
+from tests.conftest import (
+    IFACE,
+    NAME,
+    PATH,
+    ServiceProcess,
+    add_server,
+    call,
+    confined_client,
+    connect,
+    error,
+    ok,
+)
 from tests.integration.budget_helpers import bystander_running, report
 from tests.integration.helpers_c1 import run_cmd
 from tests.support.bus import PrivateBus
@@ -32,14 +43,11 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 def dead_socket() -> Iterator[str]:
     """A socket file nobody listens on (bound, then closed)."""
-    d = tempfile.mkdtemp(prefix="xdgc-dead-")
-    path = os.path.join(d, "sock")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(path)
-    s.close()
-    yield path
-    os.unlink(path)
-    os.rmdir(d)
+    with tempfile.TemporaryDirectory(prefix="xdgc-dead-") as d:
+        path = os.path.join(d, "sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.bind(path)
+        yield path
 
 
 def _unused_tcp_port() -> int:
@@ -98,15 +106,10 @@ async def test_bus_with_a_dead_entry_first_is_accepted(
     service: ServiceProcess, bus: PrivateBus, manager_bus: MessageBus, dead_socket: str
 ) -> None:
     """As a client does, the service uses the first entry that answers."""
-    path, results = await add_server(
-        manager_bus, named={BUS_ARG: Variant("s", f"unix:path={dead_socket};{bus.address}")}
-    )
-    client = await connect(str(results["Address"].value))
-    try:
+    named = {BUS_ARG: Variant("s", f"unix:path={dead_socket};{bus.address}")}
+    async with confined_client(manager_bus, named=named) as (path, _, client):
         info = ok(await call(manager_bus, "GetConnectionInfo", "s", [client.unique_name]))
         assert info[0] == path
-    finally:
-        client.disconnect()
 
 
 def _spellings(address: str) -> list[str]:
