@@ -109,16 +109,8 @@ async def call(
 
     ``auto_start`` false sets NO_AUTO_START, so asking does not start the service."""
     flags = MessageFlag.NONE if auto_start else MessageFlag.NO_AUTOSTART
-    msg = Message(
-        destination=destination,
-        path=path,
-        interface=interface,
-        member=member,
-        signature=signature,
-        body=body or [],
-        flags=flags,
-        unix_fds=unix_fds or [],
-    )
+    msg = Message(destination=destination, path=path, interface=interface, member=member,
+                  signature=signature, body=body or [], flags=flags, unix_fds=unix_fds or [])
     try:
         reply = await asyncio.wait_for(bus.call(msg), timeout)
     except TimeoutError as exc:
