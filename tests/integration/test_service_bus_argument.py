@@ -18,22 +18,11 @@ import pytest
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import (
-    IFACE,
-    NAME,
-    PATH,
-    ServiceProcess,
-    add_server,
-    call,
-    confined_client,
-    connect,
-    error,
-    ok,
-)
+from tests.conftest import ServiceProcess, add_server, call, confined_client, connect, error, ok
 from tests.integration.budget_helpers import bystander_running, report
-from tests.integration.helpers_c1 import run_cmd
+from tests.integration.helpers_c1 import gdbus_call, run_cmd
 from tests.support.bus import PrivateBus
-from tests.support.names import BUS_ARG
+from tests.support.names import BUS_ARG, MANAGER, MANAGER_PATH
 from xdg_containers.wire.address import parse_address
 
 pytestmark = pytest.mark.timeout(60)
@@ -67,9 +56,8 @@ async def test_unreachable_bus_is_invalid_args(
     bystander = await connect(str(results["Address"].value))
     try:
         async with bystander_running(bystander) as by:
-            rc, _out, err = await run_cmd(
-                "gdbus", "call", "--address", bus.address, "--dest", NAME,
-                "--object-path", PATH, "--method", f"{IFACE}.AddServer",
+            rc, _out, err = await gdbus_call(
+                bus.address, MANAGER_PATH, f"{MANAGER}.AddServer",
                 "org.example.T", "org.example.App", "i", "{}",
                 f"{{'{BUS_ARG}': <'unix:path={missing}'>}}",
             )
@@ -77,7 +65,8 @@ async def test_unreachable_bus_is_invalid_args(
             assert "org.freedesktop.DBus.Error.InvalidArgs" in err, err
             assert f"unix:path={missing}" in err and "No such file or directory" in err, err
             rc, _out, err = await run_cmd(
-                "busctl", f"--address={bus.address}", "call", NAME, PATH, IFACE, "AddServer",
+                "busctl", f"--address={bus.address}", "call", MANAGER, MANAGER_PATH, MANAGER,
+                "AddServer",
                 "sssa{sv}a{sv}", "org.example.T", "org.example.App", "i", "0",
                 "1", BUS_ARG, "s", f"unix:path={dead_socket}",
             )
