@@ -30,6 +30,13 @@ def _spin(loop: asyncio.AbstractEventLoop, until: asyncio.Future[object]) -> obj
     return loop.run_until_complete(asyncio.wait_for(until, 5))
 
 
+def _pair() -> tuple[socket.socket, socket.socket]:
+    """A connected socket pair; the first end non-blocking (the one the selector watches)."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    return a, b
+
+
 def test_plain_loops_have_no_dispatching_selector() -> None:
     lp = asyncio.new_event_loop()
     try:
@@ -40,8 +47,7 @@ def test_plain_loops_have_no_dispatching_selector() -> None:
 
 def test_watched_reader_runs_and_unwatch_stops_it(loop: asyncio.AbstractEventLoop) -> None:
     sel = _selector(loop)
-    a, b = socket.socketpair()
-    a.setblocking(False)
+    a, b = _pair()
     got: list[bytes] = []
     done: asyncio.Future[object] = loop.create_future()
 
@@ -65,8 +71,7 @@ def test_watched_reader_runs_and_unwatch_stops_it(loop: asyncio.AbstractEventLoo
 
 def test_writer_callback_and_switching_masks(loop: asyncio.AbstractEventLoop) -> None:
     sel = _selector(loop)
-    a, b = socket.socketpair()
-    a.setblocking(False)
+    a, b = _pair()
     calls: list[str] = []
     done: asyncio.Future[object] = loop.create_future()
 
@@ -207,8 +212,7 @@ def _time_until_done(loop: asyncio.AbstractEventLoop, schedule: str) -> float:
     import time
 
     sel = _selector(loop)
-    a, b = socket.socketpair()
-    a.setblocking(False)
+    a, b = _pair()
     done: asyncio.Future[object] = loop.create_future()
     far = loop.call_later(30, lambda: None)  # the loop's wait timeout is now ~30 s
 
@@ -255,8 +259,7 @@ def test_many_direct_wakeups_in_one_select_call(loop: asyncio.AbstractEventLoop)
     import threading
 
     sel = _selector(loop)
-    a, b = socket.socketpair()
-    a.setblocking(False)
+    a, b = _pair()
     count = 0
     done: asyncio.Future[object] = loop.create_future()
 
