@@ -19,6 +19,7 @@ from dbus_fast._private.unmarshaller import Unmarshaller
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.names import DRIVER, DRIVER_PATH
 from tests.support.wire import build_message, marshal
 from xdg_containers.wire import build
 from xdg_containers.wire import header as h
@@ -211,12 +212,8 @@ def test_golden_hex_vector() -> None:
     )
     assert raw == bytes(GOLDEN[0]._marshall(False))
     hdr = parse_header(raw)
-    assert (hdr.path, hdr.interface, hdr.member, hdr.destination) == (
-        "/org/freedesktop/DBus",
-        "org.freedesktop.DBus",
-        "Hello",
-        "org.freedesktop.DBus",
-    )
+    routing = (hdr.path, hdr.interface, hdr.member, hdr.destination)
+    assert routing == (DRIVER_PATH, DRIVER, "Hello", DRIVER)
     assert (hdr.serial, hdr.flags, hdr.body_length) == (1, 0, 0)
     assert hdr.body_offset == len(raw) == 128
     assert message_length(raw[:16]) == 128
@@ -677,12 +674,8 @@ def test_error_reply_without_destination() -> None:
 def test_bus_call_parses_back() -> None:
     raw = build.bus_call(2**32 - 1, "Ping", "org.freedesktop.DBus.Peer", flags=h.NO_REPLY_EXPECTED)
     hdr = parse_header(raw)
-    assert (hdr.path, hdr.interface, hdr.member, hdr.destination) == (
-        "/org/freedesktop/DBus",
-        "org.freedesktop.DBus.Peer",
-        "Ping",
-        "org.freedesktop.DBus",
-    )
+    routing = (hdr.path, hdr.interface, hdr.member, hdr.destination)
+    assert routing == (DRIVER_PATH, "org.freedesktop.DBus.Peer", "Ping", DRIVER)
     assert hdr.serial == 2**32 - 1
     assert hdr.flags == h.NO_REPLY_EXPECTED
     assert hdr.body_length == 0
