@@ -27,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support.fuzz import fuzz_settings
+from tests.support.processes import fd_is_open
 from tests.support.wire import build_message, marshal
 from xdg_containers.wire.framing import FramingError, MessageReader
 from xdg_containers.wire.header import (
@@ -335,14 +336,6 @@ def _open_fds(n: int) -> list[int]:
     return [os.open(os.devnull, os.O_RDONLY) for _ in range(n)]
 
 
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 @FUZZ
 @given(
     plan=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=5),
@@ -399,10 +392,10 @@ def test_fd_counts_match_or_fail_cleanly(
     handed = {fd for group in claimed for fd in group}
     for fd in all_fds:
         if fd in handed or fd not in fed:
-            assert _is_open(fd)
+            assert fd_is_open(fd)
             os.close(fd)
         else:
-            assert not _is_open(fd), "the reader leaked an fd"
+            assert not fd_is_open(fd), "the reader leaked an fd"
 
 
 # -- parse_header must not depend on what it parsed before ---------------------------------------

@@ -103,3 +103,12 @@ def close_all(fds: Iterable[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def fd_is_open(fd: int) -> bool:
+    """True if ``fd`` is an open file descriptor of ours."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
