@@ -38,6 +38,7 @@ from tests.integration.helpers_c1 import (
 )
 from tests.support.bus import PrivateBus
 from tests.support.names import PROPS, SERVER_IFACE
+from tests.support.processes import fdinfo_pid
 from tests.support.sasl import opening
 from tests.support.wire import driver_call as driver_call_bytes
 
@@ -98,15 +99,6 @@ async def end_child(proc: asyncio.subprocess.Process) -> None:
     proc.stdin.close()
     rc = await asyncio.wait_for(proc.wait(), 10)
     assert rc == 0, rc
-
-
-def fdinfo_pid(fd: int) -> int:
-    """The ``Pid:`` line of a pidfd's /proc/self/fdinfo entry."""
-    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
-    raise AssertionError(f"fd {fd} is not a pidfd (no Pid: in fdinfo)")
 
 
 def spawn_on_pid(pid: int) -> subprocess.Popen[bytes]:

@@ -34,6 +34,7 @@ from dbus_fast.aio import MessageBus
 from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, ok
 from tests.support.bus import PrivateBus
 from tests.support.names import FILTER, POLICY
+from tests.support.processes import fdinfo_pid
 
 pytestmark = [pytest.mark.glib, pytest.mark.timeout(60)]
 
@@ -41,15 +42,6 @@ PORTAL_NAME = "org.example.IdentPortal"
 PORTAL_PATH = "/org/example/IdentPortal"
 PORTAL_IFACE = "org.example.IdentPortal"
 NOT_CONTAINER = "org.freedesktop.DBus.Error.NotContainer"
-
-
-def fdinfo_pid(fd: int) -> int:
-    """``Pid:`` of a pidfd (-1 once the process is gone)."""
-    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
-    raise AssertionError(f"fd {fd} is not a pidfd")
 
 
 @dataclass

@@ -40,13 +40,23 @@ def alive(pid: int) -> bool:
         return False
 
 
-def status_kib(pid: int, key: str) -> int:
-    """A ``VmXxx:`` line of /proc/PID/status, KiB (VmRSS, VmHWM: the peak RSS)."""
-    with open(f"/proc/{pid}/status") as fh:
+def proc_field(path: str, key: str) -> int:
+    """The number on the ``key:`` line of a /proc file."""
+    with open(path, encoding="ascii", errors="replace") as fh:
         for line in fh:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
-    raise AssertionError(f"no {key}")
+    raise AssertionError(f"no {key}: in {path}")
+
+
+def status_kib(pid: int, key: str) -> int:
+    """A ``VmXxx:`` line of /proc/PID/status, KiB (VmRSS, VmHWM: the peak RSS)."""
+    return proc_field(f"/proc/{pid}/status", key)
+
+
+def fdinfo_pid(fd: int) -> int:
+    """``Pid:`` of one of our pidfds (-1 once the process is gone)."""
+    return proc_field(f"/proc/self/fdinfo/{fd}", "Pid")
 
 
 def rss_kib(pid: int) -> int:
