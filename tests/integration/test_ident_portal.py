@@ -398,20 +398,9 @@ async def test_portal_keeps_apps_apart(
         ok(await call(manager_bus, "StopListening", "o", [p1]))
         replies = await asyncio.gather(*(request(c) for c in (one, two, one, two)))
         vals = [{k: v.value for k, v in ok(r)[0].items()} for r in replies]
-        for v in vals[0::2]:
-            assert (v["kind"], v["app_id"], v["desktop_file"], v["network"]) == (
-                "org.flatpak",
-                "org.example.One",
-                "one.desktop",
-                True,
-            )
-        for v in vals[1::2]:
-            assert (v["kind"], v["app_id"], v["desktop_file"], v["network"]) == (
-                "io.snapcraft",
-                "two",
-                "",
-                False,
-            )
+        seen = [(v["kind"], v["app_id"], v["desktop_file"], v["network"]) for v in vals]
+        one_info = ("org.flatpak", "org.example.One", "one.desktop", True)
+        assert seen == [one_info, ("io.snapcraft", "two", "", False)] * 2
         await portal.wait_for(lambda: len(portal.identified) == 4)
         assert {i.server for i in portal.identified} == {p1, p2}
         assert all(i.pid_from_pidfd and not i.errors for i in portal.identified)
