@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from dbus_fast import Variant
@@ -145,9 +146,7 @@ async def test_signal_unlinks_sockets_and_exits_zero(
 
 
 async def test_runtime_dir_holds_no_socket_after_exit(
-    service_factory,
-    manager_bus: MessageBus,
-    runtime_dir: str,  # type: ignore[no-untyped-def]
+    service_factory: Any, manager_bus: MessageBus, runtime_dir: str
 ) -> None:
     sp: ServiceProcess = service_factory()
     async with populated(manager_bus) as (_paths, _clients):
@@ -160,9 +159,7 @@ async def test_runtime_dir_holds_no_socket_after_exit(
 
 
 async def test_restart_after_kill_cleans_stale_sockets(
-    service_factory,
-    manager_bus: MessageBus,
-    runtime_dir: str,  # type: ignore[no-untyped-def]
+    service_factory: Any, manager_bus: MessageBus, runtime_dir: str
 ) -> None:
     """A service killed hard leaves sockets behind; the next instance removes them."""
     sp: ServiceProcess = service_factory()
