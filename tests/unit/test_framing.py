@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support.processes import fd_is_open
+from tests.support.wire import method_call
 from xdg_containers.wire.build import build_message, bus_call
 from xdg_containers.wire.framing import (
     MAX_FDS_PER_MESSAGE,
@@ -35,24 +36,10 @@ LIMIT = 128 * 1024 * 1024
 
 
 def be_message(serial: int, member: str, payload: bytes = b"", unix_fds: int = 0) -> bytes:
-    """A big-endian method call with an ``ay`` body, marshalled by hand."""
-    fa = bytearray()
-
-    def field(code: int, sig: bytes, value: bytes, align: int) -> None:
-        fa.extend(b"\0" * (-(16 + len(fa)) % 8))
-        fa.extend(bytes([code, len(sig)]) + sig + b"\0")
-        fa.extend(b"\0" * (-(16 + len(fa)) % align))
-        fa.extend(value)
-
-    field(1, b"o", struct.pack(">I", 2) + b"/p\0", 4)
-    field(3, b"s", struct.pack(">I", len(member)) + member.encode() + b"\0", 4)
-    field(8, b"g", b"\x02ay\0", 1)
-    if unix_fds:
-        field(9, b"u", struct.pack(">I", unix_fds), 4)
-    body = struct.pack(">I", len(payload)) + payload
-    head = struct.pack(">BBBBIII", ord("B"), 1, 0, 1, len(body), serial, len(fa)) + fa
-    head += b"\0" * (-len(head) % 8)
-    return bytes(head) + body
+    """A big-endian method call with an ``ay`` body (tests/support/wire.py)."""
+    return method_call(
+        serial, None, "/p", None, member, "ay", [payload], little=False, unix_fds=unix_fds
+    )
 
 
 def le_message(serial: int, payload: bytes = b"", unix_fds: int = 0) -> bytes:
