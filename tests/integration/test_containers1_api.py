@@ -479,17 +479,10 @@ async def test_bus_argument_session_and_invalid(
     service: ServiceProcess, manager_bus: MessageBus, bus: PrivateBus
 ) -> None:
     # "session" is the service's session bus: here, the test bus itself.
-    _path, results = await add_server(
-        manager_bus, named={"org.freedesktop.XdgContainers1.Bus": Variant("s", "session")}
-    )
-    confined = await connect(results["Address"].value)
-    try:
-        assert (
-            ok(await driver_call(confined, "GetId"))[0]
-            == ok(await driver_call(manager_bus, "GetId"))[0]
-        )
-    finally:
-        confined.disconnect()
+    session = {BUS_ARG: Variant("s", "session")}
+    async with confined_client(manager_bus, named=session) as (_, _, confined):
+        bus_id = ok(await driver_call(manager_bus, "GetId"))[0]
+        assert ok(await driver_call(confined, "GetId"))[0] == bus_id
     for bad in ("not an address", "nosuchtransport:foo=bar", "unix:"):
         bus_arg = {BUS_ARG: Variant("s", bad)}
         reply = await add_server_reply(manager_bus, "org.example.Test", "app", "", named=bus_arg)
