@@ -149,6 +149,25 @@ async def credentials(bus: MessageBus, name: str) -> Message:
     return await call(bus, "GetConnectionCredentials", "s", [name])
 
 
+@asynccontextmanager
+async def held_credentials(
+    bus: MessageBus, name: str
+) -> AsyncIterator[tuple[dict[str, Variant], Message]]:
+    """GetConnectionCredentials(name), which must succeed: (the dict, the reply); the fds
+    the reply carried are closed on exit."""
+    reply = await credentials(bus, name)
+    try:
+        yield dict(ok(reply)[0]), reply
+    finally:
+        close_fds(reply)
+
+
+async def our_credentials(bus: MessageBus, name: str) -> dict[str, Variant]:
+    """The service's GetConnectionCredentials(name), which must succeed (fds closed)."""
+    async with held_credentials(bus, name) as (creds, _):
+        return creds
+
+
 async def bus_credentials(bus: MessageBus, name: str) -> dict[str, Variant]:
     """What the real bus says about ``name`` (dbus-daemon's GetConnectionCredentials)."""
     reply = await driver_call(bus, "GetConnectionCredentials", "s", [name])
@@ -163,29 +182,28 @@ async def test_process_fd_and_pid_name_the_confined_child(
     service: ServiceProcess, manager_bus: MessageBus
 ) -> None:
     path, results = await add_server(manager_bus, app_id=APP)
-    async with child_client(results["Address"].value) as (child, (name,)):
-        reply = await credentials(manager_bus, name)
-        try:
-            creds = ok(reply)[0]
-            assert creds["ProcessID"].signature == "u"
-            pid = creds["ProcessID"].value
-            assert pid == child.pid
-            # Not the service that accepted the socket, not the launcher, not the bus.
-            assert pid != service.process.pid
-            assert pid != os.getpid()
-            bus_pid = ok(
-                await driver_call(manager_bus, "GetConnectionUnixProcessID", "s", [DRIVER])
-            )[0]
-            assert pid != bus_pid
-            fd = process_fd(reply)
-            assert fdinfo_pid(fd) == child.pid
-            # A live process: the pidfd is not readable yet, signal 0 reaches it.
-            assert select.select([fd], [], [], 0)[0] == []
-            signal.pidfd_send_signal(fd, 0)
-            assert creds[PATH_KEY] == Variant("o", path)
-            assert creds["UnixUserID"] == Variant("u", os.getuid())
-        finally:
-            close_fds(reply)
+    address = results["Address"].value
+    async with (
+        child_client(address) as (child, (name,)),
+        held_credentials(manager_bus, name) as (creds, reply),
+    ):
+        assert creds["ProcessID"].signature == "u"
+        pid = creds["ProcessID"].value
+        assert pid == child.pid
+        # Not the service that accepted the socket, not the launcher, not the bus.
+        assert pid != service.process.pid
+        assert pid != os.getpid()
+        bus_pid = ok(
+            await driver_call(manager_bus, "GetConnectionUnixProcessID", "s", [DRIVER])
+        )[0]
+        assert pid != bus_pid
+        fd = process_fd(reply)
+        assert fdinfo_pid(fd) == child.pid
+        # A live process: the pidfd is not readable yet, signal 0 reaches it.
+        assert select.select([fd], [], [], 0)[0] == []
+        signal.pidfd_send_signal(fd, 0)
+        assert creds[PATH_KEY] == Variant("o", path)
+        assert creds["UnixUserID"] == Variant("u", os.getuid())
 
 
 async def test_pidfd_reports_the_exit_and_cannot_be_fooled_by_pid_reuse(
@@ -301,11 +319,7 @@ async def test_user_groups_label_and_path_match_what_the_bus_says(
         child,
         (direct, proxied),
     ):
-        reply = await credentials(manager_bus, proxied)
-        try:
-            ours = dict(ok(reply)[0])
-        finally:
-            close_fds(reply)
+        ours = await our_credentials(manager_bus, proxied)
         theirs = await bus_credentials(manager_bus, direct)
         assert ours["UnixUserID"] == Variant("u", os.getuid()) == theirs["UnixUserID"]
         assert ours["UnixGroupIDs"].signature == "au"
@@ -345,14 +359,10 @@ async def test_path_names_the_right_server_and_outlives_stop_listening(
     ):
         ok(await call(manager_bus, "StopListening", "o", [path_a]))
         for name, path in ((in_a, path_a), (in_b, path_b)):
-            reply = await credentials(manager_bus, name)
-            try:
-                creds = ok(reply)[0]
+            async with held_credentials(manager_bus, name) as (creds, reply):
                 assert creds[PATH_KEY] == Variant("o", path)
                 assert creds["ProcessID"] == Variant("u", child.pid)
                 assert fdinfo_pid(process_fd(reply)) == child.pid
-            finally:
-                close_fds(reply)
 
 
 # -- errors: exactly GetConnectionInfo's -----------------------------------------------------
@@ -387,11 +397,7 @@ async def test_errors_are_exactly_get_connection_info_errors(
         # The confined connection, by unique and by well-known name: both succeed.
         for name in (confined.unique_name, "org.example.ConfinedApp"):
             info = ok(await call(manager_bus, "GetConnectionInfo", "s", [name]))
-            reply = await credentials(manager_bus, name)
-            try:
-                creds = ok(reply)[0]
-            finally:
-                close_fds(reply)
+            creds = await our_credentials(manager_bus, name)
             assert creds[PATH_KEY].value == info[0]
             assert creds["ProcessID"] == Variant("u", os.getpid())
     finally:
@@ -417,16 +423,12 @@ async def test_confined_client_may_ask_about_itself_only(
     try:
         assert (await me.request_name("org.example.SelfApp")).value == 1
         for name in (me.unique_name, "org.example.SelfApp"):
-            reply = await credentials(me, name)
-            try:
-                creds = ok(reply)[0]
+            async with held_credentials(me, name) as (creds, reply):
                 assert creds["ProcessID"] == Variant("u", os.getpid())
                 assert creds["UnixUserID"] == Variant("u", os.getuid())
                 assert creds[PATH_KEY] == Variant("o", path)
                 # The pidfd crosses the proxy too (both sides negotiated fds).
                 assert fdinfo_pid(process_fd(reply)) == os.getpid()
-            finally:
-                close_fds(reply)
         # Anything else is AccessDenied, whether it exists, is confined or not, and
         # whether the server filters or not (the same question gets the same answer).
         others = (
