@@ -42,6 +42,20 @@ from .wire.address import system_bus_address
 EXIT_LAUNCHER_FAILED = 125
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
+#: What to do without a session bus: ``run`` has no bus flags, it reaches the service
+#: on the session bus only.
+NO_BUS_HINT = (
+    "set DBUS_SESSION_BUS_ADDRESS to the bus the service is on ('xdg-containers serve "
+    "--private' starts one and prints its address)"
+)
+#: What to do about AddServer refusals a user can act on.
+REFUSAL_HINTS = {
+    "LimitsExceeded": "; stop servers no longer needed ('xdg-containers list', "
+    "'xdg-containers stop PATH') or raise the service's limit ('xdg-containers serve "
+    "--limit NAME=VALUE' or its config file)",
+    "AccessDenied": "; a confined app cannot create servers: run this outside the container",
+    "InvalidArgs": "; see 'xdg-containers run --help' for the accepted values",
+}
 #: How long to wait, after the command ended, for the servers to stop listening.
 STOP_WAIT = 2.0
 
@@ -61,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_launch(args))
     except ClientError as exc:
-        print(f"xdg-containers run: {exc}", file=sys.stderr)
+        print(f"xdg-containers run: COMMAND not started: {exc}", file=sys.stderr)
         return EXIT_LAUNCHER_FAILED
     except KeyboardInterrupt:  # before COMMAND started (after, SIGINT is COMMAND's)
         return 128 + signal.SIGINT
@@ -89,7 +103,9 @@ async def _add_server(
     try:
         anchor = spawn_anchor(args.container_type, args.app_id, instance_id)
     except AnchorSpawnError as exc:
-        raise ClientError(str(exc)) from exc
+        missing = shutil.which("bwrap") is None
+        hint = "; install it (apt-get install bubblewrap)" if missing else ""
+        raise ClientError(f"cannot start the app's anchor: {exc}{hint}") from exc
     anchors.append(anchor)
     named = dict(named)
     named["StopOnNotify"] = Variant("h", 0)
@@ -109,22 +125,29 @@ async def _add_server(
         if exc.service_missing():
             raise ClientError(
                 f"{NOT_RUNNING}, and the bus cannot start it ({exc.short_name}: {exc.text}); "
-                "is org.freedesktop.DBus.Containers1.service installed?"
+                "start it with 'xdg-containers serve', or install its D-Bus activation file "
+                "(meson install puts org.freedesktop.DBus.Containers1.service in "
+                "share/dbus-1/services)"
             ) from exc
-        raise ClientError(f"AddServer failed: {exc.short_name}: {exc.text}") from exc
+        raise ClientError(
+            f"AddServer failed: {exc.short_name}: {exc.text}{_refusal_hint(exc.short_name)}"
+        ) from exc
     anchor.connector.close()  # the service holds its end now
     path, results = reply.body
     address = results.get("Address")
     socket_path = results.get("SocketPath")
     if address is None or socket_path is None:
-        raise ClientError(f"AddServer gave {path} no Address/SocketPath")
+        raise ClientError(
+            f"the service made {path} but gave no Address/SocketPath to hand to COMMAND; "
+            "it is not a Containers1 service this launcher can use"
+        )
     return _Minted(str(path), str(address.value), bytestring(socket_path.value))
 
 
 async def _launch(args: argparse.Namespace) -> int:
     """Mint the server(s), run the command, then stop listening and disconnect."""
     command = command_of(args)
-    address = choose_address()
+    address = choose_address(no_bus_hint=NO_BUS_HINT)
     bus = await connect(address)
     read_end, write_end = os.pipe()
     minted: list[_Minted] = []
@@ -180,10 +203,16 @@ def _sandbox(
     """The bwrap wrapper for ``command``, hiding the host's bus sockets."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
-        raise ClientError("--sandbox needs bubblewrap (bwrap), which is not installed")
+        raise ClientError(
+            "--sandbox needs bubblewrap (bwrap), which is not installed; install it "
+            "(apt-get install bubblewrap) or run without --sandbox"
+        )
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     if not runtime or not os.path.isdir(runtime):
-        raise ClientError("--sandbox needs XDG_RUNTIME_DIR set to an existing directory")
+        raise ClientError(
+            "--sandbox needs XDG_RUNTIME_DIR set to an existing directory (the sandbox's "
+            "runtime dir is made from it); set it, or run without --sandbox"
+        )
     hide = [host_address]
     if args.bus not in (None, "", "session", "system"):
         hide.append(args.bus)
@@ -231,16 +260,29 @@ async def _run_command(argv: list[str], env: dict[str, str]) -> int:
         try:
             proc = await asyncio.create_subprocess_exec(*argv, env=env)
         except FileNotFoundError:
-            print(f"xdg-containers run: {argv[0]}: command not found", file=sys.stderr)
+            print(
+                f"xdg-containers run: {argv[0]}: command not found in PATH; check the "
+                "name, or give the full path",
+                file=sys.stderr,
+            )
             return EXIT_NOT_FOUND
         except OSError as exc:
-            print(f"xdg-containers run: {argv[0]}: {exc.strerror}", file=sys.stderr)
+            print(
+                f"xdg-containers run: cannot run {argv[0]}: {exc.strerror} (is it an "
+                "executable file, with execute permission?)",
+                file=sys.stderr,
+            )
             return EXIT_NOT_EXECUTABLE
         status = await proc.wait()
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
     return 128 - status if status < 0 else status
+
+
+def _refusal_hint(error: str) -> str:
+    """What the user can do about AddServer's ``error`` ("" when nothing in particular)."""
+    return REFUSAL_HINTS.get(error, "")
 
 
 async def _wait_stopped(bus: MessageBus, paths: list[str]) -> None:
