@@ -4,6 +4,7 @@ arguments they become (no bus needed, so the parts are unit-testable)."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from dbus_fast import Variant
@@ -79,54 +80,30 @@ def add_run_arguments(sub: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="filter the traffic (xdg-dbus-proxy semantics); default: identify only",
     )
-    p.add_argument(
-        "--see",
-        action="append",
-        default=[],
-        type=_policy_name,
-        metavar="NAME",
-        help="NAME (or prefix.*) may be seen (needs --filter; repeatable)",
-    )
-    p.add_argument(
-        "--talk",
-        action="append",
-        default=[],
-        type=_policy_name,
-        metavar="NAME",
-        help="NAME may be talked to (needs --filter; repeatable)",
-    )
-    p.add_argument(
-        "--own",
-        action="append",
-        default=[],
-        type=_policy_name,
-        metavar="NAME",
-        help="NAME may be owned (needs --filter; repeatable)",
-    )
-    p.add_argument(
-        "--call",
-        action="append",
-        default=[],
-        type=_name_rule,
-        metavar="NAME=RULE",
-        help="allow calls to NAME matching RULE [METHOD][@PATH] (needs --filter)",
-    )
-    p.add_argument(
-        "--broadcast",
-        action="append",
-        default=[],
-        type=_name_rule,
-        metavar="NAME=RULE",
-        help="receive NAME's broadcasts matching RULE (needs --filter)",
-    )
-    p.add_argument(
-        "--metadata",
-        action="append",
-        default=[],
-        type=_key_value,
-        metavar="KEY=VALUE",
-        help="string metadata for the server (repeatable)",
-    )
+    # The repeatable flags: (flag, value type, metavar, help).
+    repeatable: list[tuple[str, Callable[[str], object], str, str]] = [
+        ("see", _policy_name, "NAME", "NAME (or prefix.*) may be seen (needs --filter; "
+         "repeatable)"),
+        ("talk", _policy_name, "NAME", "NAME may be talked to (needs --filter; repeatable)"),
+        ("own", _policy_name, "NAME", "NAME may be owned (needs --filter; repeatable)"),
+        (
+            "call",
+            _name_rule,
+            "NAME=RULE",
+            "allow calls to NAME matching RULE [METHOD][@PATH] (needs --filter)",
+        ),
+        (
+            "broadcast",
+            _name_rule,
+            "NAME=RULE",
+            "receive NAME's broadcasts matching RULE (needs --filter)",
+        ),
+        ("metadata", _key_value, "KEY=VALUE", "string metadata for the server (repeatable)"),
+    ]
+    for flag, kind, metavar, text in repeatable:
+        p.add_argument(
+            f"--{flag}", action="append", default=[], type=kind, metavar=metavar, help=text
+        )
     p.add_argument("--log", action="store_true", help="have the service log every message")
     p.add_argument(
         "--sandbox",
