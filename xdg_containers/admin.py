@@ -339,7 +339,10 @@ async def _identify(bus: MessageBus, args: argparse.Namespace) -> int:
         ("Container type", str(container_type)),
         ("App ID", str(app_id) or "-"),
         ("Instance ID", str(instance_id) or "-"),
-        ("Process ID", f"{creds.get('ProcessID', '?')} (the real client, seen on our socket)"),
+        (
+            "Process ID",
+            f"{creds.get('ProcessID', '?')} (the process that connected to the server's socket)",
+        ),
         ("ProcessFD", fd_text),
         ("User ID", str(creds.get("UnixUserID", "?"))),
         ("Group IDs", ",".join(str(g) for g in creds.get("UnixGroupIDs", [])) or "-"),
