@@ -24,7 +24,7 @@ from dbus_fast.aio import MessageBus
 
 from tests.conftest import IFACE, NAME, PATH, REPO, call, ok
 from xdg_containers.cli import build_parser
-from xdg_containers.launcher import check_usage, command_of, named_arguments
+from xdg_containers.launcher_args import check_usage, command_of, named_arguments
 
 DRIVER = "org.freedesktop.DBus"
 DRIVER_PATH = "/org/freedesktop/DBus"

@@ -23,7 +23,7 @@ from tests.integration.test_cli_common import (
     report_of,
     wait_until,
 )
-from xdg_containers.launcher import sandbox_command
+from xdg_containers.launcher_sandbox import sandbox_command
 from xdg_containers.privatebus import PrivateBus
 
 pytestmark = pytest.mark.timeout(90)
