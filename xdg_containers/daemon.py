@@ -75,7 +75,12 @@ def remove_stale_sockets() -> int:
         finally:
             probe.close()
     if removed:
-        log.info("removed %d stale socket(s) from %s", removed, directory)
+        log.info(
+            "removed %d stale socket(s) from %s (left by an earlier run that did not stop "
+            "cleanly; their clients had already lost their connection)",
+            removed,
+            directory,
+        )
     return removed
 
 
@@ -112,7 +117,11 @@ class Service:
         try:
             await bus.connect()
         except Exception as exc:
-            raise ServiceError(f"cannot connect to the bus: {exc}") from exc
+            where = self.bus_address or f"the {self.bus_type.name.lower()} bus"
+            raise ServiceError(
+                f"cannot connect to {where}: {exc or type(exc).__name__} (is the bus running, "
+                "and is the address right? --address ADDR picks another bus)"
+            ) from exc
         self.bus = bus
         address = self.bus_address or _address_of(bus)
         ctx = ServiceContext(bus, self.registry, address, self.tracker, self.filter_factory)
@@ -132,7 +141,10 @@ class Service:
             await feed.start(address)
         except FeedError as exc:
             bus.disconnect()
-            raise ServiceError(f"cannot subscribe to name owner changes: {exc}") from exc
+            raise ServiceError(
+                f"cannot subscribe to name owner changes on {address}: {exc} (the filter "
+                "needs them; does the bus accept a second connection from this user?)"
+            ) from exc
         self.feed = feed
         await self._sync_names(ctx)
         remove_stale_sockets()
@@ -140,8 +152,9 @@ class Service:
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             bus.disconnect()
             raise ServiceError(
-                f"the name {NAME} is already owned on this bus; is another "
-                "xdg-containers (or a dbus-daemon with Containers1) running?",
+                f"the name {NAME} is already owned on this bus: another xdg-containers "
+                "(or a dbus-daemon with Containers1) serves it; use that one, or stop it "
+                "first ('xdg-containers list' talks to whichever runs)",
                 EXIT_NAME_TAKEN,
             )
         log.info("serving %s on %s as %s", NAME, address, bus.unique_name)
@@ -159,7 +172,11 @@ class Service:
             self.tracker.learn_owner(name, str(owner.body[0]))
 
     def _feed_lost(self, reason: str) -> None:
-        log.error("the connection watching name owners was lost: %s", reason)
+        log.error(
+            "the connection watching name owners was lost (%s); stopping, since filtering "
+            "needs it (the next call to the name restarts the service when it is activatable)",
+            reason,
+        )
         if not self._feed_gone.done():
             self._feed_gone.set_result(reason)
 
@@ -238,7 +255,13 @@ def raise_fd_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
         except (ValueError, OSError) as exc:
-            log.warning("cannot raise the fd limit from %d to %d: %s", soft, hard, exc)
+            log.warning(
+                "cannot raise the fd limit from %d to %d: %s; fewer connections can be "
+                "served (raise LimitNOFILE= or ulimit -n)",
+                soft,
+                hard,
+                exc,
+            )
     return soft
 
 
@@ -273,7 +296,12 @@ async def serve(
             os.write(ready_fd, b"READY=1\n")
             os.close(ready_fd)
         except OSError as exc:
-            log.warning("cannot write to --ready-fd %d: %s", ready_fd, exc)
+            log.warning(
+                "cannot write READY=1 to --ready-fd %d: %s; serving anyway, but whoever "
+                "waits on that fd will not learn it",
+                ready_fd,
+                exc,
+            )
     stop_task = asyncio.ensure_future(stop.wait())
     bus_task = asyncio.ensure_future(service.wait_for_disconnect())
     done, _pending = await asyncio.wait({stop_task, bus_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -283,12 +311,17 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     if stop_task in done:
-        log.info("stopping on signal; removing sockets")
+        log.info("stopping on SIGTERM/SIGINT: closing every server and removing its socket")
         service.shutdown()
         return 0
     if not bus_task.cancelled() and bus_task.exception() is not None:
         log.debug("bus connection ended with %r", bus_task.exception())
-    log.error("the bus connection was lost; exiting")
+    log.error(
+        "the bus connection was lost; exiting with status %d after closing every server "
+        "(the bus stopped or dropped us; the next call to the name restarts the service "
+        "when it is activatable)",
+        EXIT_BUS_LOST,
+    )
     spares_for(loop).close()
     for server in service.registry:
         server.stop()

@@ -22,6 +22,7 @@ from tests.integration.test_cli_common import (
     wait_until,
 )
 from tests.support.bus import PrivateBus, started_bus
+from xdg_containers.admin import NOT_RUNNING_HINT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -275,10 +276,11 @@ async def _empty(bus: MessageBus) -> bool:
     ],
 )
 async def test_no_service_running(bus: PrivateBus, args: tuple[str, ...]) -> None:
-    """Without the service every admin command says so, exits 3, prints nothing."""
+    """Without the service every admin command says so and what to do, exits 3, prints
+    nothing on stdout."""
     r = await cli(*args)
     assert r.returncode == 3, (r.returncode, r.stderr)
-    assert r.stderr.strip() == f"xdg-containers: {NOT_RUNNING}"
+    assert r.stderr.strip() == f"xdg-containers: {NOT_RUNNING}{NOT_RUNNING_HINT}"
     assert r.stdout == ""
 
 
