@@ -26,8 +26,8 @@ import pytest
 from dbus_fast import Message, MessageType
 
 from tests.conftest import ServiceProcess
-from tests.integration.filter_helpers import run_dbus_send
 from tests.support.bus import PrivateBus
+from tests.support.clients import run_dbus_send
 from tests.support.names import (
     ACCESS_DENIED,
     EXT,

@@ -19,7 +19,6 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.constants import RequestNameReply
 
 from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, ok
-from tests.integration.filter_helpers import run_busctl, run_dbus_python, run_dbus_send, run_gdbus
 from tests.integration.helpers_c1 import (
     DRIVER,
     Observer,
@@ -33,6 +32,7 @@ from tests.integration.helpers_c1 import (
     socket_path_of,
 )
 from tests.support.bus import PrivateBus
+from tests.support.clients import run_busctl, run_dbus_python, run_dbus_send, run_gdbus
 from tests.support.sasl import opening
 from tests.support.wire import decode, wire_length
 from tests.support.wire import driver_call as raw_driver_call
@@ -146,7 +146,7 @@ async def minted(
 #: A minted server: (path, results).
 Minted = tuple[str, dict[str, Any]]
 
-#: The command-line and library clients, each run by tests/integration/filter_helpers.py.
+#: The command-line and library clients, each run by tests/support/clients.py.
 CLIENTS = {"gdbus": run_gdbus, "busctl": run_busctl, "dbus-send": run_dbus_send,
            "dbus-python": run_dbus_python}
 

@@ -30,11 +30,11 @@ from tests.integration.filter_helpers import (
     World,
     barrier,
     normalise,
-    run_busctl,
     runner,
     wait_until,
     world_fixture,
 )
+from tests.support.clients import run_busctl
 from tests.support.names import (
     ACCESS_DENIED,
     DRIVER,

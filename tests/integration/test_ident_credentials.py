@@ -24,7 +24,6 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, error, ok
-from tests.integration.filter_helpers import CLI_ARGV, Call
 from tests.integration.helpers_c1 import (
     DRIVER,
     NOBODY,
@@ -37,6 +36,7 @@ from tests.integration.helpers_c1 import (
     socket_path_of,
 )
 from tests.support.bus import PrivateBus
+from tests.support.clients import CLI_ARGV, Call
 from tests.support.names import PROPS, SERVER_IFACE
 from tests.support.processes import fdinfo_pid
 from tests.support.sasl import opening
