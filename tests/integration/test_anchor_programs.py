@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers_c1 import NOBODY, as_nobody_kwargs, stdlib_python
+from tests.support.commands import NOBODY, as_nobody_kwargs, stdlib_python
 from tests.support.processes import alive
 from xdg_containers.anchor.binary import BINARY, PROGRAM
 from xdg_containers.anchor.link import request_address

@@ -22,17 +22,15 @@ from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, 
 from tests.integration.helpers_c1 import (
     DRIVER,
     Observer,
-    dbus_send,
     driver_call,
-    gdbus_call,
     list_servers,
     name_has_owner,
     recv_until,
-    run_cmd,
     socket_path_of,
 )
 from tests.support.bus import PrivateBus
 from tests.support.clients import run_busctl, run_dbus_python, run_dbus_send, run_gdbus
+from tests.support.commands import dbus_send, gdbus_call, run_cmd
 from tests.support.sasl import opening
 from tests.support.wire import decode, wire_length
 from tests.support.wire import driver_call as raw_driver_call

@@ -21,17 +21,9 @@ from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import IFACE, PATH, ServiceProcess, add_server, call, connect, error, ok
-from tests.integration.helpers_c1 import (
-    NOBODY,
-    Observer,
-    as_nobody_kwargs,
-    gdbus_call,
-    list_servers,
-    sasl_probe,
-    socket_path_of,
-    stdlib_python,
-)
+from tests.integration.helpers_c1 import Observer, list_servers, socket_path_of
 from tests.support.bus import PrivateBus, started_bus
+from tests.support.commands import NOBODY, as_nobody_kwargs, gdbus_call, sasl_probe, stdlib_python
 from tests.support.names import BUS_ARG
 
 pytestmark = pytest.mark.timeout(30)

@@ -28,14 +28,9 @@ from tests.conftest import (
     connect,
     ok,
 )
-from tests.integration.helpers_c1 import (
-    list_servers,
-    sasl_probe,
-    socket_path_of,
-    wait_disconnected,
-    wait_until,
-)
+from tests.integration.helpers_c1 import list_servers, socket_path_of, wait_disconnected, wait_until
 from tests.support.bus import PrivateBus
+from tests.support.commands import sasl_probe
 
 pytestmark = pytest.mark.timeout(30)
 

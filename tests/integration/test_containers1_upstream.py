@@ -48,23 +48,25 @@ from tests.integration.helpers_c1 import (
     DRIVER,
     LIMIT_CONTAINERS,
     MAX_CONTAINERS,
-    NOBODY,
     SPEC_ARGUMENTS,
     Observer,
     add_match,
     close_fds,
-    connect_errno,
     driver_call,
-    gdbus_call,
     list_servers,
-    probe_as_nobody,
-    reachable_by_others,
-    sasl_probe,
     socket_path_of,
     wait_disconnected,
     wait_until,
 )
 from tests.support.bus import PrivateBus
+from tests.support.commands import (
+    NOBODY,
+    connect_errno,
+    gdbus_call,
+    probe_as_nobody,
+    reachable_by_others,
+    sasl_probe,
+)
 from tests.support.names import PROPS, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(30)

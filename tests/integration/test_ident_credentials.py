@@ -24,19 +24,10 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, error, ok
-from tests.integration.helpers_c1 import (
-    DRIVER,
-    NOBODY,
-    Observer,
-    close_fds,
-    driver_call,
-    probe_as_nobody,
-    reachable_by_others,
-    run_cmd,
-    socket_path_of,
-)
+from tests.integration.helpers_c1 import DRIVER, Observer, close_fds, driver_call, socket_path_of
 from tests.support.bus import PrivateBus
 from tests.support.clients import CLI_ARGV, Call
+from tests.support.commands import NOBODY, probe_as_nobody, reachable_by_others, run_cmd
 from tests.support.names import PROPS, SERVER_IFACE
 from tests.support.processes import fdinfo_pid
 from tests.support.sasl import opening

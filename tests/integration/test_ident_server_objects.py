@@ -29,19 +29,17 @@ from tests.conftest import (
     ok,
 )
 from tests.integration.helpers_c1 import (
-    NOBODY,
     Observer,
     add_match,
     close_fds,
     driver_call,
-    gdbus_call,
     list_servers,
-    run_cmd,
     socket_path_of,
     wait_disconnected,
     wait_until,
 )
 from tests.support.bus import PrivateBus
+from tests.support.commands import NOBODY, gdbus_call, run_cmd
 from tests.support.names import FILTER, PROPS, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(60)

@@ -13,8 +13,9 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import ServiceProcess, add_server, call, confined_client, connect, error, ok
-from tests.integration.helpers_c1 import add_match, driver_call, gdbus_call, name_has_owner
+from tests.integration.helpers_c1 import add_match, driver_call, name_has_owner
 from tests.support.bus import PrivateBus
+from tests.support.commands import gdbus_call
 from tests.support.names import BROADCAST, CALL, FILTER, POLICY, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(60)

@@ -20,8 +20,8 @@ from dbus_fast.aio import MessageBus
 
 from tests.conftest import ServiceProcess, add_server, call, confined_client, connect, error, ok
 from tests.integration.budget_helpers import bystander_running, report
-from tests.integration.helpers_c1 import gdbus_call, run_cmd
 from tests.support.bus import PrivateBus
+from tests.support.commands import gdbus_call, run_cmd
 from tests.support.names import BUS_ARG, MANAGER, MANAGER_PATH
 from xdg_containers.wire.address import parse_address
 
