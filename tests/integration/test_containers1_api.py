@@ -26,18 +26,10 @@ from tests.conftest import (
     error,
     ok,
 )
-from tests.integration.helpers_c1 import (
-    DRIVER,
-    Observer,
-    close_fds,
-    driver_call,
-    list_servers,
-    socket_path_of,
-    wait_disconnected,
-    wait_until,
-)
+from tests.integration import helpers_c1 as c1
+from tests.integration.helpers_c1 import Observer, driver_call, list_servers, socket_path_of
 from tests.support.bus import PrivateBus, started_bus
-from tests.support.names import BUS_ARG, POLICY, PROPS, SERVER_IFACE
+from tests.support.names import BUS_ARG, DRIVER, POLICY, PROPS, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -72,7 +64,7 @@ async def test_server_removed_precedes_stop_reply(
         assert ("removed", path) in kinds, f"no ServerRemoved before the {stop} reply: {kinds}"
         assert kinds.index(("removed", path)) < kinds.index(("reply", reply.reply_serial))
         if confined is not None:
-            await wait_disconnected(confined)
+            await c1.wait_disconnected(confined)
         await rec.sync()
         assert rec.removed() == [path], "exactly one ServerRemoved, and only for the stopped server"
         signal = next(e for e in rec.events if e.kind == "removed")
@@ -254,7 +246,7 @@ async def test_connection_info_by_well_known_name(
         reply = await call(
             manager_bus, "GetConnectionCredentials", "s", ["org.example.ConfinedApp"]
         )
-        close_fds(reply)
+        c1.close_fds(reply)
         creds = ok(reply)[0]
         assert creds["org.freedesktop.DBus.Containers1.Path"].value == path
         assert creds["UnixUserID"].value == os.getuid()
@@ -329,7 +321,7 @@ async def test_stop_on_disconnect_defaults_to_true(
         await observer.wait_name_gone(creator_name)
         # The unused server goes at once; the used one stops listening but lives on.
         await observer.wait_removed(unused)
-        await wait_until(
+        await c1.wait_until(
             lambda: not os.path.exists(socket_path_of(used_results)), "used socket unlinked"
         )
         assert not os.path.exists(socket_path_of(unused_results))
@@ -379,7 +371,7 @@ async def test_listen_fd(
         assert info[0] == path
         assert ok(await driver_call(confined, "GetNameOwner", "s", [DRIVER])) == [DRIVER]
         ok(await call(manager_bus, "StopServer", "o", [path]))
-        await wait_disconnected(confined)
+        await c1.wait_disconnected(confined)
         await observer.wait_removed(path)
     finally:
         confined.disconnect()
@@ -508,7 +500,7 @@ async def test_stop_on_notify_data_stops_listening(
         try:
             assert os.path.exists(sock)
             os.write(w, b"x")  # readable, not closed
-            await wait_until(lambda: not os.path.exists(sock), "the socket to be unlinked")
+            await c1.wait_until(lambda: not os.path.exists(sock), "the socket to be unlinked")
             assert ok(await driver_call(confined, "GetNameOwner", "s", [DRIVER])) == [DRIVER]
             await observer.sync()
             assert path not in observer.removed()

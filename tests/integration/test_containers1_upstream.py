@@ -44,19 +44,15 @@ from tests.conftest import (
     error,
     ok,
 )
+from tests.integration import helpers_c1 as c1
 from tests.integration.helpers_c1 import (
-    DRIVER,
     LIMIT_CONTAINERS,
     MAX_CONTAINERS,
     SPEC_ARGUMENTS,
     Observer,
-    add_match,
-    close_fds,
     driver_call,
     list_servers,
     socket_path_of,
-    wait_disconnected,
-    wait_until,
 )
 from tests.support.bus import PrivateBus
 from tests.support.commands import (
@@ -67,7 +63,7 @@ from tests.support.commands import (
     reachable_by_others,
     sasl_probe,
 )
-from tests.support.names import PROPS, SERVER_IFACE
+from tests.support.names import DRIVER, PROPS, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -162,7 +158,7 @@ async def test_basic(
 
         # Broadcasts from the confined app and from an unconfined one both reach
         # a third connection, each with its own sender.
-        await add_match(observer.bus, "interface='com.example.Shouting'")
+        await c1.add_match(observer.bus, "interface='com.example.Shouting'")
         for who in (confined, manager_bus):
             before = len(observer.signals("com.example.Shouting", "Shouted"))
             await who.send(Message.new_signal("/", "com.example.Shouting", "Shouted"))
@@ -192,7 +188,7 @@ async def test_basic(
 
         # The socket is cleaned up when the bus goes away.
         bus.stop()
-        await wait_until(lambda: not os.path.exists(socket_path), "the socket to be unlinked")
+        await c1.wait_until(lambda: not os.path.exists(socket_path), "the socket to be unlinked")
         rc = await asyncio.to_thread(service.process.wait, 5)
         assert rc != 0, "the service must exit non-zero when it loses the bus"
         assert service.sockets() == []
@@ -248,7 +244,7 @@ async def test_metadata(service_factory, manager_bus: MessageBus, runtime_dir: s
     try:
         # The confined app asks about itself.
         reply = await call(confined, "GetConnectionCredentials", "s", [confined.unique_name])
-        close_fds(reply)
+        c1.close_fds(reply)
         creds = ok(reply)[0]
         assert creds["org.freedesktop.DBus.Containers1.Path"].signature == "o"
         assert creds["org.freedesktop.DBus.Containers1.Path"].value == path
@@ -361,7 +357,7 @@ async def test_stop_server(
 
         # Connecting again fails (asynchronously for the notify/manager cases),
         # and the socket file is gone.
-        await wait_until(lambda: not os.path.exists(socket_path), "the socket to be unlinked")
+        await c1.wait_until(lambda: not os.path.exists(socket_path), "the socket to be unlinked")
         assert connect_errno(socket_path) in GONE
         with pytest.raises(OSError) as exc_info:
             late = await connect(address)
@@ -370,7 +366,7 @@ async def test_stop_server(
 
         if mode == "force":
             assert confined is not None
-            await wait_disconnected(confined)
+            await c1.wait_disconnected(confined)
         elif mode in ("explicitly", "via-notify", "not-with-manager", "with-manager"):
             assert confined is not None
             # The confined app still works...

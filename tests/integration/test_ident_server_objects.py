@@ -28,16 +28,8 @@ from tests.conftest import (
     error,
     ok,
 )
-from tests.integration.helpers_c1 import (
-    Observer,
-    add_match,
-    close_fds,
-    driver_call,
-    list_servers,
-    socket_path_of,
-    wait_disconnected,
-    wait_until,
-)
+from tests.integration import helpers_c1 as c1
+from tests.integration.helpers_c1 import Observer, driver_call, list_servers, socket_path_of
 from tests.support.bus import PrivateBus
 from tests.support.commands import NOBODY, gdbus_call, run_cmd
 from tests.support.names import FILTER, PROPS, SERVER_IFACE
@@ -77,7 +69,7 @@ PEER_IFACE = "org.example.IdentPeer"
 
 async def watch_properties(obs: Observer, path: str) -> None:
     """Let ``obs`` record PropertiesChanged of the server object at ``path``."""
-    await add_match(
+    await c1.add_match(
         obs.bus,
         f"type='signal',sender='{NAME}',path='{path}',interface='{PROPS}',"
         "member='PropertiesChanged'",
@@ -282,7 +274,7 @@ async def test_property_values(
     reply = await driver_call(
         manager_bus, "GetConnectionCredentials", "s", [manager_bus.unique_name]
     )
-    close_fds(reply)
+    c1.close_fds(reply)
     bus_says = {k: v for k, v in ok(reply)[0].items() if k != "ProcessFD"}
     assert props["Creator"] == bus_says
     info = ok(await call(manager_bus, "GetServerInfo", "o", [path]))
@@ -492,7 +484,7 @@ async def test_object_stop_listening_and_stop(
         "busctl", f"--address={bus.address}", "call", NAME, path, SERVER_IFACE, "StopListening"
     )
     assert rc == 0, err
-    await wait_until(lambda: not os.path.exists(socket_path), "the socket to be unlinked")
+    await c1.wait_until(lambda: not os.path.exists(socket_path), "the socket to be unlinked")
     assert await get(manager_bus, path, "Listening") is False
     ok(await driver_call(client, "GetId"))  # existing connection carries on
     ok(await obj_call(manager_bus, path, "StopListening"))  # again: no-op success
@@ -500,7 +492,7 @@ async def test_object_stop_listening_and_stop(
     # Stop: the connection is dropped, the server removed, ServerRemoved before the reply.
     ok(await obj_call(manager_bus, path, "Stop"))
     await observer.wait_removed(path)
-    await wait_disconnected(client)
+    await c1.wait_disconnected(client)
     assert await list_servers(manager_bus) == []
 
 
