@@ -1,4 +1,4 @@
-"""BufferBudget (proxy/budget.py): whole-MiB accounting, pausing over the limit, resuming
+"""BufferBudget (core/budget.py): whole-MiB accounting, pausing over the limit, resuming
 under 3/4 of it, and always one holder left making progress."""
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ class ContainerServer:
             self.limits.idle_partial_message_timeout / 1000,
             ServerSession.partial_expired,
         )
-        # Bytes held by the connections of every server (proxy/budget.py).
+        # Bytes held by the connections of every server (core/budget.py).
         self.budget = budget_for(self.loop, self.limits.max_buffered_bytes)
         self._accept_paused: asyncio.TimerHandle | None = None
         self._starting: ServerSession | None = None  # the session being started by accept
