@@ -255,3 +255,66 @@ def test_half_close_waits_for_owed_replies_then_closes() -> None:
     h.from_bus(reply(5))
     assert h.core.state is Phase.CLOSED
     assert h.client.written.endswith(reply(5))
+
+
+# -- the bus side's phases against the bus's events (the client sent AUTH, BEGIN, Hello) ------
+
+
+def reach_bus(state: str) -> Harness:
+    """A session whose client finished its handshake and Hello, its bus side in ``state``."""
+    h = Harness()
+    h.from_client(CLIENT_AUTH + CLIENT_BEGIN + hello())
+    if state in ("AUTH", "READY"):
+        h.attach_bus()
+    if state == "READY":
+        h.from_bus(BUS_OK)
+    assert h.core.bus_state.name == state
+    h.take()
+    return h
+
+
+BUS_EVENTS: dict[str, Callable[[Harness], None]] = {
+    "attach": lambda h: h.core._bus_attached(type(h.bus)("bus", h.actions)),
+    "bus_ok": lambda h: h.from_bus(BUS_OK),
+    "bus_rejected": lambda h: h.from_bus(b"REJECTED EXTERNAL\r\n"),
+    "bus_hello_reply": lambda h: h.from_bus(hello_reply()),
+    "bus_eof": lambda h: h.bus_eof(),
+    "bus_error": lambda h: h.core._bus_error("read failed: boom"),
+}
+#: Cells that cannot happen: no bus socket yet, nothing comes from it; one is attached once.
+IMPOSSIBLE = "-"
+
+# bus state, event, next bus state, next state, actions
+BUS_TABLE = [
+    ("CONNECTING", "attach", "AUTH", "HELLO_PENDING", "handshake_done read_bus to_bus"),
+    *[("CONNECTING", e, IMPOSSIBLE, IMPOSSIBLE, "") for e in BUS_EVENTS if e != "attach"],
+    ("AUTH", "attach", IMPOSSIBLE, IMPOSSIBLE, ""),
+    ("AUTH", "bus_ok", "READY", "HELLO_PENDING", ""),
+    ("AUTH", "bus_rejected", "AUTH", "CLOSED", "close_bus close_client closed"),
+    # (Bytes before the bus's OK are handshake lines to us: an unfinished one waits.)
+    ("AUTH", "bus_hello_reply", "AUTH", "HELLO_PENDING", ""),
+    ("AUTH", "bus_eof", "AUTH", "CLOSED", "close_bus close_client closed pause_bus"),
+    ("AUTH", "bus_error", "AUTH", "CLOSED", "close_bus close_client closed"),
+    ("READY", "attach", IMPOSSIBLE, IMPOSSIBLE, ""),
+    ("READY", "bus_ok", "READY", "CLOSED", "close_bus close_client closed"),
+    ("READY", "bus_rejected", "READY", "CLOSED", "close_bus close_client closed"),
+    ("READY", "bus_hello_reply", "READY", "RUNNING", "named to_client"),
+    ("READY", "bus_eof", "READY", "CLOSED", "close_bus close_client closed pause_bus"),
+    ("READY", "bus_error", "READY", "CLOSED", "close_bus close_client closed"),
+]
+
+
+def test_the_bus_table_has_every_bus_state_against_every_bus_event() -> None:
+    cells = sorted((row[0], row[1]) for row in BUS_TABLE)
+    assert cells == sorted((s.name, e) for s in BusPhase for e in BUS_EVENTS)
+
+
+@pytest.mark.parametrize(
+    ("state", "event", "bus_after", "after", "actions"),
+    [row for row in BUS_TABLE if row[2] != IMPOSSIBLE],
+)
+def test_bus_state_event(state: str, event: str, bus_after: str, after: str, actions: str) -> None:
+    h = reach_bus(state)
+    BUS_EVENTS[event](h)
+    assert (h.core.bus_state.name, h.core.state.name) == (bus_after, after)
+    assert " ".join(sorted({a[0] for a in h.take()} - {"stop_io"})) == actions

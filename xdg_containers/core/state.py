@@ -23,6 +23,7 @@ from .pending import PendingCalls
 from .phase import BusPhase, Phase
 from .ports import Credentials, MessageFilter, Port, SessionHost
 
+# (The name the session logged under before the core was split out: log filters keep working.)
 log = logging.getLogger("xdg_containers.proxy.session")
 
 _TYPE_NAMES = {METHOD_CALL: "call", METHOD_RETURN: "return", ERROR: "error", SIGNAL: "signal"}
