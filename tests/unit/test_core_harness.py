@@ -17,19 +17,8 @@ from xdg_containers.core.budget import BufferBudget
 from xdg_containers.core.phase import Phase
 from xdg_containers.core.ports import MessageFilter
 from xdg_containers.core.session import SessionCore
+from xdg_containers.wire import header as wh
 from xdg_containers.wire.build import build_message, method_return
-from xdg_containers.wire.header import (
-    FIELD_DESTINATION,
-    FIELD_INTERFACE,
-    FIELD_MEMBER,
-    FIELD_PATH,
-    FIELD_SIGNATURE,
-    FIELD_UNIX_FDS,
-    METHOD_CALL,
-    MessageError,
-    message_length,
-    parse_header,
-)
 from xdg_containers.wire.types import BodyWriter
 
 UID = 1000
@@ -50,21 +39,21 @@ Action = tuple[Any, ...]
 def call(serial: int, member: str, dest: str = PEER, fds: int = 0, body: str = "") -> bytes:
     """A method call from the client (``body``: one string argument if not empty)."""
     fields: dict[int, str | int] = {
-        FIELD_PATH: "/", FIELD_MEMBER: member, FIELD_DESTINATION: dest,
-        FIELD_INTERFACE: "org.example.Echo",
+        wh.FIELD_PATH: "/", wh.FIELD_MEMBER: member, wh.FIELD_DESTINATION: dest,
+        wh.FIELD_INTERFACE: "org.example.Echo",
     }
     payload = b""
     if body:
         w = BodyWriter()
         w.string(body)
         payload = w.bytes()
-        fields[FIELD_SIGNATURE] = "s"
+        fields[wh.FIELD_SIGNATURE] = "s"
     if fds:
-        fields[FIELD_UNIX_FDS] = fds
+        fields[wh.FIELD_UNIX_FDS] = fds
     if dest == BUS:
-        fields[FIELD_INTERFACE] = BUS
-        fields[FIELD_PATH] = "/org/freedesktop/DBus"
-    return build_message(METHOD_CALL, serial, fields, payload)
+        fields[wh.FIELD_INTERFACE] = BUS
+        fields[wh.FIELD_PATH] = "/org/freedesktop/DBus"
+    return build_message(wh.METHOD_CALL, serial, fields, payload)
 
 
 def hello(serial: int = 1) -> bytes:
@@ -311,8 +300,8 @@ def messages(stream: bytes | bytearray) -> list[bytes]:
     out = []
     pos = 0
     while pos < len(stream):
-        size = message_length(stream, pos)  # raises MessageError on garbage
-        parse_header(bytes(stream[pos : pos + size]))
+        size = wh.message_length(stream, pos)  # raises MessageError on garbage
+        wh.parse_header(bytes(stream[pos : pos + size]))
         out.append(bytes(stream[pos : pos + size]))
         pos += size
     return out
@@ -333,6 +322,6 @@ def test_messages_splits_and_refuses_garbage() -> None:
     assert messages(hello() + reply(1)) == [hello(), reply(1)]
     try:
         messages(b"garbage garbage garbage!")
-    except MessageError:
+    except wh.MessageError:
         return
     raise AssertionError("garbage parsed")

@@ -15,19 +15,7 @@ from dataclasses import replace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.test_core_harness import (
-    BUS,
-    BUS_OK,
-    CLIENT_AUTH,
-    CLIENT_BEGIN,
-    PEER,
-    UNIQUE,
-    Harness,
-    call,
-    hello,
-    hello_reply,
-    messages,
-)
+from tests.unit import test_core_harness as hx
 from xdg_containers.config import Limits
 from xdg_containers.core.policy_filter import PolicyFilter
 from xdg_containers.policy import Level, Policy
@@ -44,9 +32,9 @@ PROPS = settings(
 )
 
 
-def filtered() -> Harness:
+def filtered() -> hx.Harness:
     """A session under POLICY: TALK may be called, HIDDEN is not visible."""
-    return Harness(
+    return hx.Harness(
         make_filter=lambda: PolicyFilter(POLICY, NameTracker(), frozenset({":1.1"}))
     )
 
@@ -60,12 +48,12 @@ def cut(data: bytes, points: list[int]) -> list[bytes]:
 def bus_answers(stream: bytes | bytearray) -> bytes:
     """What a bus and its peers answer to the calls in ``stream`` (after the handshake)."""
     out = b""
-    for n, m in enumerate(messages(stream), start=100):
+    for n, m in enumerate(hx.messages(stream), start=100):
         hdr = parse_header(m)
         if hdr.message_type != METHOD_CALL or not hdr.expects_reply or hdr.member == "Hello":
             continue
-        sender = BUS if hdr.destination == BUS else PEER
-        out += method_return(n, hdr.serial, sender, UNIQUE, "", b"")
+        sender = hx.BUS if hdr.destination == hx.BUS else hx.PEER
+        out += method_return(n, hdr.serial, sender, hx.UNIQUE, "", b"")
     return out
 
 
@@ -74,21 +62,21 @@ def after_begin(written: bytes | bytearray) -> bytes:
     return bytes(written[written.index(b"BEGIN\r\n") + 7 :])
 
 
-calls_st = st.lists(st.sampled_from([TALK, HIDDEN, BUS]), min_size=1, max_size=12)
+calls_st = st.lists(st.sampled_from([TALK, HIDDEN, hx.BUS]), min_size=1, max_size=12)
 cuts_st = st.lists(st.integers(0, 1000), max_size=12)
 
 
-def run(dests: list[str], client_cuts: list[int], bus_cuts: list[int]) -> Harness:
+def run(dests: list[str], client_cuts: list[int], bus_cuts: list[int]) -> hx.Harness:
     """A filtered session: the client's bytes in reads cut at ``client_cuts``, the
     bus's answers at ``bus_cuts``."""
     h = filtered()
     h.attach_bus()
-    stream = CLIENT_AUTH + CLIENT_BEGIN + hello()
+    stream = hx.CLIENT_AUTH + hx.CLIENT_BEGIN + hx.hello()
     for serial, dest in enumerate(dests, start=2):
-        stream += call(serial, "GetId" if dest == BUS else "Echo", dest)
+        stream += hx.call(serial, "GetId" if dest == hx.BUS else "Echo", dest)
     for chunk in cut(stream, client_cuts):
         h.from_client(chunk)
-    for chunk in cut(BUS_OK + hello_reply(), bus_cuts):
+    for chunk in cut(hx.BUS_OK + hx.hello_reply(), bus_cuts):
         h.from_bus(chunk)
     for chunk in cut(bus_answers(after_begin(h.bus.written)), bus_cuts):
         h.from_bus(chunk)
@@ -114,9 +102,9 @@ def test_a_denied_call_gets_its_denial_never_a_peer_reply(
 ) -> None:
     h = run(dests, client_cuts, bus_cuts)
     got = h.client.written
-    start = got.index(b"\r\n") + 2 + len(hello_reply())
+    start = got.index(b"\r\n") + 2 + len(hx.hello_reply())
     answers: dict[int, list[tuple[int, str | None, str | None]]] = {}
-    for m in messages(got[start:]):
+    for m in hx.messages(got[start:]):
         hdr = parse_header(m)
         assert hdr.reply_serial is not None
         answers.setdefault(hdr.reply_serial, []).append(
@@ -127,12 +115,12 @@ def test_a_denied_call_gets_its_denial_never_a_peer_reply(
         [(mtype, sender, error)] = answers[serial]  # exactly one answer
         if dest == HIDDEN:
             assert (mtype, error) == (ERROR, SERVICE_UNKNOWN)
-            assert sender != PEER
+            assert sender != hx.PEER
         else:
-            assert (mtype, sender) == (METHOD_RETURN, PEER if dest == TALK else BUS)
+            assert (mtype, sender) == (METHOD_RETURN, hx.PEER if dest == TALK else hx.BUS)
     # Nothing to the hidden name ever reached the bus.
     assert all(
-        parse_header(m).destination != HIDDEN for m in messages(after_begin(h.bus.written))
+        parse_header(m).destination != HIDDEN for m in hx.messages(after_begin(h.bus.written))
     )
 
 
@@ -145,10 +133,10 @@ def test_a_bus_that_does_not_read_stops_the_client_within_its_limit(
     sizes: list[int], read_size: int
 ) -> None:
     max_pending = 128 * 1024
-    h = Harness(limits=replace(Limits(), max_pending_bytes_per_connection=max_pending))
+    h = hx.Harness(limits=replace(Limits(), max_pending_bytes_per_connection=max_pending))
     h.to_running()
     h.bus.stuck = True
-    sent = [call(n, "Echo", TALK, body="x" * size) for n, size in enumerate(sizes, 2)]
+    sent = [hx.call(n, "Echo", TALK, body="x" * size) for n, size in enumerate(sizes, 2)]
     stream = b"".join(sent)
     # Whole messages go: the last one can take the queue past the limit by its size.
     bound = max_pending + max(len(m) for m in sent)
