@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from tests.unit import test_core_harness as hx
 from xdg_containers.config import Limits
+from xdg_containers.core.phase import Phase
 from xdg_containers.core.policy_filter import PolicyFilter
 from xdg_containers.policy import Level, Policy
 from xdg_containers.policy.tracker import NameTracker
@@ -76,11 +77,23 @@ def run(dests: list[str], client_cuts: list[int], bus_cuts: list[int]) -> hx.Har
         stream += hx.call(serial, "GetId" if dest == hx.BUS else "Echo", dest)
     for chunk in cut(stream, client_cuts):
         h.from_client(chunk)
+        consistent(h)
     for chunk in cut(hx.BUS_OK + hx.hello_reply(), bus_cuts):
         h.from_bus(chunk)
+        consistent(h)
+    assert h.core.state is Phase.RUNNING
     for chunk in cut(bus_answers(after_begin(h.bus.written)), bus_cuts):
         h.from_bus(chunk)
+        consistent(h)
     return h
+
+
+def consistent(h: hx.Harness) -> None:
+    """The named state agrees with what the core holds."""
+    core = h.core
+    assert (core.phase is Phase.HELLO_PENDING) == (core._hello_serial is not None)
+    assert (core.phase is Phase.RUNNING) == (core.unique_name is not None)
+    assert core.state is not Phase.CLOSED
 
 
 @PROPS
