@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from xdg_containers.proxy.budget import CHUNK, BufferBudget, budget_for
+from xdg_containers.core.budget import CHUNK, BufferBudget
+from xdg_containers.proxy.budget import budget_for
 
 
 class Holder:

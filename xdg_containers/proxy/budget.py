@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 
-from ..core.budget import CHUNK as CHUNK
-from ..core.budget import BufferBudget as BufferBudget
+from ..core.budget import BufferBudget
 
 _budgets: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BufferBudget] = (
     weakref.WeakKeyDictionary()
