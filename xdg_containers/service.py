@@ -33,7 +33,6 @@ from .anchor.zygote import AnchorFactory, AnchorStartError
 from .policy.tracker import NameTracker
 from .proxy.endpoint import close_fds
 from .proxy.peercred import PeerCredentials
-from .proxy.session import Session
 from .servers.arguments import (
     CONNECTOR,
     FD_ARGUMENTS,
@@ -45,6 +44,7 @@ from .servers.arguments import (
 )
 from .servers.registry import SERVER_PATH_PREFIX, LimitError, ServerRegistry
 from .servers.server import ContainerServer, FilterSettings, ServerSpec
+from .servers.server import ServerSession as Session
 from .wire.address import (
     AddressError,
     parse_address,

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from tests.unit.test_header import make_message
-from xdg_containers.proxy.fastpath import scan_calls, scan_replies
+from xdg_containers.core.fastpath import scan_calls, scan_replies
 from xdg_containers.wire import header as h
 from xdg_containers.wire.types import BodyWriter
 
