@@ -28,7 +28,7 @@ from tests.conftest import (
 )
 from tests.integration import helpers_c1 as c1
 from tests.integration.helpers_c1 import Observer, driver_call, list_servers, socket_path_of
-from tests.support.bus import PrivateBus, started_bus
+from tests.support.bus import PrivateBus
 from tests.support.names import BUS_ARG, DRIVER, POLICY, PROPS, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(30)
@@ -425,9 +425,9 @@ async def test_listen_fd_must_be_listening_unix_stream(
 
 
 async def test_bus_argument_proxies_to_another_bus(
-    service: ServiceProcess, manager_bus: MessageBus, bus: PrivateBus
+    service: ServiceProcess, manager_bus: MessageBus, bus: PrivateBus, other_bus: PrivateBus
 ) -> None:
-    second = started_bus()
+    second = other_bus
     direct: MessageBus | None = None
     confined: MessageBus | None = None
     try:
@@ -464,7 +464,6 @@ async def test_bus_argument_proxies_to_another_bus(
             confined.disconnect()
         if direct is not None:
             direct.disconnect()
-        second.stop()
 
 
 async def test_bus_argument_session_and_invalid(

@@ -22,7 +22,7 @@ from dbus_fast.aio import MessageBus
 
 from tests.conftest import IFACE, PATH, ServiceProcess, add_server, call, connect, error, ok
 from tests.integration.helpers_c1 import Observer, list_servers, socket_path_of
-from tests.support.bus import PrivateBus, started_bus
+from tests.support.bus import PrivateBus
 from tests.support.commands import NOBODY, as_nobody_kwargs, gdbus_call, sasl_probe, stdlib_python
 from tests.support.names import BUS_ARG
 
@@ -143,9 +143,9 @@ async def _burn_names_until(address: str, target: str) -> None:
 
 
 async def test_other_bus_client_does_not_shadow_real_bus_peer(
-    service: ServiceProcess, manager_bus: MessageBus, observer: Observer
+    service: ServiceProcess, manager_bus: MessageBus, observer: Observer, other_bus: PrivateBus
 ) -> None:
-    second = started_bus()
+    second = other_bus
     confined: MessageBus | None = None
     try:
         path, results = await add_server(
@@ -168,13 +168,12 @@ async def test_other_bus_client_does_not_shadow_real_bus_peer(
     finally:
         if confined is not None:
             confined.disconnect()
-        second.stop()
 
 
 async def test_other_bus_client_does_not_hijack_confined_identity(
-    service: ServiceProcess, manager_bus: MessageBus, observer: Observer
+    service: ServiceProcess, manager_bus: MessageBus, observer: Observer, other_bus: PrivateBus
 ) -> None:
-    second = started_bus()
+    second = other_bus
     clients: list[MessageBus] = []
     try:
         main_path, main_results = await add_server(manager_bus, app_id="org.example.OnRealBus")
@@ -216,4 +215,3 @@ async def test_other_bus_client_does_not_hijack_confined_identity(
     finally:
         for c in clients:
             c.disconnect()
-        second.stop()

@@ -77,3 +77,11 @@ def started_bus(
     b = PrivateBus(service_dirs, env, limits)
     b.start()
     return b
+
+
+@pytest.fixture
+def other_bus() -> Iterator[PrivateBus]:
+    """A second private dbus-daemon (another session or the "system" bus), stopped after
+    the test."""
+    with PrivateBus() as b:
+        yield b
