@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from dbus_fast.aio import MessageBus
@@ -129,35 +130,32 @@ async def test_filter_flags_give_a_filtered_server(
     try:
         await visible.request_name("org.example.Visible")
         await hidden.request_name("org.example.Hidden")
-        r = await cli(*RUN, "--filter", "--see", "org.example.Visible", "--", *client_argv())
-        assert r.returncode == 0, r.stderr
-        names = report_of(r)["names"]
+        names = (await run_report("--filter", "--see", "org.example.Visible"))["names"]
         assert "org.example.Visible" in names
         assert visible.unique_name in names  # the owner of a visible name is visible
         assert "org.example.Hidden" not in names
         assert hidden.unique_name not in names
         # unfiltered: identified only, everything visible
-        r = await cli(*RUN, "--", *client_argv())
-        assert r.returncode == 0, r.stderr
-        names = report_of(r)["names"]
+        names = (await run_report())["names"]
         assert {"org.example.Visible", "org.example.Hidden", hidden.unique_name} <= set(names)
         # --call makes the name visible too; a wildcard --talk covers the prefix only
-        r = await cli(
-            *RUN,
-            "--filter",
-            "--call",
-            "org.example.Hidden=org.example.I.M@/x",
-            "--talk",
-            "org.example.Vis.*",
-            "--",
-            *client_argv(),
-        )
-        assert r.returncode == 0, r.stderr
-        names = report_of(r)["names"]
+        names = (
+            await run_report(
+                "--filter", "--call", "org.example.Hidden=org.example.I.M@/x",
+                "--talk", "org.example.Vis.*",
+            )
+        )["names"]
         assert "org.example.Hidden" in names and "org.example.Visible" not in names
     finally:
         visible.disconnect()
         hidden.disconnect()
+
+
+async def run_report(*args: str) -> dict[str, Any]:
+    """``run`` (with ``args``) of the test client, which must succeed; its report."""
+    r = await cli(*RUN, *args, "--", *client_argv())
+    assert r.returncode == 0, r.stderr
+    return report_of(r)
 
 
 async def test_filtered_server_counts_denials(
@@ -357,9 +355,7 @@ async def test_system_bus_and_bus_flags(
         assert report_of(r)["system_bus_id"] == system_id
 
         # --bus: the command's session bus is proxied to another bus
-        r = await cli(*RUN, "--bus", system.address, "--", *client_argv())
-        assert r.returncode == 0, r.stderr
-        assert report_of(r)["bus_id"] == system_id
+        assert (await run_report("--bus", system.address))["bus_id"] == system_id
         await wait_until(lambda: _no_servers(manager_bus), "the servers to go")
     finally:
         sp.finish()
