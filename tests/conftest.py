@@ -235,6 +235,19 @@ async def add_server(bus: MessageBus, *args: Any, **kwargs: Any) -> tuple[str, d
 
 
 @asynccontextmanager
+async def connected(*addresses: str) -> AsyncIterator[list[MessageBus]]:
+    """A dbus-fast connection to each address, all disconnected on exit."""
+    conns: list[MessageBus] = []
+    try:
+        for address in addresses:
+            conns.append(await connect(address))
+        yield conns
+    finally:
+        for c in conns:
+            c.disconnect()
+
+
+@asynccontextmanager
 async def confined_client(
     manager: MessageBus, *args: Any, **kwargs: Any
 ) -> AsyncIterator[tuple[str, dict[str, Variant], MessageBus]]:

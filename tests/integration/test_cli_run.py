@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import ServiceProcess, connect, start_service
+from tests.conftest import ServiceProcess, connect, connected, start_service
 from tests.integration.test_cli_common import (
     RemovedWatcher,
     cli,
@@ -125,9 +125,8 @@ async def test_filter_flags_give_a_filtered_server(
     service: ServiceProcess, manager_bus: MessageBus
 ) -> None:
     """--filter/--see/--call/--talk decide what ListNames shows through the server."""
-    visible = await connect(service.bus_address)
-    hidden = await connect(service.bus_address)
-    try:
+    address = service.bus_address
+    async with connected(address, address) as (visible, hidden):
         await visible.request_name("org.example.Visible")
         await hidden.request_name("org.example.Hidden")
         names = (await run_report("--filter", "--see", "org.example.Visible"))["names"]
@@ -146,9 +145,6 @@ async def test_filter_flags_give_a_filtered_server(
             )
         )["names"]
         assert "org.example.Hidden" in names and "org.example.Visible" not in names
-    finally:
-        visible.disconnect()
-        hidden.disconnect()
 
 
 async def run_report(*args: str) -> dict[str, Any]:
