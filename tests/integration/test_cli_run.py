@@ -159,16 +159,12 @@ async def test_filtered_server_counts_denials(
 ) -> None:
     """The denied call goes through the service's filter: MessagesDenied grows."""
     go = os.path.join(tmp_path, "go")
+    script = (
+        'gdbus call --address "$DBUS_SESSION_BUS_ADDRESS" -d org.example.Nobody '
+        f"-o / -m org.example.I.M; echo done > {go}; exec sleep 30"
+    )
     proc = subprocess.Popen(
-        cli_argv(
-            *RUN,
-            "--filter",
-            "--",
-            "sh",
-            "-c",
-            'gdbus call --address "$DBUS_SESSION_BUS_ADDRESS" -d org.example.Nobody '
-            f"-o / -m org.example.I.M; echo done > {go}; exec sleep 30",
-        ),
+        cli_argv(*RUN, "--filter", "--", "sh", "-c", script),
         env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
