@@ -2,7 +2,8 @@
 """Start xdg-containers on a bus, mint one server, print its address, serve until killed.
 
 Used as a proxybench proxy command: ``mint.py {bus} [--filter --talk NAME]``.
-The first stdout line is the client address, as proxybench expects.
+The first stdout line is the client address, as proxybench expects. Self-contained (dbus-fast
+and the standard library only): A/B runs copy it into older checkouts (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import subprocess
 import sys
 import tempfile
 
-from dbus_fast import Variant
+from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from startup import add_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,10 +26,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 async def mint(bus_address: str, filtered: bool, talk: list[str]) -> str:
     """AddServer on the running service; return the minted address."""
     bus = await MessageBus(bus_address=bus_address).connect()
-    named = {"StopOnDisconnect": Variant("b", False)}
-    _path, address = await add_server(bus, talk if filtered else None, named=named)
+    named: dict[str, Variant] = {"StopOnDisconnect": Variant("b", False)}
+    if filtered:
+        named["org.freedesktop.XdgContainers1.Filter"] = Variant("b", True)
+        policy = dict.fromkeys(talk, "talk")
+        named["org.freedesktop.XdgContainers1.Policy"] = Variant("a{ss}", policy)
+    manager = "org.freedesktop.DBus.Containers1"
+    body = ["org.example.Bench", "org.example.Bench", "1", {}, named]
+    reply = await bus.call(Message(destination=manager, path="/org/freedesktop/DBus/Containers1",
+                                   interface=manager, member="AddServer",
+                                   signature="sssa{sv}a{sv}", body=body))
+    assert reply is not None
+    if reply.message_type == MessageType.ERROR:
+        raise SystemExit(f"AddServer failed: {reply.error_name}: {reply.body}")
     bus.disconnect()
-    return address
+    return str(reply.body[1]["Address"].value)
 
 
 def main() -> int:

@@ -294,20 +294,10 @@ async def manager_call(
     return list(reply.body)
 
 
-async def add_server(
-    manager: MessageBus,
-    talk: str | list[str] | None,
-    instance: str = "1",
-    named: dict[str, Variant] | None = None,
-) -> tuple[str, str]:
-    """AddServer with Filter and Policy {talk: talk} (no filter when ``talk`` is None) and
-    any other ``named`` arguments; return (object path, address)."""
-    args = dict(named or {})
-    if talk is not None:
-        names = [talk] if isinstance(talk, str) else talk
-        args[EXT + "Filter"] = Variant("b", True)
-        args[EXT + "Policy"] = Variant("a{ss}", {n: "talk" for n in names})
-    body = ["org.benchmark", "org.benchmark.App", instance, {}, args]
+async def add_server(manager: MessageBus, talk: str, instance: str = "1") -> tuple[str, str]:
+    """AddServer(Filter, Policy {talk: talk}); return (object path, address)."""
+    named = {EXT + "Filter": Variant("b", True), EXT + "Policy": Variant("a{ss}", {talk: "talk"})}
+    body = ["org.benchmark", "org.benchmark.App", instance, {}, named]
     path, results = await manager_call(manager, "AddServer", "sssa{sv}a{sv}", body)
     return str(path), str(results["Address"].value)
 
