@@ -14,6 +14,7 @@ from typing import Any
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from .compat.dbusfast import connect_bus
 from .wire.address import session_bus_address, system_bus_address
 
 NAME = "org.freedesktop.DBus.Containers1"
@@ -97,7 +98,7 @@ async def connect(address: str) -> MessageBus:
     """Connect to the bus at ``address`` with fd passing; ClientError if that fails."""
     try:
         return await asyncio.wait_for(
-            MessageBus(bus_address=address, negotiate_unix_fd=True).connect(), 30
+            connect_bus(address, negotiate_unix_fd=True), 30
         )
     except Exception as exc:
         detail = str(exc) or type(exc).__name__

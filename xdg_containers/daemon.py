@@ -16,7 +16,9 @@ from typing import Any
 from dbus_fast import BusType, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
+from dbus_fast.service import ServiceInterface
 
+from .compat.dbusfast import connect_bus
 from .config import Limits
 from .filtering import PolicyFilterFactory
 from .ownerfeed import FeedError, OwnerChangeFeed
@@ -29,10 +31,10 @@ from .service import (
     NAME,
     PATH,
     ManagerInterface,
-    ServerObject,
     ServiceContext,
     install_dispatch_hooks,
 )
+from .wire.address import session_bus_address, system_bus_address
 
 log = logging.getLogger(__name__)
 
@@ -111,19 +113,16 @@ class Service:
 
     async def start(self) -> None:
         """Connect, export the manager, subscribe to owner changes, claim the name."""
-        bus = MessageBus(
-            bus_address=self.bus_address, bus_type=self.bus_type, negotiate_unix_fd=True
-        )
+        address = self.bus_address or default_bus_address(self.bus_type)
         try:
-            await bus.connect()
+            bus = await connect_bus(address, negotiate_unix_fd=True)
         except Exception as exc:
-            where = self.bus_address or f"the {self.bus_type.name.lower()} bus"
+            where = self.bus_address or f"the {self.bus_type.name.lower()} bus ({address})"
             raise ServiceError(
                 f"cannot connect to {where}: {exc or type(exc).__name__} (is the bus running, "
                 "and is the address right? --address ADDR picks another bus)"
             ) from exc
         self.bus = bus
-        address = self.bus_address or _address_of(bus)
         ctx = ServiceContext(bus, self.registry, address, self.tracker, self.filter_factory)
         self.ctx = ctx
         manager = ManagerInterface(ctx)
@@ -216,7 +215,7 @@ class Service:
         if obj is not None:
             obj.emit_properties_changed({"Listening": server.listening})
 
-    def _object(self, server: ContainerServer) -> ServerObject | None:
+    def _object(self, server: ContainerServer) -> ServiceInterface | None:
         if self.ctx is None or server.finished:
             return None
         return self.ctx.server_objects.get(server.path)
@@ -265,15 +264,18 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def _address_of(bus: MessageBus) -> str:
-    addr: Any = getattr(bus, "_bus_address", None)
-    if isinstance(addr, list):
-        parts = []
-        for transport, options in addr:
-            opts = ",".join(f"{k}={v}" for k, v in options.items())
-            parts.append(f"{transport}:{opts}")
-        return ";".join(parts)
-    return str(addr)
+def default_bus_address(bus_type: BusType) -> str:
+    """The address of the session or system bus, found as every D-Bus library does
+    (ServiceError if no session bus address is known)."""
+    if bus_type == BusType.SYSTEM:
+        return system_bus_address()
+    address = session_bus_address()
+    if address is None:
+        raise ServiceError(
+            "no session bus: DBUS_SESSION_BUS_ADDRESS is unset and $XDG_RUNTIME_DIR/bus "
+            "does not exist (use --address, --system or --private)"
+        )
+    return address
 
 
 async def serve(

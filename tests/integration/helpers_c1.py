@@ -233,7 +233,7 @@ def socket_path_of(results: dict[str, Any]) -> str:
     """The SocketPath result as a str (without its trailing NUL)."""
     raw: bytes = results["SocketPath"].value
     assert raw.endswith(b"\0"), raw
-    return os.fsdecode(raw[:-1])
+    return os.fsdecode(bytes(raw[:-1]))  # dbus-fast < 5 gives a bytearray
 
 
 async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 3.0) -> None:

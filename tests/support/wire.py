@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dbus_fast import Message
-from dbus_fast._private.unmarshaller import Unmarshaller
 
+from tests.support.dbusfast import unmarshaller
 from tests.support.names import DRIVER, DRIVER_PATH
 from tests.support.processes import close_all
 
@@ -302,7 +302,7 @@ class Received:
 
 def decode(raw: bytes) -> Message:
     """dbus-fast's reading of one whole message."""
-    msg = Unmarshaller(io.BytesIO(raw), None, True).unmarshall()  # type: ignore[arg-type]
+    msg = unmarshaller(io.BytesIO(raw)).unmarshall()
     assert msg is not None, "incomplete message"
     return msg
 

@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 import pytest
 from dbus_fast import Message
-from dbus_fast._private.unmarshaller import Unmarshaller
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.dbusfast import unmarshaller
 from xdg_containers.dropin.args import (
     ArgsError,
     EarlyExit,
@@ -175,7 +175,7 @@ def test_add_server_message_unmarshals() -> None:
               broadcasts=[("org.d", "@/d")])
     ident = identity_from_keyfile(INFO, "/proc/7/root/.flatpak-info")
     raw = add_server_message(5, ident, g)
-    msg = Unmarshaller(io.BytesIO(raw), None, True).unmarshall()  # type: ignore[arg-type]
+    msg = unmarshaller(io.BytesIO(raw)).unmarshall()
     assert isinstance(msg, Message)
     assert (msg.member, msg.destination, msg.signature, msg.serial) == (
         "AddServer", "org.freedesktop.DBus.Containers1", "sssa{sv}a{sv}", 5)
