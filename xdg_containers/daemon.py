@@ -18,7 +18,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 from dbus_fast.service import ServiceInterface
 
-from .compat.dbusfast import connect_bus
+from .compat.dbusfast import connect_bus, limitations
 from .config import Limits
 from .filtering import PolicyFilterFactory
 from .ownerfeed import FeedError, OwnerChangeFeed
@@ -157,6 +157,8 @@ class Service:
                 EXIT_NAME_TAKEN,
             )
         log.info("serving %s on %s as %s", NAME, address, bus.unique_name)
+        for limitation in limitations():
+            log.warning("%s", limitation)
 
     async def _sync_names(self, ctx: ServiceContext) -> None:
         """Learn the current owner of every well-known name (the tracker's start state)."""

@@ -10,6 +10,7 @@ from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import ServiceProcess, add_server, connect
+from tests.integration.helpers_c1 import socket_path_of
 from tests.integration.test_cli_common import (
     RemovedWatcher,
     cli,
@@ -83,7 +84,7 @@ async def test_list_table_and_json(service: ServiceProcess, manager_bus: Message
         assert first["MessagesForwarded"] > 0
         assert first["MessagesDenied"] == 0
         assert first["Address"] == r0["Address"].value
-        assert first["SocketPath"] == os.fsdecode(r0["SocketPath"].value[:-1])
+        assert first["SocketPath"] == socket_path_of(r0)
         assert first["Creator"]["ProcessID"] == os.getpid()
     finally:
         client.disconnect()
@@ -105,7 +106,7 @@ async def test_info_table_and_json(service: ServiceProcess, manager_bus: Message
         "org.example.Flags": Variant("as", ["a", "b"]),
     }
     path, results = await add_server(manager_bus, metadata=metadata)
-    socket_path = os.fsdecode(results["SocketPath"].value[:-1])
+    socket_path = socket_path_of(results)
 
     table = await cli("info", path)
     assert table.returncode == 0, table.stderr
@@ -224,7 +225,7 @@ async def test_stop_listening_only_then_stop(
     """stop --listening-only keeps the connection; stop removes the server."""
     watcher = await RemovedWatcher(manager_bus).start()
     path, results = await add_server(manager_bus)
-    socket_path = os.fsdecode(results["SocketPath"].value[:-1])
+    socket_path = socket_path_of(results)
     client = await connect(results["Address"].value)
     try:
         r = await cli("stop", "--listening-only", path)

@@ -11,10 +11,10 @@ from typing import Any
 from dbus_fast._private.unmarshaller import Unmarshaller
 
 
-def unmarshaller(stream: Any) -> Any:
-    """An Unmarshaller reading ``stream`` (no socket, so no fds) on any dbus-fast."""
+def unmarshaller(stream: Any, sock: Any = None) -> Any:
+    """An Unmarshaller reading ``stream``, or ``sock`` with its fds, on any dbus-fast."""
     try:
-        return Unmarshaller(stream, None, False)
+        return Unmarshaller(stream, sock, sock is not None)
     except TypeError:  # 1.84.2: (stream, sock)
-        return Unmarshaller(stream, None)
+        return Unmarshaller(stream, sock)
 

@@ -44,19 +44,16 @@ def test_missing_field_means_public_path() -> None:
 
 
 def test_public_env_forces_the_public_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    loop = new_event_loop()
-    try:
-        selector = direct_selector(loop)
-        assert isinstance(selector, DispatchingSelector) and selector.loop is loop
-    finally:
-        loop.close()
-    monkeypatch.setenv(aio.PUBLIC_ENV, "1")
-    loop = new_event_loop()
-    try:
-        selector = direct_selector(loop)
-        assert isinstance(selector, DispatchingSelector) and selector.loop is None
-    finally:
-        loop.close()
+    for public in (False, True):
+        if public:
+            monkeypatch.setenv(aio.PUBLIC_ENV, "1")
+        loop = new_event_loop()
+        try:
+            selector = direct_selector(loop)
+            assert isinstance(selector, DispatchingSelector)
+            assert selector.loop is (None if public else loop)
+        finally:
+            loop.close()
     assert direct_selector(asyncio.new_event_loop()) is None
 
 

@@ -149,6 +149,7 @@ async def test_connect_bus_raises_from_one_call_and_leaks_no_fd(tmp_path: Path) 
             return type(exc).__name__
         return "connected"
 
+    gc.collect()  # what earlier tests left for collection goes before counting
     before = len(os.listdir("/proc/self/fd"))
     assert await attempt() != "connected"
     gc.collect()  # an old constructor's socket is closed when collected
@@ -171,3 +172,100 @@ def test_package_uses_only_public_dbus_fast_and_asyncio_outside_compat() -> None
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
     assert not offenders, "private/version-specific API outside compat/:\n" + "\n".join(
         offenders)
+
+
+
+def _fds_read(sock_for_reader: Any, sender: Any) -> int:
+    """How many fds dbus-fast's reader takes from one message that carries two."""
+    import array
+    import socket
+
+    from dbus_fast import Message
+
+    from tests.support.dbusfast import unmarshaller
+
+    r1, w1 = os.pipe()
+    try:
+        msg = Message(path="/p", interface="org.example.I", member="M", signature="hh",
+                      body=[0, 1], unix_fds=[r1, w1])
+        raw = bytes(msg._marshall(True))  # type: ignore[attr-defined]
+        sender.sendmsg([raw], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r1, w1]))])
+    finally:
+        os.close(r1)
+        os.close(w1)
+    got = unmarshaller(None, sock_for_reader).unmarshall()
+    for fd in got.unix_fds:
+        os.close(fd)
+    return len(got.unix_fds)
+
+
+def test_fd_room_canary() -> None:
+    """Before 3.0 dbus-fast's reader (``Unmarshaller`` reading with ``recvmsg``) keeps only
+    the first fd of a message; connect_bus's socket makes room for all, through
+    ``MessageBus._sock``, which the constructor made (checked in the next test)."""
+    import socket
+
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        plain = _fds_read(a, b)
+        widened = _fds_read(dbusfast._RoomForFds(a), b)
+    version = dbusfast.dbus_fast_version()
+    assert widened == 2, f"dbus-fast {version}: the widened reader took {widened} of 2 fds"
+    if dbusfast.needs_fd_room():
+        assert plain == 1, f"dbus-fast {version} reads {plain} of 2 fds: lower MANY_FDS_SINCE"
+    else:
+        assert plain == 2, (
+            f"dbus-fast {version}: dbus_fast._private.unmarshaller reads {plain} of 2 fds per "
+            "message: raise MANY_FDS_SINCE")
+
+
+async def test_message_bus_sock_canary(tmp_path: Path) -> None:
+    """Before 3.0 connect_bus widens ``MessageBus._sock``: the constructor must make it."""
+    import socket
+
+    from dbus_fast.aio import MessageBus
+
+    if not dbusfast.needs_fd_room():
+        return  # nothing is widened: the reader has room itself (test above)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "bus"))
+    listener.listen()
+    with listener:
+        bus = MessageBus(bus_address=f"unix:path={tmp_path}/bus", negotiate_unix_fd=True)
+        sock = getattr(bus, "_sock", None)
+        assert isinstance(sock, socket.socket), (
+            f"dbus-fast {dbusfast.dbus_fast_version()}: MessageBus._sock is {sock!r} after the "
+            "constructor; connect_bus cannot give the reader room for several fds"
+        )
+        sock.close()
+
+
+def test_text_canary() -> None:
+    """Before 2.12 dbus-fast's marshaller (``Marshaller._write_string``) writes a string's
+    length in characters; connect_bus then guards ``send`` (ascii_safe)."""
+    wrong = Marshaller("s", ["\u00e9"]).marshall()[:4] == b"\x01\0\0\0"
+    version = dbusfast.dbus_fast_version()
+    if dbusfast.text_ok():
+        assert not wrong, f"dbus-fast {version} marshals 'é' with length 1: raise TEXT_OK_SINCE"
+    else:
+        assert wrong, f"dbus-fast {version} marshals non-ASCII right: lower TEXT_OK_SINCE"
+        assert dbusfast.limitations() and "non-ASCII" in dbusfast.limitations()[0]
+
+
+def test_ascii_safe() -> None:
+    from dbus_fast import Message, MessageType
+
+    call = Message(destination=":1.5", path="/p", interface="org.example.I", member="M",
+                   serial=9)
+    fine = Message.new_method_return(call, "a{sv}", [{"k": Variant("s", "plain")}])
+    assert dbusfast.ascii_safe(fine) is fine
+    reply = dbusfast.ascii_safe(
+        Message.new_method_return(call, "a{sv}", [{"k": Variant("as", ["caf\u00e9"])}]))
+    assert reply is not None and reply.message_type == MessageType.ERROR
+    assert reply.error_name == "org.freedesktop.DBus.Error.Failed"
+    assert reply.reply_serial == 9 and "non-ASCII" in reply.body[0]
+    err = dbusfast.ascii_safe(Message.new_error(call, "org.example.E", "bad 'caf\u00e9'"))
+    assert err is not None and err.body == ["bad 'caf\\xe9'"] and err.error_name == "org.example.E"
+    signal = Message.new_signal("/p", "org.example.I", "S", "s", ["\u00e9"])
+    assert dbusfast.ascii_safe(signal) is None

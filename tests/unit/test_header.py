@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from tests.support.names import DRIVER, DRIVER_PATH
 from tests.support.wire import build_message, marshal
+from xdg_containers.compat import dbusfast
 from xdg_containers.wire import build
 from xdg_containers.wire import header as h
 from xdg_containers.wire.header import Header, MessageError, message_length, parse_header
@@ -762,7 +763,9 @@ def test_string_array_matches_dbus_fast(lead: list[int], items: list[str]) -> No
         w.byte(b)
     w.string_array(items)
     sig = "y" * len(lead) + "as"
-    assert w.bytes() == bytes(Marshaller(sig, [*lead, items]).marshall())
+    if dbusfast.text_ok() or all(i.isascii() for i in items):
+        # dbus-fast < 2.12 writes string lengths in characters: no reference for the rest.
+        assert w.bytes() == bytes(Marshaller(sig, [*lead, items]).marshall())
     assert read_string_array(w.bytes(), len(lead), True) == (items, len(w.bytes()))
 
 

@@ -11,10 +11,15 @@ What differs, and how this module makes it one API:
   tuple): callers return lists;
 - ``MessageBus()`` connects its socket in the constructor before 5.0 and in ``connect()``
   since: ``connect_bus`` does both, so every connection error comes from one call;
-- before 3.0 (2.24 still, 3.0 no longer) the reader asks ``recvmsg`` for room for one fd,
-  so the kernel drops every further fd of a message (AddServer with StopOnNotify and
-  Connector): ``connect_bus`` gives such a bus a socket whose ``recvmsg`` makes room for
-  16, through the constructor-made ``MessageBus._sock`` (public in the compiled build).
+- before 2.44.3 the reader asks ``recvmsg`` for room for one fd, so the kernel drops every
+  further fd of a message (AddServer with StopOnNotify and Connector): ``connect_bus``
+  gives such a bus a socket whose ``recvmsg`` makes room for 16, through the
+  constructor-made ``MessageBus._sock`` (``cdef public`` in the compiled build);
+- before 2.12 the marshaller writes a string's length in characters, not bytes, so a
+  message with non-ASCII text is malformed and the bus disconnects the sender: on such a
+  release ``connect_bus`` returns a bus whose ``send`` turns a reply holding non-ASCII
+  text into a Failed error saying so, escapes it in error texts, and drops such signals
+  (``limitations()`` says what is off; the service logs it at start).
 
 Each decorated member also carries a ``Member`` describing it, which the service's own
 introspection and dispatch read instead of dbus-fast's private tables.
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec
 
 import dbus_fast.service as _service
-from dbus_fast import BusType, SignatureTree
+from dbus_fast import BusType, Message, MessageType, SignatureTree, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import PropertyAccess
 
@@ -177,7 +182,9 @@ def dbus_fast_version() -> tuple[int, ...]:
 
 
 #: Releases before this receive one fd per message (their recvmsg ancillary buffer).
-MANY_FDS_SINCE = (3, 0)
+MANY_FDS_SINCE = (2, 44, 3)
+#: Releases before this marshal non-ASCII strings with a wrong length.
+TEXT_OK_SINCE = (2, 12)
 #: Room for this many fds per message, as dbus-fast 3.0 and later ask for.
 MAX_FDS_PER_MESSAGE = 16
 
@@ -201,6 +208,74 @@ def needs_fd_room() -> bool:
     return dbus_fast_version() < MANY_FDS_SINCE
 
 
+def text_ok() -> bool:
+    """Whether this dbus-fast marshals non-ASCII strings correctly."""
+    return dbus_fast_version() >= TEXT_OK_SINCE
+
+
+def limitations() -> list[str]:
+    """What this dbus-fast release cannot do, one sentence each (empty: nothing)."""
+    if text_ok():
+        return []
+    version = ".".join(map(str, dbus_fast_version()))
+    return [
+        f"non-ASCII text in replies and signals is off: dbus-fast {version} writes string "
+        "lengths in characters, which malforms the message (fixed in dbus-fast 2.12); such "
+        "replies become Failed errors, error texts are escaped, such signals are dropped"
+    ]
+
+
+def _non_ascii(value: Any) -> bool:
+    if isinstance(value, str):
+        return not value.isascii()
+    if isinstance(value, Variant):
+        return _non_ascii(value.value)
+    if isinstance(value, dict):
+        return any(_non_ascii(k) or _non_ascii(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_non_ascii(v) for v in value)
+    return False
+
+
+def ascii_safe(msg: Message) -> Message | None:
+    """``msg`` if it holds ASCII text only, else what a release before TEXT_OK_SINCE may
+    send instead: an error with its text escaped, a Failed error for a reply, None for
+    anything else (dropped)."""
+    if not _non_ascii(msg.body):
+        return msg
+    if msg.message_type == MessageType.ERROR:
+        text = str(msg.body[0]) if msg.body else ""
+        body = [text.encode("ascii", "backslashreplace").decode("ascii")]
+        error_name = msg.error_name
+    elif msg.message_type == MessageType.METHOD_RETURN:
+        error_name = "org.freedesktop.DBus.Error.Failed"
+        body = [
+            "the reply holds non-ASCII text, which dbus-fast "
+            f"{'.'.join(map(str, dbus_fast_version()))} cannot send (fixed in dbus-fast 2.12)"
+        ]
+    else:
+        log.warning(
+            "not sending %s %s: it holds non-ASCII text, which this dbus-fast cannot send",
+            msg.message_type.name.lower(), msg.member,
+        )
+        return None
+    return Message(
+        message_type=MessageType.ERROR, destination=msg.destination,
+        reply_serial=msg.reply_serial, error_name=error_name, signature="s", body=body,
+    )
+
+
+class _AsciiOnlyBus(MessageBus):
+    """A bus for releases before TEXT_OK_SINCE: ``send`` passes only what they marshal right."""
+
+    def send(self, msg: Message, *args: Any, **kwargs: Any) -> Any:
+        """Send ``msg``, or its ASCII-safe replacement, or nothing (see ascii_safe)."""
+        safe = ascii_safe(msg)
+        if safe is None:
+            return None
+        return super().send(safe, *args, **kwargs)
+
+
 async def connect_bus(
     bus_address: str | None = None,
     bus_type: BusType = BusType.SESSION,
@@ -208,9 +283,8 @@ async def connect_bus(
 ) -> MessageBus:
     """A connected MessageBus; every failure to connect raises from here, whichever release
     (before 5.0 the constructor connects the socket, since then ``connect()`` does)."""
-    bus = MessageBus(
-        bus_address=bus_address, bus_type=bus_type, negotiate_unix_fd=negotiate_unix_fd
-    )
+    cls = MessageBus if text_ok() else _AsciiOnlyBus
+    bus = cls(bus_address=bus_address, bus_type=bus_type, negotiate_unix_fd=negotiate_unix_fd)
     if negotiate_unix_fd and needs_fd_room():
         sock = getattr(bus, "_sock", None)
         if isinstance(sock, socket.socket):

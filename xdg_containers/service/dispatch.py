@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
-PROPERTIES = "org.freedesktop.DBus.Properties"
 NO_REPLY_EXPECTED = 0x1
 
 
@@ -112,11 +111,11 @@ def _confined_managed_objects(
     return managed_objects_reply(msg, shown)
 
 
-def _is_server_call(msg: Message) -> bool:
-    """Whether ``msg`` calls the Server interface (directly or through Properties)."""
-    if msg.interface == SERVER_INTERFACE or msg.interface is None:
-        return True
-    return msg.interface == PROPERTIES and bool(msg.body) and msg.body[0] == SERVER_INTERFACE
+def _is_server_call(msg: Message, methods: dict[tuple[str, str], Member]) -> bool:
+    """Whether ``msg`` calls a method of the Server interface (Properties calls are not:
+    on a removed server they stay UnknownObject, the object being gone)."""
+    iface = msg.interface or SERVER_INTERFACE
+    return (iface, msg.member or "") in methods and iface == SERVER_INTERFACE
 
 
 def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> None:
@@ -153,7 +152,7 @@ def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> No
             )
         if on_server and path not in ctx.server_objects:
             # Removed (or never was): the SPEC's NotContainer, not dbus-fast's UnknownObject.
-            if _is_server_call(msg) and msg.interface != INTROSPECTABLE:
+            if _is_server_call(msg, methods):
                 try:
                     live_server(ctx, path)
                 except DBusError as exc:
