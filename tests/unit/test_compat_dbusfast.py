@@ -161,7 +161,7 @@ def test_package_uses_only_public_dbus_fast_and_asyncio_outside_compat() -> None
     private = re.compile(
         r"dbus_fast\._|\._private\b|\._as_message\b|\._get_methods\b|_introspect_export_path"
         r"|\._bus_address\b|_msg_body_to_args|\bAnnotated\[|dbus_fast\.annotations"
-        r"|\bloop\._\w+|\._(ready|scheduled|stopping|fd_to_key)\b|selectors\.EpollSelector\)|\"_selector\""
+        r"|\bMessageBus\(|\bloop\._\w+|\._(ready|scheduled|stopping|fd_to_key)\b|selectors\.EpollSelector\)|\"_selector\""
     )
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
