@@ -26,7 +26,8 @@ from .policy.tracker import NameTracker
 from .proxy.session import MessageFilter, Session
 from .proxy.spare import spares_for
 from .servers.registry import ServerRegistry
-from .servers.server import ContainerServer, FilterSettings, runtime_socket_dir
+from .servers.server import ContainerServer
+from .servers.spec import FilterSettings, runtime_socket_dir
 from .service import (
     NAME,
     PATH,

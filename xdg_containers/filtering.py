@@ -10,7 +10,7 @@ from .deadlines import DeadlineQueue
 from .policy import Policy
 from .policy.tracker import NameTracker
 from .proxy.session import MessageFilter, Session
-from .servers.server import FilterSettings
+from .servers.spec import FilterSettings
 
 #: A departed peer is forgotten this long after the service saw it leave, so that
 #: messages it sent just before leaving, still in a client's stream, keep its level.

@@ -26,7 +26,8 @@ from ..policy.tracker import NameTracker
 from ..proxy.dispatch import new_event_loop
 from ..proxy.spare import spares_for
 from ..servers.registry import SERVER_PATH_PREFIX, ServerRegistry
-from ..servers.server import ContainerServer, FilterSettings, ServerSpec
+from ..servers.server import ContainerServer
+from ..servers.spec import FilterSettings, ServerSpec
 from .args import Group
 from .identity import Identity
 

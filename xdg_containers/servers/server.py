@@ -15,8 +15,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..anchor.link import anchor_request
 from ..config import Limits
@@ -29,11 +28,11 @@ from ..proxy.session import MessageFilter, Session
 from ..proxy.spare import spares_for
 from ..wire.address import escape_value
 from ..wire.header import Header
-from ..wire.names import shorten
+from .denials import DenialLog
+from .spec import FilterSettings, ServerSpec, runtime_socket_dir
 
 if TYPE_CHECKING:
     from ..anchor.link import AnchorLink
-    from ..policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -45,58 +44,6 @@ ACCEPT_PAUSE = 0.25
 #: At most one line about the shortage per this many seconds, for the whole service.
 SHORTAGE_LOG_INTERVAL = 1.0
 _shortage = {"logged_at": -1e9, "refused": 0}
-
-#: Denial log lines allowed per server per window before they are summarised.
-DENIAL_LOG_BURST = 20
-DENIAL_LOG_WINDOW = 10.0
-
-
-@dataclass
-class FilterSettings:
-    """Whether and how a server's traffic is filtered (replaced as a whole by SetPolicy)."""
-
-    enabled: bool = False
-    policy: Policy | None = None
-
-
-@dataclass
-class ServerSpec:
-    """Everything AddServer decided, before any socket exists."""
-
-    container_type: str
-    app_id: str
-    instance_id: str
-    metadata: dict[str, Any]
-    creator: dict[str, Any]
-    creator_uid: int
-    creator_name: str
-    bus_address: str
-    stop_on_disconnect: bool = True
-    log_messages: bool = False
-    filter: FilterSettings = field(default_factory=FilterSettings)
-    #: False when ``bus_address`` is another bus than the service's own.
-    on_service_bus: bool = True
-
-
-def runtime_socket_dir() -> str:
-    """``$XDG_RUNTIME_DIR/dbus-1/containers``, created 0700 on demand."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if not runtime:
-        raise OSError("XDG_RUNTIME_DIR is not set; cannot mint sockets")
-    path = runtime
-    for part in ("dbus-1", "containers"):
-        path = os.path.join(path, part)
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        st = os.lstat(path)
-        if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.getuid():
-            raise OSError(f"{path} is not a directory owned by us")
-        if st.st_mode & 0o077:
-            os.chmod(path, 0o700)
-    return path
-
 
 class ServerSession(Session):
     """A session of a ContainerServer: the service asks it which server it came through."""
@@ -174,9 +121,7 @@ class ContainerServer:
         #: Makes this server's bus connections (SPEC 10); None: this process is the anchor.
         self.anchor: AnchorLink | None = None
         self._finished = False
-        self._denial_window_start = 0.0
-        self._denials_in_window = 0
-        self._denials_suppressed = 0
+        self._denials = DenialLog(path, spec.app_id)
 
     # -- identity --------------------------------------------------------------------
 
@@ -494,39 +439,5 @@ class ContainerServer:
     def log_denial(
         self, session: ServerSession, direction: str, hdr: Header, verdict: str, reason: str
     ) -> None:
-        """Log a denial at info level, rate-limited so a client cannot flood the journal.
-
-        Every client-chosen string is shortened (wire/names.py ``shorten``), so one line
-        stays under ~1.5 KB whatever the message.
-        """
-
-        now = time.monotonic()
-        if now - self._denial_window_start > DENIAL_LOG_WINDOW:
-            if self._denials_suppressed:
-                log.info(
-                    "%s (%s): %d more denials not logged",
-                    self.path,
-                    self.app_id,
-                    self._denials_suppressed,
-                )
-            self._denial_window_start = now
-            self._denials_in_window = 0
-            self._denials_suppressed = 0
-        self._denials_in_window += 1
-        if self._denials_in_window > DENIAL_LOG_BURST:
-            self._denials_suppressed += 1
-            return
-        log.info(
-            "%s (%s) %s: %s %s %s dest=%s path=%s %s.%s: %s",
-            self.path,
-            self.app_id,
-            session.unique_name or "-",
-            verdict,
-            "C->B" if direction == "out" else "B->C",
-            hdr.serial,
-            shorten(hdr.destination),
-            shorten(hdr.path),
-            shorten(hdr.interface),
-            shorten(hdr.member or hdr.error_name),
-            shorten(reason, 4 * 200),
-        )
+        """Log a denial at info level, rate-limited so a client cannot flood the journal."""
+        self._denials.log(session.unique_name, direction, hdr, verdict, reason)

@@ -20,8 +20,8 @@ from .. import errors
 from ..anchor.zygote import AnchorFactory
 from ..policy.tracker import NameTracker
 from ..servers.registry import ServerRegistry
-from ..servers.server import FilterSettings
 from ..servers.server import ServerSession as Session
+from ..servers.spec import FilterSettings
 
 log = logging.getLogger(__name__)
 

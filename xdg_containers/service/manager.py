@@ -23,7 +23,8 @@ from ..servers.arguments import (
     parse_named_arguments,
 )
 from ..servers.registry import LimitError
-from ..servers.server import ContainerServer, FilterSettings, ServerSpec
+from ..servers.server import ContainerServer
+from ..servers.spec import FilterSettings, ServerSpec
 from ..wire.address import same_bus
 from ..wire.names import is_valid_interface_name
 from .authorization import (

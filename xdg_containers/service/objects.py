@@ -12,7 +12,8 @@ from .. import errors
 from ..compat.dbusfast import dbus_method, dbus_property
 from ..proxy.peercred import PeerCredentials
 from ..servers.arguments import ArgumentError, parse_policy_arguments
-from ..servers.server import ContainerServer, FilterSettings
+from ..servers.server import ContainerServer
+from ..servers.spec import FilterSettings
 from .authorization import check_may_stop
 from .context import PATH_KEY, SERVER_INTERFACE, ServiceContext, current_message
 
