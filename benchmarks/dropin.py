@@ -11,7 +11,7 @@ line, not in a memfd), time
   in-process set-up, which happen after the sync byte).
 
 Variants: ``xdg-dbus-proxy``; the drop-in as meson installs it with a C compiler
-(the C front ``dropin/front.c``, which execs the Python script after the byte) and
+(the C front ``app/dropin/front.c``, which execs the Python script after the byte) and
 without (the ``python -IS`` script alone), each service-backed and in-process
 (``XDG_CONTAINERS_DROPIN_MODE=in-process``); and the pip console script
 (``.venv/bin/xdg-containers-dbus-proxy``, with ``site``), service-backed.

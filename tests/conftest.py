@@ -38,7 +38,7 @@ def pytest_asyncio_loop_factories(config: Any, item: Any) -> Any:
 
         return {"glib": asyncio_glib.GLibEventLoop}
     if item.get_closest_marker("both_loops") is not None:
-        from xdg_containers.proxy.dispatch import new_event_loop
+        from xdg_containers.io.dispatch import new_event_loop
 
         return {"asyncio": asyncio.new_event_loop, "dispatch": new_event_loop}
     return {"asyncio": asyncio.new_event_loop}

@@ -6,7 +6,7 @@ import configparser
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from .wire.header import SPEC_MAX_MESSAGE_BYTES
+from xdg_containers.wire.header import SPEC_MAX_MESSAGE_BYTES
 
 
 class ConfigError(ValueError):

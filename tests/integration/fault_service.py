@@ -13,10 +13,10 @@ import os
 import sys
 from typing import Any
 
-from xdg_containers import cli
+from xdg_containers.cli import main as cli
 from xdg_containers.core.phase import Phase
-from xdg_containers.proxy.endpoint import Endpoint
-from xdg_containers.proxy.session import Session
+from xdg_containers.io.endpoint import Endpoint
+from xdg_containers.io.session import Session
 from xdg_containers.servers.server import ContainerServer
 
 FAULTY = "faulty"

@@ -30,9 +30,9 @@ import pytest
 from tests.support.commands import NOBODY, as_nobody_kwargs, stdlib_python
 from tests.support.processes import alive
 from xdg_containers.anchor.binary import BINARY, PROGRAM
-from xdg_containers.anchor.link import request_address
 from xdg_containers.anchor.program import received_fds
 from xdg_containers.anchor.sandbox import anchor_argv, zygote_argv
+from xdg_containers.io.anchor_link import request_address
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -9,8 +9,8 @@ import os
 from dbus_fast import Message
 
 from tests.conftest import add_server, call, connect, ok, start_service
+from xdg_containers.cli.privatebus import PrivateBus
 from xdg_containers.compat.aio import PUBLIC_ENV
-from xdg_containers.privatebus import PrivateBus
 
 
 async def test_proxying_on_the_public_asyncio_path(bus: PrivateBus, runtime_dir: str) -> None:

@@ -23,7 +23,7 @@ from tests.integration.test_cli_common import (
     wait_until,
 )
 from tests.support.bus import PrivateBus, started_bus
-from xdg_containers.admin import NOT_RUNNING_HINT
+from xdg_containers.cli.admin import NOT_RUNNING_HINT
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -25,8 +25,8 @@ from dbus_fast.aio import MessageBus
 from tests.conftest import IFACE, NAME, PATH, REPO, call, ok
 from tests.integration import helpers_c1
 from tests.support.names import EXT, PROPS, SERVER_IFACE
-from xdg_containers.cli import build_parser
-from xdg_containers.launcher_args import check_usage, command_of, named_arguments
+from xdg_containers.app.launcher_args import check_usage, command_of, named_arguments
+from xdg_containers.cli.main import build_parser
 
 DRIVER = "org.freedesktop.DBus"
 DRIVER_PATH = "/org/freedesktop/DBus"

@@ -19,7 +19,7 @@ def _start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str],
     r, w = os.pipe()
     env = dict(env, PYTHONPATH=REPO)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xdg_containers.dropin.main", f"--fd={w}", *args],
+        [sys.executable, "-m", "xdg_containers.app.dropin.main", f"--fd={w}", *args],
         pass_fds=[w], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     os.close(w)
@@ -73,7 +73,7 @@ def test_service_backed_unlinks_on_sigterm(
     its server is removed (the service saw it leave)."""
     path = os.path.join(runtime_dir, "proxy-term")
     env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.Popen([sys.executable, "-m", "xdg_containers.dropin.main", bus.address,
+    proc = subprocess.Popen([sys.executable, "-m", "xdg_containers.app.dropin.main", bus.address,
                              path], env=env, stderr=subprocess.PIPE, text=True)
     service.wait_for_log("new server for org.freedesktop.XdgDbusProxy")
     assert _call(path).returncode == 0

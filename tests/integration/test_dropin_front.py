@@ -1,4 +1,4 @@
-"""The C front (dropin/front.c) and the Python drop-in agree on every command line.
+"""The C front (app/dropin/front.c) and the Python drop-in agree on every command line.
 
 The front handles only the common case itself (parse, bind, sync byte) and hands
 anything else to the Python drop-in before binding; so for each command line both

@@ -169,7 +169,7 @@ async def test_the_filters_subscriptions_follow_the_hello_once(
 async def test_the_owner_change_feed_answers_calls_instead_of_leaving_them_waiting(
     service: ServiceProcess, manager_bus: Any, bus: Any
 ) -> None:
-    # The service's second connection (ownerfeed.py) only listens; a call to it must
+    # The service's second connection (io/ownerfeed.py) only listens; a call to it must
     # still get an answer, as from any well-behaved peer.
     names = ok(await call(manager_bus, "ListNames", destination=DRIVER, path=DRIVER_PATH,
                           interface=DRIVER))[0]
@@ -278,7 +278,7 @@ async def test_one_spare_bus_connection_is_kept_while_clients_come_and_none_leak
     idle = socket_count(pid)  # listening sockets, the service's bus connections
     assert get_id(address).returncode == 0
     # The client's session ended: one connection to the bus is kept for the next
-    # (proxy/spare.py; this bus drops unauthenticated connections after its default 5 s).
+    # (io/spare.py; this bus drops unauthenticated connections after its default 5 s).
     assert settle_sockets(pid, idle + 1) == idle + 1
     for _ in range(10):
         assert get_id(address).returncode == 0

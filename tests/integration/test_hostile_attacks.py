@@ -83,7 +83,7 @@ class Target:
 
     def settled_fd_count(self) -> int:
         """The service's fds once a client came and went: the spare bus connection kept
-        for the next client (proxy/spare.py) is then part of the baseline."""
+        for the next client (io/spare.py) is then part of the baseline."""
         with self.client() as c:
             c.driver("GetId")
         return stable_fd_count(self.pid)

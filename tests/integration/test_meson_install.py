@@ -98,7 +98,7 @@ def test_every_listed_file_is_installed(installed: tuple[Path, dict[str, str]]) 
 def test_package_installed_under_purelib(installed: tuple[Path, dict[str, str]]) -> None:
     lib = purelib(installed)
     assert (lib / "xdg_containers" / "__init__.py").is_file()
-    assert (lib / "xdg_containers" / "cli.py").is_file()
+    assert (lib / "xdg_containers" / "cli" / "main.py").is_file()
     # Every module of the checkout, subpackages included, and no bytecode.
     src = ROOT / "xdg_containers"
     for path in src.rglob("*.py"):

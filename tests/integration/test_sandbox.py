@@ -15,7 +15,7 @@ from tests.conftest import ServiceProcess, connect, start_service
 from tests.integration import test_cli_common as common
 from tests.integration.test_cli_common import cli, cli_env, client_argv, driver_call, report_of
 from tests.support.bus import PrivateBus
-from xdg_containers.launcher_sandbox import sandbox_command
+from xdg_containers.app.launcher_sandbox import sandbox_command
 
 pytestmark = pytest.mark.timeout(90)
 

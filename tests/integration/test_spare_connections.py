@@ -1,4 +1,4 @@
-"""Spare bus connections (proxy/spare.py) with a real dbus-daemon and clients we did not write.
+"""Spare bus connections (io/spare.py) with a real dbus-daemon and clients we did not write.
 
 The bus here drops unauthenticated connections after 300 ms (dbus-daemon's
 auth_timeout; 5 s by default), so the spare kept for the next client is

@@ -1,6 +1,6 @@
 """The private-bus test plugin: a dbus-daemon per test, with activatable services and limits.
 
-The product keeps only what ``serve --private`` needs (``xdg_containers.privatebus``); the
+The product keeps only what ``serve --private`` needs (``xdg_containers.cli.privatebus``); the
 knobs tests and benchmarks turn (service dirs, bus limits, the daemon's environment) live
 here, with the ``runtime_dir`` and ``bus`` fixtures (``pytest_plugins`` in tests/conftest.py).
 """
@@ -15,7 +15,7 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-from xdg_containers import privatebus
+from xdg_containers.cli import privatebus
 
 
 class PrivateBus(privatebus.PrivateBus):

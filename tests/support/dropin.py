@@ -21,7 +21,7 @@ def python_dropin(directory: str) -> str:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(
             f"#!{sys.executable} -IS\nimport sys\nsys.path.insert(0, {REPO!r})\n"
-            "from xdg_containers.dropin.main import main\nsys.exit(main())\n"
+            "from xdg_containers.app.dropin.main import main\nsys.exit(main())\n"
         )
     os.chmod(path, 0o755)
     return path

@@ -8,7 +8,9 @@ import socket
 
 import pytest
 
-from xdg_containers.anchor.link import (
+from xdg_containers.anchor.program import sockaddrs_of, unescape
+from xdg_containers.anchor.sandbox import identity_path, identity_text
+from xdg_containers.io.anchor_link import (
     AnchorError,
     AnchorLink,
     anchor_request,
@@ -16,8 +18,6 @@ from xdg_containers.anchor.link import (
     parse_answer,
     request_address,
 )
-from xdg_containers.anchor.program import sockaddrs_of, unescape
-from xdg_containers.anchor.sandbox import identity_path, identity_text
 
 
 def _connected_stream() -> tuple[socket.socket, socket.socket]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from xdg_containers.core.budget import CHUNK, BufferBudget
-from xdg_containers.proxy.budget import budget_for
+from xdg_containers.io.budget import budget_for
 
 
 class Holder:

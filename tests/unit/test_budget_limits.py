@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from xdg_containers.config import Limits, load_config
-from xdg_containers.proxy.dispatch import direct_selector, new_event_loop
+from xdg_containers.io.dispatch import direct_selector, new_event_loop
 from xdg_containers.wire.framing import FramingError, MessageReader
 
 MiB = 1024 * 1024

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from xdg_containers.compat import aio
-from xdg_containers.proxy.dispatch import DispatchingSelector, direct_selector, new_event_loop
+from xdg_containers.io.dispatch import DispatchingSelector, direct_selector, new_event_loop
 
 
 def test_private_loop_fields_exist() -> None:

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from xdg_containers.deadlines import DeadlineQueue
+from xdg_containers.io.deadlines import DeadlineQueue
 
 DELAY = 0.05
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from xdg_containers.proxy.dispatch import DispatchingSelector, direct_selector, new_event_loop
+from xdg_containers.io.dispatch import DispatchingSelector, direct_selector, new_event_loop
 
 
 @pytest.fixture
@@ -194,7 +194,7 @@ def test_asyncio_readers_still_work_beside_watched_fds(loop: asyncio.AbstractEve
 
 def test_an_endpoint_on_a_reused_fd_number_is_not_deaf(loop: asyncio.AbstractEventLoop) -> None:
     """Same fd number, same mask as a stale entry: the new Endpoint still gets its data."""
-    from xdg_containers.proxy.endpoint import Endpoint
+    from xdg_containers.io.endpoint import Endpoint
 
     sel = _selector(loop)
     a, b = socket.socketpair()

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support.dbusfast import unmarshaller
-from xdg_containers.dropin.args import (
+from xdg_containers.app.dropin.args import (
     ArgsError,
     EarlyExit,
     Group,
@@ -21,8 +21,8 @@ from xdg_containers.dropin.args import (
     rule_problem,
     split_args_data,
 )
-from xdg_containers.dropin.backed import add_server_message, named_arguments
-from xdg_containers.dropin.identity import (
+from xdg_containers.app.dropin.backed import add_server_message, named_arguments
+from xdg_containers.app.dropin.identity import (
     FLATPAK_TYPE,
     NEUTRAL_TYPE,
     Identity,
@@ -247,7 +247,7 @@ def test_start_up_imports_stay_small() -> None:
     import sys
 
     code = (
-        "import sys; import xdg_containers.dropin.main as m; "
+        "import sys; import xdg_containers.app.dropin.main as m; "
         "bad = [n for n in ('dataclasses', 'asyncio', 'dbus_fast', 'xdg_containers.policy',"
         " 'inspect', 'logging') if n in sys.modules]; print(bad)"
     )

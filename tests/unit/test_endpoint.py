@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from xdg_containers.proxy.endpoint import Endpoint
+from xdg_containers.io.endpoint import Endpoint
 
 pytestmark = pytest.mark.both_loops
 

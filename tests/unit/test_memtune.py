@@ -9,7 +9,7 @@ from tests.conftest import REPO
 
 _PROBE = """
 import ctypes, sys
-from xdg_containers.memtune import tune_malloc
+from xdg_containers.service.memtune import tune_malloc
 
 def in_heap(buf: bytearray) -> bool:
     addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from xdg_containers.proxy.peercred import read_peer_credentials
+from xdg_containers.io.peercred import read_peer_credentials
 
 
 @pytest.fixture

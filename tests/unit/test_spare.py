@@ -1,4 +1,4 @@
-"""Tests for spare bus connections (proxy/spare.py) against a listening unix socket.
+"""Tests for spare bus connections (io/spare.py) against a listening unix socket.
 
 The listener stands in for the bus's socket only: the pool never reads an answer
 beyond a one-byte peek, so what matters is what it connects, sends and closes.
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.sasl import opening
-from xdg_containers.proxy import spare as spare_mod
-from xdg_containers.proxy.spare import MAX_AGE, SpareBusConnections, spares_for
+from xdg_containers.io import spare as spare_mod
+from xdg_containers.io.spare import MAX_AGE, SpareBusConnections, spares_for
 
 AUTH = opening(begin=False)
 

@@ -20,7 +20,7 @@ BINARY = "xdg-containers-anchor"
 def _installed() -> str | None:
     """The path meson installed the binary to (``_installed.py`` exists only when installed)."""
     try:
-        from ._installed import ANCHOR  # type: ignore[import-not-found,unused-ignore]
+        from xdg_containers.anchor._installed import ANCHOR  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return None
     return str(ANCHOR)

@@ -17,7 +17,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
-from .sandbox import anchor_argv, identity_text
+from xdg_containers.anchor.sandbox import anchor_argv, identity_text
 
 
 class AnchorSpawnError(Exception):

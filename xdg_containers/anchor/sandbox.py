@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from .binary import PROGRAM as PROGRAM  # re-exported: where program.py is
-from .binary import anchor_command
+from xdg_containers.anchor.binary import PROGRAM as PROGRAM  # re-exported: where program.py is
+from xdg_containers.anchor.binary import anchor_command
 
 FLATPAK = "org.flatpak"
 

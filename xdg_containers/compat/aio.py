@@ -1,4 +1,4 @@
-"""asyncio internals the dispatching selector (proxy/dispatch.py) relies on, with public paths.
+"""asyncio internals the dispatching selector (io/dispatch.py) relies on, with public paths.
 
 - ``EpollSelector``: the stdlib's ``selectors.EpollSelector`` keeps its epoll object and fd
   map private (``_selector``, ``_fd_to_key``); this one, built on the public

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from ..wire.header import METHOD_CALL, SIGNAL, Header, Raw
-from .decision import BUS_NAME, Decision, always_forbidden, drop, remember_pass
+from xdg_containers.core.decision import BUS_NAME, Decision, always_forbidden, drop, remember_pass
+from xdg_containers.wire.header import METHOD_CALL, SIGNAL, Header, Raw
 
 
 def service_signal(hdr: Header, service_names: Collection[str]) -> Decision | None:

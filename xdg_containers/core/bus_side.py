@@ -11,19 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..sasl.client import SaslClient
-from ..sasl.server import SaslError
-from ..wire.build import error_reply, method_return
-from ..wire.framing import MessageReader
-from ..wire.header import ERROR, METHOD_RETURN, Header, MessageError, Raw, parse_header
-from ..wire.types import SignatureError, read_string
-from .budget import CHUNK
-from .decision import BUS_NAME, Decision, Verdict
-from .fastpath import scan_replies
-from .fds import close_fds
-from .phase import Phase
-from .ports import Port
-from .state import SessionState, log
+from xdg_containers.core.budget import CHUNK
+from xdg_containers.core.decision import BUS_NAME, Decision, Verdict
+from xdg_containers.core.fastpath import scan_replies
+from xdg_containers.core.fds import close_fds
+from xdg_containers.core.phase import Phase
+from xdg_containers.core.ports import Port
+from xdg_containers.core.state import SessionState, log
+from xdg_containers.sasl.client import SaslClient
+from xdg_containers.sasl.server import SaslError
+from xdg_containers.wire.build import error_reply, method_return
+from xdg_containers.wire.framing import MessageReader
+from xdg_containers.wire.header import ERROR, METHOD_RETURN, Header, MessageError, Raw, parse_header
+from xdg_containers.wire.types import SignatureError, read_string
 
 
 class BusSide(SessionState):

@@ -6,9 +6,9 @@ import enum
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from ..wire.header import METHOD_CALL, Header, Raw
-from ..wire.matchrule import rule_requests_eavesdrop
-from ..wire.types import SignatureError, read_string
+from xdg_containers.wire.header import METHOD_CALL, Header, Raw
+from xdg_containers.wire.matchrule import rule_requests_eavesdrop
+from xdg_containers.wire.types import SignatureError, read_string
 
 BUS_NAME = "org.freedesktop.DBus"
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"

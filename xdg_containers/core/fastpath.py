@@ -15,8 +15,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 
-from ..wire.header import ERROR, METHOD_CALL, METHOD_RETURN, MessageError, reply_serial_offset
-from .decision import BUS_NAME
+from xdg_containers.core.decision import BUS_NAME
+from xdg_containers.wire.header import (
+    ERROR,
+    METHOD_CALL,
+    METHOD_RETURN,
+    MessageError,
+    reply_serial_offset,
+)
 
 _FIXED = struct.Struct("<BBBBIII")
 _U32 = struct.Struct("<I")

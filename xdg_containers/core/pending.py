@@ -20,7 +20,7 @@ answers; it never makes a driver reply pass as a peer's, nor skips a denial.
 
 from __future__ import annotations
 
-from .decision import BUS_NAME, Decision
+from xdg_containers.core.decision import BUS_NAME, Decision
 
 #: One outstanding call: where it went (BUS_NAME for driver calls and denied calls'
 #: Pings, "" for calls without destination) and, for a denied call, its answer.

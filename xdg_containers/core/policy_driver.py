@@ -8,12 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ..policy import Level, Policy
-from ..wire.header import Header, Raw
-from ..wire.names import MAX_NAME_LENGTH, is_too_long
-from ..wire.names import shorten as _s
-from ..wire.types import BodyWriter
-from .decision import (
+from xdg_containers.core.decision import (
     ACCESS_DENIED,
     INVALID_ARGS,
     NAME_HAS_NO_OWNER,
@@ -23,6 +18,11 @@ from .decision import (
     deny,
     first_string_arg,
 )
+from xdg_containers.policy import Level, Policy
+from xdg_containers.wire.header import Header, Raw
+from xdg_containers.wire.names import MAX_NAME_LENGTH, is_too_long
+from xdg_containers.wire.names import shorten as _s
+from xdg_containers.wire.types import BodyWriter
 
 DRIVER_IFACE = "org.freedesktop.DBus"
 PEER_IFACE = "org.freedesktop.DBus.Peer"

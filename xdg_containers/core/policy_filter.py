@@ -10,25 +10,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Collection
 
-from ..policy import Level, Policy
-from ..policy.tracker import NameTracker
-from ..wire.build import bus_call, method_return
-from ..wire.header import (
-    ERROR,
-    METHOD_CALL,
-    METHOD_RETURN,
-    NO_AUTO_START,
-    NO_REPLY_EXPECTED,
-    SIGNAL,
-    Header,
-    MessageError,
-    Raw,
-)
-from ..wire.names import MAX_NAME_LENGTH, is_too_long
-from ..wire.names import shorten as _s
-from ..wire.types import BodyWriter, SignatureError, read_string, read_string_array
-from .basic_filter import service_signal
-from .decision import (
+from xdg_containers.core.basic_filter import service_signal
+from xdg_containers.core.decision import (
     ACCESS_DENIED,
     BUS_NAME,
     NAME_HAS_NO_OWNER,
@@ -41,7 +24,24 @@ from .decision import (
     remember_pass,
     replace,
 )
-from .policy_driver import driver_call
+from xdg_containers.core.policy_driver import driver_call
+from xdg_containers.policy import Level, Policy
+from xdg_containers.policy.tracker import NameTracker
+from xdg_containers.wire.build import bus_call, method_return
+from xdg_containers.wire.header import (
+    ERROR,
+    METHOD_CALL,
+    METHOD_RETURN,
+    NO_AUTO_START,
+    NO_REPLY_EXPECTED,
+    SIGNAL,
+    Header,
+    MessageError,
+    Raw,
+)
+from xdg_containers.wire.names import MAX_NAME_LENGTH, is_too_long
+from xdg_containers.wire.names import shorten as _s
+from xdg_containers.wire.types import BodyWriter, SignatureError, read_string, read_string_array
 
 #: Calls to our own service a confined connection may make whatever the policy says.
 _SELF_QUERIES = frozenset({"GetConnectionInfo", "GetServerInfo", "GetConnectionCredentials"})

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from ..config import Limits
-from ..wire.header import Header, Raw
-from .budget import BufferBudget
-from .decision import Decision
+from xdg_containers.config import Limits
+from xdg_containers.core.budget import BufferBudget
+from xdg_containers.core.decision import Decision
+from xdg_containers.wire.header import Header, Raw
 
 
 class Port(Protocol):

@@ -18,17 +18,17 @@ Events in: ``_client_data``/``_client_filled``/``_client_eof`` (client reads),
 
 from __future__ import annotations
 
-from ..sasl.server import SaslError
-from ..wire.build import bus_call
-from ..wire.header import METHOD_CALL, MessageError, parse_header
-from ..wire.types import SignatureError
-from .budget import CHUNK
-from .bus_side import BusSide
-from .decision import BUS_NAME, Verdict
-from .fastpath import scan_calls
-from .fds import close_fds
-from .phase import Phase
-from .ports import Port
+from xdg_containers.core.budget import CHUNK
+from xdg_containers.core.bus_side import BusSide
+from xdg_containers.core.decision import BUS_NAME, Verdict
+from xdg_containers.core.fastpath import scan_calls
+from xdg_containers.core.fds import close_fds
+from xdg_containers.core.phase import Phase
+from xdg_containers.core.ports import Port
+from xdg_containers.sasl.server import SaslError
+from xdg_containers.wire.build import bus_call
+from xdg_containers.wire.header import METHOD_CALL, MessageError, parse_header
+from xdg_containers.wire.types import SignatureError
 
 _AUTH = Phase.AUTH
 

@@ -1,7 +1,7 @@
 """A session's state and its ends: budget, timers' events, half-close, closing, logging.
 
 The base of ``SessionCore`` (core/session.py): the bus side (bus_side.py) and the
-client side (session.py) build on it. The driver (proxy/session.py) fills in the
+client side (session.py) build on it. The driver (io/session.py) fills in the
 few hooks that need I/O: ``_stop_io``, ``_start_grace``, ``_client_unread``,
 ``_complete_creds``, ``_reconnect`` and ``_bus_on_its_way``.
 """
@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import logging
 
-from ..policy import Policy
-from ..sasl.client import SaslClient
-from ..sasl.server import SaslServer
-from ..wire.framing import MessageReader
-from ..wire.header import ERROR, METHOD_CALL, METHOD_RETURN, SIGNAL, Header
-from ..wire.names import shorten
-from .budget import CHUNK
-from .decision import Decision
-from .fds import close_fds
-from .pending import PendingCalls
-from .phase import BusPhase, Phase
-from .ports import Credentials, MessageFilter, Port, SessionHost
+from xdg_containers.core.budget import CHUNK
+from xdg_containers.core.decision import Decision
+from xdg_containers.core.fds import close_fds
+from xdg_containers.core.pending import PendingCalls
+from xdg_containers.core.phase import BusPhase, Phase
+from xdg_containers.core.ports import Credentials, MessageFilter, Port, SessionHost
+from xdg_containers.policy import Policy
+from xdg_containers.sasl.client import SaslClient
+from xdg_containers.sasl.server import SaslServer
+from xdg_containers.wire.framing import MessageReader
+from xdg_containers.wire.header import ERROR, METHOD_CALL, METHOD_RETURN, SIGNAL, Header
+from xdg_containers.wire.names import shorten
 
 # (The name the session logged under before the core was split out: log filters keep working.)
-log = logging.getLogger("xdg_containers.proxy.session")
+log = logging.getLogger("xdg_containers.io.session")
 
 _TYPE_NAMES = {METHOD_CALL: "call", METHOD_RETURN: "return", ERROR: "error", SIGNAL: "signal"}
 _AUTH = Phase.AUTH

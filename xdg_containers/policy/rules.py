@@ -37,7 +37,7 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..wire.names import (
+from xdg_containers.wire.names import (
     MAX_NAME_LENGTH,
     is_valid_interface_name,
     is_valid_member_name,

@@ -1,6 +1,6 @@
 """Who owns which well-known bus name right now, service-wide (pure).
 
-Fed by NameOwnerChanged from the owner-change feed (ownerfeed.py) and, in order
+Fed by NameOwnerChanged from the owner-change feed (io/ownerfeed.py) and, in order
 with each filtered client's stream, by the NameOwnerChanged signals that
 stream carries; applying a change twice is harmless. Each filtered connection
 takes a snapshot of it when the client says Hello and keeps its own sticky

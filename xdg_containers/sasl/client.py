@@ -8,7 +8,7 @@ carrying fds wait for ``AGREE_UNIX_FD``.
 
 from __future__ import annotations
 
-from .server import MAX_LINE, SaslError
+from xdg_containers.sasl.server import MAX_LINE, SaslError
 
 
 class SaslClient:

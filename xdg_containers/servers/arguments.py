@@ -12,7 +12,7 @@ from typing import Any
 
 from dbus_fast import Variant
 
-from ..policy import Policy, PolicyError, policy_from_named_arguments
+from xdg_containers.policy import Policy, PolicyError, policy_from_named_arguments
 
 EXT = "org.freedesktop.XdgContainers1."
 LISTEN_FD = EXT + "ListenFD"

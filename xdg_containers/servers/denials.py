@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from ..wire.header import Header
-from ..wire.names import shorten
+from xdg_containers.wire.header import Header
+from xdg_containers.wire.names import shorten
 
 log = logging.getLogger("xdg_containers.servers.server")
 

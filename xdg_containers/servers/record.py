@@ -16,11 +16,16 @@ from typing import Any
 
 from dbus_fast import Variant
 
-from ..wire.address import AddressError, parse_address
-from ..wire.names import is_valid_unique_name
-from .arguments import ARGUMENT_TYPES, POLICY_ARGUMENTS, ArgumentError, parse_policy_arguments
-from .registry import SERVER_PATH_PREFIX
-from .valuejson import SignatureError, decode, encode
+from xdg_containers.servers.arguments import (
+    ARGUMENT_TYPES,
+    POLICY_ARGUMENTS,
+    ArgumentError,
+    parse_policy_arguments,
+)
+from xdg_containers.servers.registry import SERVER_PATH_PREFIX
+from xdg_containers.servers.valuejson import SignatureError, decode, encode
+from xdg_containers.wire.address import AddressError, parse_address
+from xdg_containers.wire.names import is_valid_unique_name
 
 #: The format written; a reader refuses any other.
 VERSION = 1

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from ..config import Limits
+from xdg_containers.config import Limits
 
 if TYPE_CHECKING:
-    from .server import ContainerServer
-    from .server import ServerSession as Session
+    from xdg_containers.servers.server import ContainerServer
+    from xdg_containers.servers.server import ServerSession as Session
 
 SERVER_PATH_PREFIX = "/org/freedesktop/DBus/Containers1/c"
 

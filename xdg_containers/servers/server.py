@@ -17,22 +17,22 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from ..anchor.link import anchor_request
-from ..config import Limits
-from ..core.basic_filter import BasicFilter
-from ..deadlines import DeadlineQueue
-from ..proxy.budget import budget_for
-from ..proxy.dispatch import direct_selector, watch_reads
-from ..proxy.peercred import read_peer_credentials
-from ..proxy.session import MessageFilter, Session
-from ..proxy.spare import spares_for
-from ..wire.address import escape_value
-from ..wire.header import Header
-from .denials import DenialLog
-from .spec import FilterSettings, ServerSpec, runtime_socket_dir
+from xdg_containers.config import Limits
+from xdg_containers.core.basic_filter import BasicFilter
+from xdg_containers.io.anchor_link import anchor_request
+from xdg_containers.io.budget import budget_for
+from xdg_containers.io.deadlines import DeadlineQueue
+from xdg_containers.io.dispatch import direct_selector, watch_reads
+from xdg_containers.io.peercred import read_peer_credentials
+from xdg_containers.io.session import MessageFilter, Session
+from xdg_containers.io.spare import spares_for
+from xdg_containers.servers.denials import DenialLog
+from xdg_containers.servers.spec import FilterSettings, ServerSpec, runtime_socket_dir
+from xdg_containers.wire.address import escape_value
+from xdg_containers.wire.header import Header
 
 if TYPE_CHECKING:
-    from ..anchor.link import AnchorLink
+    from xdg_containers.io.anchor_link import AnchorLink
 
 log = logging.getLogger(__name__)
 

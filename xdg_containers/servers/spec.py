@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..policy import Policy
+    from xdg_containers.policy import Policy
 
 
 @dataclass

@@ -14,7 +14,7 @@ import re
 import secrets
 import stat
 
-from .record import RecordError, ServerRecord, record_from_json
+from xdg_containers.servers.record import RecordError, ServerRecord, record_from_json
 
 #: No valid record comes near this; a larger file is refused unread.
 MAX_RECORD_BYTES = 256 * 1024

@@ -14,8 +14,8 @@ from typing import Any
 
 from dbus_fast import Variant
 
-from ..wire.names import is_valid_object_path
-from ..wire.types import SignatureError, _single_type_end
+from xdg_containers.wire.names import is_valid_object_path
+from xdg_containers.wire.types import SignatureError, _single_type_end
 
 __all__ = ["SignatureError", "decode", "encode", "split_signature"]
 

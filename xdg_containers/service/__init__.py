@@ -12,10 +12,10 @@ Imports go down that list's dependency order only (dispatch -> manager -> object
 authorization -> context); nothing here imports the daemon.
 """
 
-from .context import NAME, PATH, ServiceContext
-from .dispatch import install_dispatch_hooks
-from .manager import ManagerInterface
-from .objects import ServerObject
+from xdg_containers.service.context import NAME, PATH, ServiceContext
+from xdg_containers.service.dispatch import install_dispatch_hooks
+from xdg_containers.service.manager import ManagerInterface
+from xdg_containers.service.objects import ServerObject
 
 __all__ = ["NAME", "PATH", "ManagerInterface", "ServerObject", "ServiceContext",
            "install_dispatch_hooks"]

@@ -8,9 +8,9 @@ from typing import Any
 
 from dbus_fast import Message, SignatureTree
 
-from .. import errors
-from ..servers.arguments import CONNECTOR, LISTEN_FD
-from ..wire.address import (
+from xdg_containers.servers.arguments import CONNECTOR, LISTEN_FD
+from xdg_containers.service import errors
+from xdg_containers.wire.address import (
     AddressError,
     parse_address,
     probe_address,

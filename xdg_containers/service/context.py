@@ -16,12 +16,12 @@ from dbus_fast import DBusError, Message, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
-from .. import errors
-from ..anchor.zygote import AnchorFactory
-from ..policy.tracker import NameTracker
-from ..servers.registry import ServerRegistry
-from ..servers.server import ServerSession as Session
-from ..servers.spec import FilterSettings
+from xdg_containers.policy.tracker import NameTracker
+from xdg_containers.servers.registry import ServerRegistry
+from xdg_containers.servers.server import ServerSession as Session
+from xdg_containers.servers.spec import FilterSettings
+from xdg_containers.service import errors
+from xdg_containers.service.zygote import AnchorFactory
 
 log = logging.getLogger(__name__)
 

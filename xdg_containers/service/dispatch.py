@@ -17,20 +17,26 @@ from typing import Any
 from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.service import ServiceInterface
 
-from .. import errors
-from ..compat.dbusfast import Member
-from ..proxy.endpoint import close_fds
-from .authorization import (
+from xdg_containers.compat.dbusfast import Member
+from xdg_containers.io.endpoint import close_fds
+from xdg_containers.service import errors
+from xdg_containers.service.authorization import (
     is_server_path,
     live_server,
     may_see_path,
     own_session,
     resolve_session,
 )
-from .context import INTERFACE, PATH, SERVER_INTERFACE, ServiceContext, set_current_message
-from .introspection import managed_objects_reply, method_table, node_xml
-from .manager import ManagerInterface
-from .objects import ServerObject, credentials_dict
+from xdg_containers.service.context import (
+    INTERFACE,
+    PATH,
+    SERVER_INTERFACE,
+    ServiceContext,
+    set_current_message,
+)
+from xdg_containers.service.introspection import managed_objects_reply, method_table, node_xml
+from xdg_containers.service.manager import ManagerInterface
+from xdg_containers.service.objects import ServerObject, credentials_dict
 
 log = logging.getLogger(__name__)
 

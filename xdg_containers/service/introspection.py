@@ -15,7 +15,7 @@ from dbus_fast import Message, Variant
 from dbus_fast.introspection import Node
 from dbus_fast.service import ServiceInterface
 
-from ..compat.dbusfast import Member, complete_types, members
+from xdg_containers.compat.dbusfast import Member, complete_types, members
 
 _DOCTYPE = (
     '<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"\n'

@@ -11,37 +11,37 @@ from typing import Any
 from dbus_fast import DBusError, Message, Variant
 from dbus_fast.service import ServiceInterface
 
-from .. import errors
-from ..anchor.link import AnchorLink
-from ..anchor.zygote import AnchorStartError
-from ..compat.dbusfast import dbus_method, dbus_property, dbus_signal
-from ..servers.arguments import (
+from xdg_containers.compat.dbusfast import dbus_method, dbus_property, dbus_signal
+from xdg_containers.io.anchor_link import AnchorLink
+from xdg_containers.servers.arguments import (
     CONNECTOR,
     FD_ARGUMENTS,
     SUPPORTED_ARGUMENTS,
     ArgumentError,
     parse_named_arguments,
 )
-from ..servers.registry import LimitError
-from ..servers.server import ContainerServer
-from ..servers.spec import FilterSettings, ServerSpec
-from ..wire.address import same_bus
-from ..wire.names import is_valid_interface_name
-from .authorization import (
+from xdg_containers.servers.registry import LimitError
+from xdg_containers.servers.server import ContainerServer
+from xdg_containers.servers.spec import FilterSettings, ServerSpec
+from xdg_containers.service import errors
+from xdg_containers.service.authorization import (
     check_may_stop,
     check_not_confined,
     resolve_session,
     server_by_path,
 )
-from .checks import (
+from xdg_containers.service.checks import (
     attached_fd,
     check_connector,
     check_listen_fd,
     metadata_size,
     upstream_address,
 )
-from .context import INTERFACE, ServiceContext, current_message
-from .objects import credentials_dict, export_server_object, server_info_tuple
+from xdg_containers.service.context import INTERFACE, ServiceContext, current_message
+from xdg_containers.service.objects import credentials_dict, export_server_object, server_info_tuple
+from xdg_containers.service.zygote import AnchorStartError
+from xdg_containers.wire.address import same_bus
+from xdg_containers.wire.names import is_valid_interface_name
 
 log = logging.getLogger(__name__)
 

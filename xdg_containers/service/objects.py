@@ -8,14 +8,19 @@ from typing import Any
 from dbus_fast import Variant
 from dbus_fast.service import ServiceInterface
 
-from .. import errors
-from ..compat.dbusfast import dbus_method, dbus_property
-from ..proxy.peercred import PeerCredentials
-from ..servers.arguments import ArgumentError, parse_policy_arguments
-from ..servers.server import ContainerServer
-from ..servers.spec import FilterSettings
-from .authorization import check_may_stop
-from .context import PATH_KEY, SERVER_INTERFACE, ServiceContext, current_message
+from xdg_containers.compat.dbusfast import dbus_method, dbus_property
+from xdg_containers.io.peercred import PeerCredentials
+from xdg_containers.servers.arguments import ArgumentError, parse_policy_arguments
+from xdg_containers.servers.server import ContainerServer
+from xdg_containers.servers.spec import FilterSettings
+from xdg_containers.service import errors
+from xdg_containers.service.authorization import check_may_stop
+from xdg_containers.service.context import (
+    PATH_KEY,
+    SERVER_INTERFACE,
+    ServiceContext,
+    current_message,
+)
 
 
 def server_info_tuple(server: ContainerServer) -> list[Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from .header import (
+from xdg_containers.wire.header import (
     ERROR,
     FIELD_DESTINATION,
     FIELD_ERROR_NAME,
@@ -18,7 +18,7 @@ from .header import (
     METHOD_CALL,
     METHOD_RETURN,
 )
-from .types import BodyWriter
+from xdg_containers.wire.types import BodyWriter
 
 BUS_NAME = "org.freedesktop.DBus"
 BUS_PATH = "/org/freedesktop/DBus"

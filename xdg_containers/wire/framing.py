@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from .header import FIXED_HEADER_LEN, MessageError, message_length
+from xdg_containers.wire.header import FIXED_HEADER_LEN, MessageError, message_length
 
 #: At most this many received-but-unclaimed fds are held per stream (unless told fewer).
 MAX_QUEUED_FDS = 1024

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .types import SignatureError, skip_value
+from xdg_containers.wire.types import SignatureError, skip_value
 
 # Message types.
 METHOD_CALL = 1

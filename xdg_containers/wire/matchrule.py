@@ -41,12 +41,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from .names import (
-    MAX_NAME_LENGTH,
-    is_valid_interface_name,
-    is_valid_member_name,
-    is_valid_object_path,
-)
+from xdg_containers.wire import names
 
 __all__ = [
     "MAX_MATCH_RULE_ARG_NUMBER",
@@ -96,15 +91,10 @@ class MatchRule:
     def to_text(self) -> str:
         """Render the rule in dbus-daemon's canonical quoting; parsing it gives this rule back."""
         parts: list[str] = []
-        for key, value in (
-            ("type", self.message_type),
-            ("sender", self.sender),
-            ("interface", self.interface),
-            ("member", self.member),
-            ("path", self.path),
-            ("path_namespace", self.path_namespace),
-            ("destination", self.destination),
-        ):
+        fields = (("type", self.message_type), ("sender", self.sender),
+                  ("interface", self.interface), ("member", self.member), ("path", self.path),
+                  ("path_namespace", self.path_namespace), ("destination", self.destination))
+        for key, value in fields:
             if value is not None:
                 parts.append(f"{key}={_quote(value)}")
         if self.eavesdrop:
@@ -196,7 +186,7 @@ def _tokenize(text: str) -> list[tuple[str, str]]:
 
 def _libdbus_bus_name_ok(name: str, *, namespace: bool) -> bool:
     """_dbus_validate_bus_name / _dbus_validate_bus_namespace, laxness included."""
-    if not 0 < len(name.encode("utf-8", "surrogatepass")) <= MAX_NAME_LENGTH:
+    if not 0 < len(name.encode("utf-8", "surrogatepass")) <= names.MAX_NAME_LENGTH:
         return False
     if name[0] == ":":
         # libdbus only checks characters and dots for unique names: ":" and ":.a" pass.
@@ -275,15 +265,15 @@ def parse_match_rule(text: str) -> MatchRule:
                 value, namespace=False
             ):
                 raise MatchRuleError(f"{key.capitalize()} name '{value}' is invalid")
-            if key == "interface" and not is_valid_interface_name(value):
+            if key == "interface" and not names.is_valid_interface_name(value):
                 raise MatchRuleError(f"Interface name '{value}' is invalid")
-            if key == "member" and not is_valid_member_name(value):
+            if key == "member" and not names.is_valid_member_name(value):
                 raise MatchRuleError(f"Member name '{value}' is invalid")
             fields[key] = value
         elif key in ("path", "path_namespace"):
             if path_key is not None:
                 raise MatchRuleError("path or path_namespace specified twice in match rule")
-            if not is_valid_object_path(value):
+            if not names.is_valid_object_path(value):
                 raise MatchRuleError(f"Path '{value}' is invalid")
             path_key = key
             fields[key] = value

@@ -9,7 +9,7 @@ from typing import Any
 
 from dbus_fast import Variant
 
-from .policy import PolicyError, parse_rule, policy_from_named_arguments
+from xdg_containers.policy import PolicyError, parse_rule, policy_from_named_arguments
 
 EXT = "org.freedesktop.XdgContainers1."
 

@@ -18,20 +18,20 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from ..config import Limits
-from ..filtering import PolicyFilterFactory
-from ..ownerfeed import OwnerChangeFeed
-from ..policy import policy_from_named_arguments
-from ..policy.tracker import NameTracker
-from ..proxy.dispatch import new_event_loop
-from ..proxy.spare import spares_for
-from ..servers.registry import SERVER_PATH_PREFIX, ServerRegistry
-from ..servers.server import ContainerServer
-from ..servers.spec import FilterSettings, ServerSpec
-from .args import Group
-from .identity import Identity
+from xdg_containers.app.dropin.args import Group
+from xdg_containers.app.dropin.identity import Identity
+from xdg_containers.config import Limits
+from xdg_containers.io.dispatch import new_event_loop
+from xdg_containers.io.ownerfeed import OwnerChangeFeed
+from xdg_containers.io.spare import spares_for
+from xdg_containers.policy import policy_from_named_arguments
+from xdg_containers.policy.tracker import NameTracker
+from xdg_containers.servers.filtering import PolicyFilterFactory
+from xdg_containers.servers.registry import SERVER_PATH_PREFIX, ServerRegistry
+from xdg_containers.servers.server import ContainerServer
+from xdg_containers.servers.spec import FilterSettings, ServerSpec
 
-log = logging.getLogger("xdg_containers.dropin")
+log = logging.getLogger("xdg_containers.app.dropin")
 
 SERVICE_NAME = "org.freedesktop.DBus.Containers1"
 _SETUP_TIMEOUT = 10.0
@@ -58,7 +58,7 @@ async def _sync_names(address: str, tracker: NameTracker) -> None:
     """The current owner of every well-known name (the tracker's start state)."""
     from dbus_fast import Message, MessageType
 
-    from ..compat.dbusfast import connect_bus
+    from xdg_containers.compat.dbusfast import connect_bus
 
     bus = await connect_bus(address)
     try:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import weakref
 
-from .core.policy_filter import PolicyFilter
-from .deadlines import DeadlineQueue
-from .policy import Policy
-from .policy.tracker import NameTracker
-from .proxy.session import MessageFilter, Session
-from .servers.spec import FilterSettings
+from xdg_containers.core.policy_filter import PolicyFilter
+from xdg_containers.io.deadlines import DeadlineQueue
+from xdg_containers.io.session import MessageFilter, Session
+from xdg_containers.policy import Policy
+from xdg_containers.policy.tracker import NameTracker
+from xdg_containers.servers.spec import FilterSettings
 
 #: A departed peer is forgotten this long after the service saw it leave, so that
 #: messages it sent just before leaving, still in a client's stream, keep its level.
@@ -21,7 +21,7 @@ class PolicyFilterFactory:
     """Callable given to servers: one PolicyFilter per session, all on one tracker."""
 
     def __init__(self, tracker: NameTracker) -> None:
-        """``tracker`` is fed by the owner-change feed (ownerfeed.py)."""
+        """``tracker`` is fed by the owner-change feed (io/ownerfeed.py)."""
         self.tracker = tracker
         self._filters: weakref.WeakSet[PolicyFilter] = weakref.WeakSet()
         self._departed: DeadlineQueue[str] | None = None  # made on the first departure

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .wire.address import AddressError, escape_value, parse_address
+from xdg_containers.wire.address import AddressError, escape_value, parse_address
 
 #: The usual system bus socket inside a sandbox.
 SANDBOX_SYSTEM_DIR = "/run/dbus"

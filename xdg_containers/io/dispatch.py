@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..compat import aio
+from xdg_containers.compat import aio
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import socket
 import subprocess
 import tempfile
 
-from .binary import anchor_command, describe
-from .link import AnchorLink
-from .sandbox import identity_kind, identity_text, zygote_argv
+from xdg_containers.anchor.binary import anchor_command, describe
+from xdg_containers.anchor.sandbox import identity_kind, identity_text, zygote_argv
+from xdg_containers.io.anchor_link import AnchorLink
 
 log = logging.getLogger(__name__)
 

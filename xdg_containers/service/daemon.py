@@ -18,24 +18,24 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 from dbus_fast.service import ServiceInterface
 
-from .compat.dbusfast import connect_bus, limitations
-from .config import Limits
-from .filtering import PolicyFilterFactory
-from .ownerfeed import FeedError, OwnerChangeFeed
-from .policy.tracker import NameTracker
-from .proxy.session import MessageFilter, Session
-from .proxy.spare import spares_for
-from .servers.registry import ServerRegistry
-from .servers.server import ContainerServer
-from .servers.spec import FilterSettings, runtime_socket_dir
-from .service import (
+from xdg_containers.compat.dbusfast import connect_bus, limitations
+from xdg_containers.config import Limits
+from xdg_containers.io.ownerfeed import FeedError, OwnerChangeFeed
+from xdg_containers.io.session import MessageFilter, Session
+from xdg_containers.io.spare import spares_for
+from xdg_containers.policy.tracker import NameTracker
+from xdg_containers.servers.filtering import PolicyFilterFactory
+from xdg_containers.servers.registry import ServerRegistry
+from xdg_containers.servers.server import ContainerServer
+from xdg_containers.servers.spec import FilterSettings, runtime_socket_dir
+from xdg_containers.service import (
     NAME,
     PATH,
     ManagerInterface,
     ServiceContext,
     install_dispatch_hooks,
 )
-from .wire.address import session_bus_address, system_bus_address
+from xdg_containers.wire.address import session_bus_address, system_bus_address
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Service:
         self.registry.on_removed.append(self._server_removed)
         self.registry.on_connections_changed.append(self._connections_changed)
         self.registry.on_listening_changed.append(self._listening_changed)
-        # Owner changes come on a connection of their own (ownerfeed.py); subscribed
+        # Owner changes come on a connection of their own (io/ownerfeed.py); subscribed
         # (the bus answered the AddMatch) before the current owners are listed, so
         # no change falls between the two.
         feed = OwnerChangeFeed(self.tracker, self._feed_lost)

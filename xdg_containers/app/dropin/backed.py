@@ -18,11 +18,13 @@ import sys
 import time
 from collections.abc import Sequence
 
-from ..anchor.program import answer, connect_first
-from ..sasl.client import SaslClient
-from ..sasl.server import SaslError
-from ..wire.build import build_message, bus_call
-from ..wire.header import (
+from xdg_containers.anchor.program import answer, connect_first
+from xdg_containers.app.dropin.args import Group
+from xdg_containers.app.dropin.identity import Identity
+from xdg_containers.sasl.client import SaslClient
+from xdg_containers.sasl.server import SaslError
+from xdg_containers.wire.build import build_message, bus_call
+from xdg_containers.wire.header import (
     ERROR,
     FIELD_DESTINATION,
     FIELD_INTERFACE,
@@ -37,9 +39,7 @@ from ..wire.header import (
     message_length,
     parse_header,
 )
-from ..wire.types import BodyWriter, SignatureError, read_string
-from .args import Group
-from .identity import Identity
+from xdg_containers.wire.types import BodyWriter, SignatureError, read_string
 
 SERVICE = "org.freedesktop.DBus.Containers1"
 SERVICE_PATH = "/org/freedesktop/DBus/Containers1"

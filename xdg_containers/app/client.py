@@ -14,8 +14,8 @@ from typing import Any
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from .compat.dbusfast import connect_bus
-from .wire.address import session_bus_address, system_bus_address
+from xdg_containers.compat.dbusfast import connect_bus
+from xdg_containers.wire.address import session_bus_address, system_bus_address
 
 NAME = "org.freedesktop.DBus.Containers1"
 PATH = "/org/freedesktop/DBus/Containers1"

@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 
-from .args import ArgsError, EarlyExit, Group, parse, read_all
+from xdg_containers.app.dropin.args import ArgsError, EarlyExit, Group, parse, read_all
 
 #: How long the service gets to answer every AddServer before we serve ourselves.
 SERVICE_TIMEOUT = 2.0
@@ -144,12 +144,12 @@ def _serve(
     sync_fd: int | None,
     front_exe: str | None = None,
 ) -> int:
-    from .identity import read_identity
+    from xdg_containers.app.dropin.identity import read_identity
 
     identity = read_identity(os.getpid())
     mode = os.environ.get(MODE_VARIABLE, "")
     if mode != "in-process" and not any(g.log for g in groups):
-        from .backed import ServiceBacked, SetupError
+        from xdg_containers.app.dropin.backed import ServiceBacked, SetupError
 
         address = session_bus_address()
         problem = "no session bus address"
@@ -181,7 +181,7 @@ def _serve(
         import site
 
         site.main()
-    from .inprocess import run
+    from xdg_containers.app.dropin.inprocess import run
 
     return run(groups, listeners, identity, sync_fd)
 

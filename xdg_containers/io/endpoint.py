@@ -15,9 +15,9 @@ import socket
 from collections import deque
 from collections.abc import Callable
 
-from ..core.fds import close_fds as close_fds
-from ..wire.address import AddressError, parse_address
-from .dispatch import direct_selector
+from xdg_containers.core.fds import close_fds as close_fds
+from xdg_containers.io.dispatch import direct_selector
+from xdg_containers.wire.address import AddressError, parse_address
 
 log = logging.getLogger(__name__)
 

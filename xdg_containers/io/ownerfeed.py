@@ -17,20 +17,20 @@ import os
 import socket
 from collections.abc import Callable
 
-from .policy.tracker import NameTracker
-from .proxy.endpoint import ConnectError, Endpoint, close_fds, connect_address
-from .sasl.client import SaslClient
-from .sasl.server import SaslError
-from .wire.build import BUS_NAME, bus_call, error_reply
-from .wire.framing import MessageReader
-from .wire.header import (
+from xdg_containers.io.endpoint import ConnectError, Endpoint, close_fds, connect_address
+from xdg_containers.policy.tracker import NameTracker
+from xdg_containers.sasl.client import SaslClient
+from xdg_containers.sasl.server import SaslError
+from xdg_containers.wire.build import BUS_NAME, bus_call, error_reply
+from xdg_containers.wire.framing import MessageReader
+from xdg_containers.wire.header import (
     ERROR,
     SIGNAL,
     SPEC_MAX_MESSAGE_BYTES,
     MessageError,
     parse_header,
 )
-from .wire.types import SignatureError, read_string
+from xdg_containers.wire.types import SignatureError, read_string
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 from dbus_fast import BusType
 
-from .config import ConfigError, load_config
-from .wire.address import session_bus_address
+from xdg_containers.config import ConfigError, load_config
+from xdg_containers.wire.address import session_bus_address
 
 log = logging.getLogger("xdg_containers")
 
@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-fd", type=int, metavar="N", help="write READY=1 to fd N once serving"
     )
 
-    from .admin import add_admin_parsers
-    from .launcher import add_run_parser
+    from xdg_containers.app.launcher import add_run_parser
+    from xdg_containers.cli.admin import add_admin_parsers
 
     add_run_parser(sub)
     add_admin_parsers(sub)
@@ -76,10 +76,10 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the service until signalled; start a private bus when asked or when none exists."""
-    from .daemon import ServiceError, serve
-    from .memtune import tune_malloc
-    from .privatebus import PrivateBus
-    from .proxy.dispatch import new_event_loop
+    from xdg_containers.cli.privatebus import PrivateBus
+    from xdg_containers.io.dispatch import new_event_loop
+    from xdg_containers.service.daemon import ServiceError, serve
+    from xdg_containers.service.memtune import tune_malloc
 
     try:
         limits = load_config(args.config, dict(args.limit))

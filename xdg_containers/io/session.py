@@ -17,16 +17,16 @@ import struct
 import termios
 from typing import TYPE_CHECKING, Protocol
 
-from ..anchor.link import AnchorError, AnchorLink
-from ..core.ports import MessageFilter as MessageFilter
-from ..core.ports import SessionHost
-from ..core.session import SessionCore
-from ..wire.address import AddressError, parse_address
-from .endpoint import ConnectError, Endpoint, connect_address, connect_unix_now
-from .peercred import PeerCredentials
+from xdg_containers.core.ports import MessageFilter as MessageFilter
+from xdg_containers.core.ports import SessionHost
+from xdg_containers.core.session import SessionCore
+from xdg_containers.io.anchor_link import AnchorError, AnchorLink
+from xdg_containers.io.endpoint import ConnectError, Endpoint, connect_address, connect_unix_now
+from xdg_containers.io.peercred import PeerCredentials
+from xdg_containers.wire.address import AddressError, parse_address
 
 if TYPE_CHECKING:
-    from .spare import SpareBusConnections
+    from xdg_containers.io.spare import SpareBusConnections
 
 #: Send buffer asked for on our connections to the bus (see _bus_connected).
 BUS_SNDBUF = 1024 * 1024

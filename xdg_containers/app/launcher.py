@@ -23,8 +23,8 @@ from typing import Any
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from .anchor.launch import AnchorSpawnError, SpawnedAnchor, spawn_anchor
-from .client import (
+from xdg_containers.anchor.launch import AnchorSpawnError, SpawnedAnchor, spawn_anchor
+from xdg_containers.app.client import (
     NOT_RUNNING,
     PROPERTIES,
     SERVER_INTERFACE,
@@ -35,9 +35,15 @@ from .client import (
     choose_address,
     connect,
 )
-from .launcher_args import EXT, add_run_arguments, check_usage, command_of, named_arguments
-from .launcher_sandbox import Sandbox, sandbox_command
-from .wire.address import system_bus_address
+from xdg_containers.app.launcher_args import (
+    EXT,
+    add_run_arguments,
+    check_usage,
+    command_of,
+    named_arguments,
+)
+from xdg_containers.app.launcher_sandbox import Sandbox, sandbox_command
+from xdg_containers.wire.address import system_bus_address
 
 EXIT_LAUNCHER_FAILED = 125
 EXIT_NOT_EXECUTABLE = 126
@@ -61,7 +67,7 @@ STOP_WAIT = 2.0
 
 
 def add_run_parser(sub: Any) -> None:
-    """Register ``run`` (flags in launcher_args.py) with its handler."""
+    """Register ``run`` (flags in app/launcher_args.py) with its handler."""
     p = add_run_arguments(sub)
     p.set_defaults(handler=cmd_run, run_parser=p)
 

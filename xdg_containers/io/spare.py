@@ -24,11 +24,11 @@ import select
 import socket
 from typing import TYPE_CHECKING
 
-from ..sasl.client import SaslClient
-from .endpoint import connect_unix_now
+from xdg_containers.io.endpoint import connect_unix_now
+from xdg_containers.sasl.client import SaslClient
 
 if TYPE_CHECKING:
-    from ..anchor.link import AnchorLink
+    from xdg_containers.io.anchor_link import AnchorLink
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
  * ~12 ms to start; xdg-dbus-proxy sends its byte ~4 ms after exec. This front does
  * only what must come before the byte, in C: expand --args, check the command
  * line, bind and listen on every PATH, write the byte. Then it execs the Python
- * drop-in (dropin/main.py) with the expanded arguments and the listening sockets
+ * drop-in (app/dropin/main.py) with the expanded arguments and the listening sockets
  * (XDG_CONTAINERS_DROPIN_FDS), which serves them as usual.
  *
  * Whenever the front is not sure (--help, --version, any error, anything unusual)

@@ -18,7 +18,7 @@ from typing import Any
 
 from dbus_fast.aio import MessageBus
 
-from .client import (
+from xdg_containers.app.client import (
     EXIT_ERROR,
     EXIT_NOT_RUNNING,
     EXIT_OK,

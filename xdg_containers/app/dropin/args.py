@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from ..wire.names import (
+from xdg_containers.wire.names import (
     is_valid_interface_name,
     is_valid_member_name,
     is_valid_object_path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 
-from ..core.budget import BufferBudget
+from xdg_containers.core.budget import BufferBudget
 
 _budgets: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BufferBudget] = (
     weakref.WeakKeyDictionary()

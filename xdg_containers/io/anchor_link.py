@@ -17,9 +17,9 @@ import os
 import socket
 from collections.abc import Callable
 
-from ..proxy.dispatch import direct_selector, watch_reads
-from ..wire.address import escape_value
-from .program import received_fds
+from xdg_containers.anchor.program import received_fds
+from xdg_containers.io.dispatch import direct_selector, watch_reads
+from xdg_containers.wire.address import escape_value
 
 log = logging.getLogger(__name__)
 
