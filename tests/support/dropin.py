@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FRONT_SOURCE = os.path.join(REPO, "xdg_containers", "dropin", "front.c")
+FRONT_SOURCE = os.path.join(REPO, "xdg_containers", "app", "dropin", "front.c")
 #: The Connector answer the front's anchor loop shares with the C anchor.
 ANSWER_SOURCE = os.path.join(REPO, "xdg_containers", "anchor", "answer.c")
 

@@ -27,7 +27,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
-#include "../anchor/answer.h"
+#include "../../anchor/answer.h"
 
 #include <errno.h>
 #include <limits.h>
