@@ -9,6 +9,7 @@ requirement; the test venv's Python passes and the summary shows its version.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
@@ -79,3 +80,17 @@ def test_installed_versions_in_the_summary(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     have = importlib.metadata.version("dbus-fast")
     assert re.search(rf"python modules\s*: dbus-fast {re.escape(have)}\n", done.stdout)
+
+
+def test_warns_when_python3_on_path_is_a_venv(tmp_path: Path) -> None:
+    """Without -Dpython, a venv's python3 first on PATH would end up in the #! lines: say so."""
+    venv_bin = Path(sys.executable).parent
+    assert (venv_bin / "python3").exists()
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}"}
+    done = subprocess.run(
+        [*meson_command(), "setup", str(tmp_path / "build"), str(ROOT), "-Danchor=disabled"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "WARNING: python3 on PATH is a virtual environment's" in done.stdout
+    assert "-Dpython=/usr/bin/python3" in done.stdout
