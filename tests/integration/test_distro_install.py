@@ -6,7 +6,7 @@ root with `python3 meson ninja-build dbus python3-dbus-fast bubblewrap` (plus gc
 libc6-dev, libglib2.0-bin), the COMMITTED files (git archive HEAD) installed twice
 (C parts at /usr/local, Python-only at /opt/xdg-containers), the service run by an
 ordinary user on a private bus activating the installed file. Needs root; the first
-run on a machine builds the root (about 45 s), later ones reuse it (about 10 s).
+run on a machine builds the root (40-60 s), later ones reuse it (10-20 s in all).
 """
 
 from __future__ import annotations
