@@ -62,7 +62,7 @@ def test_too_old_dbus_fast_stops_setup(tmp_path: Path) -> None:
     """The bound comes from pyproject.toml: raise it above this dbus-fast in a copy."""
     source = tmp_path / "src"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "__pycache__", "*.egg-info", ".*_cache"))
+        ".git", ".venv*", "build", "__pycache__", "*.egg-info", ".*_cache"))
     pyproject = source / "pyproject.toml"
     text, n = re.subn(r'"dbus-fast[^"]*"', '"dbus-fast>=999.1"', pyproject.read_text())
     assert n == 1, "pyproject.toml has no dbus-fast requirement"
