@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,33 +30,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from xdg_containers.privatebus import PrivateBus  # noqa: E402
+from tests.support.bus import PrivateBus  # noqa: E402
+from tests.support.processes import descendants, stop_all  # noqa: E402
 
 NAME = "com.example.ProxyBench.Echo"
 #: dbus-daemon's built-in 128 pending replies would refuse tput's 256 calls in flight.
 BUS_LIMITS = {"max_replies_per_connection": 100000, "reply_timeout": 300000}
 BIG = 1 << 20
-
-
-def descendants(root: int) -> list[int]:
-    """``root`` and every process below it."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -113,13 +92,7 @@ class Variant:
 
     def stop(self) -> None:
         """Terminate what this variant started, then its bus."""
-        for p in reversed(self.procs):
-            p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(self.procs)
         self.bus.stop()
 
 
@@ -181,7 +154,7 @@ def main() -> int:
             k = rep % len(variants)
             for scenario in scenarios:
                 for v in variants[k:] + variants[:k]:
-                    pids = descendants(v.root)
+                    pids = [v.root, *descendants(v.root)]
                     c0, t0 = cpu_seconds(pids), time.perf_counter()
                     run_client(v.address, scenario, counts[scenario], payload)
                     t1, c1 = time.perf_counter(), cpu_seconds(pids)

@@ -23,129 +23,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import select
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from xdg_containers.privatebus import PrivateBus  # noqa: E402
+from startup import Children, add_server, spawn_xdg_dbus_proxy, start_service  # noqa: E402
+
+from tests.support.bus import started_bus  # noqa: E402
 
 POLICY_NAME = "org.benchmark.Churn"
 EXT = "org.freedesktop.XdgContainers1."
-
-
-@dataclass
-class Processes:
-    """Children to clean up, temp dirs to remove."""
-
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    dirs: list[str] = field(default_factory=list)
-
-    def cleanup(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for d in self.dirs:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def start_service(bus_address: str, children: Processes) -> None:
-    """``python -m xdg_containers serve --address``, waiting for READY=1."""
-    runtime = tempfile.mkdtemp(prefix="xdgc-bench-runtime-")
-    os.chmod(runtime, 0o700)
-    children.dirs.append(runtime)
-    env = dict(
-        os.environ,
-        XDG_RUNTIME_DIR=runtime,
-        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    r, w = os.pipe()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "xdg_containers",
-            "serve",
-            "--address",
-            bus_address,
-            "--ready-fd",
-            str(w),
-        ],
-        pass_fds=(w,),
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    os.close(w)
-    children.procs.append(proc)
-    ready, _, _ = select.select([r], [], [], 20)
-    data = os.read(r, 100) if ready else b""
-    os.close(r)
-    if b"READY=1" not in data:
-        raise SystemExit("the service did not become ready")
-
-
-def start_xdg_dbus_proxy(bus_address: str, children: Processes) -> str:
-    """``xdg-dbus-proxy BUS SOCKET --filter --talk=NAME``; its address once listening."""
-    d = tempfile.mkdtemp(prefix="xdgc-bench-xdp-")
-    children.dirs.append(d)
-    sock = os.path.join(d, "bus")
-    proc = subprocess.Popen(
-        ["xdg-dbus-proxy", bus_address, sock, "--filter", f"--talk={POLICY_NAME}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    children.procs.append(proc)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("xdg-dbus-proxy did not start")
-        time.sleep(0.005)
-    return f"unix:path={sock}"
-
-
-async def add_server(manager: MessageBus) -> str:
-    reply = await manager.call(
-        Message(
-            destination="org.freedesktop.DBus.Containers1",
-            path="/org/freedesktop/DBus/Containers1",
-            interface="org.freedesktop.DBus.Containers1",
-            member="AddServer",
-            signature="sssa{sv}a{sv}",
-            body=[
-                "org.benchmark",
-                "org.benchmark.App",
-                "churn",
-                {},
-                {
-                    EXT + "Filter": Variant("b", True),
-                    EXT + "Policy": Variant("a{ss}", {POLICY_NAME: "talk"}),
-                },
-            ],
-        )
-    )
-    assert reply is not None
-    if reply.message_type != MessageType.METHOD_RETURN:
-        raise SystemExit(f"AddServer failed: {reply.error_name}: {reply.body}")
-    return str(reply.body[1]["Address"].value)
 
 
 class Client:
@@ -217,13 +110,16 @@ async def measure(
 
 
 async def run(args: argparse.Namespace) -> int:
-    children = Processes()
-    bus = PrivateBus()
-    bus.start()
+    children = Children()
+    bus = started_bus()
     conns: list[MessageBus] = []
     try:
         start_service(bus.address, children)
-        xdp_address = start_xdg_dbus_proxy(bus.address, children)
+        sock = os.path.join(children.mkdtemp("xdgc-bench-xdp-"), "bus")
+        xdp = spawn_xdg_dbus_proxy(bus.address, sock, POLICY_NAME)
+        children.procs.append(xdp.proc)
+        children.fds.append(xdp.sync_fd)
+        xdp_address = f"unix:path={sock}"
 
         async def connect(address: str) -> MessageBus:
             conn = await MessageBus(bus_address=address).connect()
@@ -231,7 +127,7 @@ async def run(args: argparse.Namespace) -> int:
             return conn
 
         manager = await connect(bus.address)
-        ours_address = await add_server(manager)
+        _path, ours_address = await add_server(manager, POLICY_NAME, "churn")
         peer = await connect(bus.address)
         peer.add_message_handler(peer_handler)
         peer_name = peer.unique_name
@@ -314,21 +210,11 @@ async def run(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--churn", type=int, default=2000, help="acquire/release pairs (default 2000)"
-    )
-    parser.add_argument(
-        "--samples",
-        type=int,
-        default=300,
-        help="round trips per proxy and kind, per phase (default 300)",
-    )
-    parser.add_argument(
-        "--budget",
-        type=float,
-        default=45.0,
-        help="seconds for the measurement phases together (default 45)",
-    )
+    parser.add_argument("--churn", type=int, default=2000, help="acquire/release pairs [2000]")
+    parser.add_argument("--samples", type=int, default=300,
+                        help="round trips per proxy and kind, per phase [300]")
+    parser.add_argument("--budget", type=float, default=45.0,
+                        help="seconds for the measurement phases together [45]")
     args = parser.parse_args()
     return asyncio.run(run(args))
 

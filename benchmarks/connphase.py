@@ -28,7 +28,6 @@ import itertools
 import os
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -37,37 +36,25 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from xdg_containers.privatebus import PrivateBus  # noqa: E402
+from tests.support.bus import PrivateBus, started_bus  # noqa: E402
+from tests.support.sasl import BEGIN, NEGOTIATE, opening  # noqa: E402
+from tests.support.wire import driver_call, method_call, wire_length  # noqa: E402
 
 NAME = "com.example.ProxyBench.Echo"
 DRIVER = "org.freedesktop.DBus"
 PHASES = ("auth", "negotiate", "begin+hello", "call")
 
 
-def _call(serial: int, dest: str, path: str, iface: str, member: str) -> bytes:
-    """A body-less little-endian method call."""
-    fields = b""
-    for code, value in ((1, path), (6, dest), (2, iface), (3, member)):
-        fields += b"\0" * (-len(fields) % 8)
-        v = value.encode()
-        sig = b"o" if code == 1 else b"s"
-        fields += bytes([code, 1]) + sig + b"\0" + struct.pack("<I", len(v)) + v + b"\0"
-    head = struct.pack("<BBBBIII", 0x6C, 1, 0, 1, 0, serial, len(fields)) + fields
-    return head + b"\0" * (-len(head) % 8)
-
-
-HELLO = _call(1, DRIVER, "/org/freedesktop/DBus", DRIVER, "Hello")
-PING = _call(2, NAME, "/", "org.freedesktop.DBus.Peer", "Ping")
-AUTH = b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n"
+HELLO = driver_call(1, "Hello")
+PING = method_call(2, NAME, "/", "org.freedesktop.DBus.Peer", "Ping")
+AUTH = opening(begin=False)
 
 
 def _messages(buf: bytes) -> int:
     """Whole messages at the start of ``buf``."""
     n = pos = 0
     while len(buf) - pos >= 16:
-        (body,) = struct.unpack_from("<I", buf, pos + 4)
-        (fields,) = struct.unpack_from("<I", buf, pos + 12)
-        size = 16 + fields + (-fields % 8) + body
+        size = wire_length(buf, pos)
         if pos + size > len(buf):
             break
         pos += size
@@ -103,10 +90,10 @@ def one_connection(path: str) -> list[float]:
         sock.sendall(AUTH)
         _until(sock, _line_done)
         t.append(time.perf_counter())
-        sock.sendall(b"NEGOTIATE_UNIX_FD\r\n")
+        sock.sendall(NEGOTIATE)
         _until(sock, _line_done)
         t.append(time.perf_counter())
-        sock.sendall(b"BEGIN\r\n" + HELLO)
+        sock.sendall(BEGIN + HELLO)
         buf = _until(sock, lambda b: _messages(b) >= 1)  # the Hello reply
         t.append(time.perf_counter())
         sock.sendall(PING)
@@ -191,8 +178,7 @@ def main() -> int:
     try:
         for label, spec in specs:
             if not buses or args.own_bus:
-                bus = PrivateBus()
-                bus.start()
+                bus = started_bus()
                 buses.append(bus)
                 env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=bus.address)
                 procs.append(subprocess.Popen(["dbus-test-tool", "echo", f"--name={NAME}"],

@@ -37,15 +37,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from startup import (
-    REPO,
-    Children,
-    memory_kib,
-    raw_hello,
-    readable,
-    start_bus,
-    start_service,
-)
+from startup import Children, memory_kib, raw_hello, readable, start_bus, start_service
+
+from tests.support.dropin import front_dropin
 
 TALK = "org.benchmark.Echo"
 
@@ -54,20 +48,8 @@ def installed_style(children: Children) -> tuple[str, str]:
     """(C front, Python script) as meson installs them, running this checkout: the
     script is ``#!PYTHON -IS`` with the checkout on sys.path, the front execs it."""
     d = children.mkdtemp("xdgc-dropin-bin-")
-    script = os.path.join(d, "xdg-containers-dbus-proxy-py")
-    with open(script, "w", encoding="utf-8") as fh:
-        fh.write(
-            f"#!{sys.executable} -IS\nimport sys\nsys.path.insert(0, {REPO!r})\n"
-            "from xdg_containers.dropin.main import main\nsys.exit(main())\n"
-        )
-    os.chmod(script, 0o755)
-    front = os.path.join(d, "xdg-containers-dbus-proxy")
-    subprocess.run(
-        ["cc", "-O2", "-std=c11", "-D_GNU_SOURCE", f'-DDROPIN_SCRIPT="{script}"', "-o", front,
-         os.path.join(REPO, "xdg_containers", "dropin", "front.c")],
-        check=True,
-    )
-    return front, script
+    front = front_dropin(d)
+    return front, os.path.join(d, "xdg-containers-dbus-proxy-py")
 
 
 class Variant:

@@ -35,10 +35,8 @@ import os
 import random
 import select
 import shutil
-import signal as signals
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,23 +49,22 @@ sys.path.insert(0, REPO)
 
 from dbus_fast import MessageType  # noqa: E402
 
-from tests.integration.test_hostile_wire import (  # noqa: E402
-    DRIVER,
-    EXT,
-    RawConn,
-    RawPeer,
-    add_server,
+from tests import conftest  # noqa: E402
+from tests.conftest import ServiceProcess  # noqa: E402
+from tests.support.bus import PrivateBus, started_bus  # noqa: E402
+from tests.support.names import DRIVER, EXT  # noqa: E402
+from tests.support.processes import fd_count, rss_kib  # noqa: E402
+from tests.support.rawconn import RawConn, RawPeer, add_server  # noqa: E402
+from tests.support.sasl import opening  # noqa: E402
+from tests.support.wire import (  # noqa: E402
     build_message,
     driver_call,
     error_message,
-    fd_count,
     method_call,
     method_return,
-    rss_kib,
     signal,
     unix_path,
 )
-from xdg_containers.privatebus import PrivateBus  # noqa: E402
 
 ECHO = "org.test.Echo"
 FILTERED = {
@@ -81,74 +78,35 @@ FILTERED = {
 # processes
 
 
-@dataclass
-class Service:
-    process: subprocess.Popen[bytes]
-    log_path: str
-    runtime: str
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-            return fh.read()
-
-
-def start_service(bus_address: str, extra: list[str], name: str = "fuzz") -> Service:
-    """``python -m xdg_containers -v serve --address`` waiting for READY=1."""
+def start_service(bus_address: str, extra: list[str], name: str = "fuzz") -> ServiceProcess:
+    """``python -m xdg_containers -v serve --address`` with a runtime dir of its own,
+    waiting for READY=1 (``stop_service`` removes the dir)."""
     runtime = tempfile.mkdtemp(prefix=f"xdgc-{name}-runtime-")
     os.chmod(runtime, 0o700)
-    log_fd, log_path = tempfile.mkstemp(prefix=f"xdgc-{name}-", suffix=".log")
-    env = dict(
-        os.environ,
-        XDG_RUNTIME_DIR=runtime,
-        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    r, w = os.pipe()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "xdg_containers",
-            "-v",
-            "serve",
-            "--address",
-            bus_address,
-            "--ready-fd",
-            str(w),
-            *extra,
-        ],
-        stdout=log_fd,
-        stderr=log_fd,
-        pass_fds=(w,),
-        env=env,
-        cwd=REPO,
-    )
-    os.close(w)
-    os.close(log_fd)
-    ready, _, _ = select.select([r], [], [], 20)
-    data = os.read(r, 100) if ready else b""
-    os.close(r)
-    svc = Service(proc, log_path, runtime)
-    if b"READY=1" not in data:
-        proc.kill()
-        proc.wait()
-        raise SystemExit(f"service did not start; log:\n{svc.log()}")
-    return svc
+    return conftest.start_service(bus_address, runtime, extra)
 
 
-def stop_service(svc: Service) -> int:
-    if svc.process.poll() is None:
-        svc.process.send_signal(signals.SIGTERM)
-        try:
-            svc.process.wait(10)
-        except subprocess.TimeoutExpired:
-            svc.process.kill()
-            svc.process.wait()
-    shutil.rmtree(svc.runtime, ignore_errors=True)
-    return int(svc.process.returncode)
+def stop_service(svc: ServiceProcess) -> int:
+    """Stop the service, remove its runtime dir; its exit status."""
+    rc = svc.stop()
+    shutil.rmtree(svc.runtime_dir, ignore_errors=True)
+    return rc
+
+
+def finish(svc: ServiceProcess, bus: PrivateBus, failures: list[str], seed: int) -> int:
+    """Stop the service and the bus, print the failures (the service log is kept when there
+    are any); the exit status of the run."""
+    rc = stop_service(svc)
+    if rc != 0 and not failures:
+        failures.append(f"service exited {rc} on SIGTERM")
+    bus.stop()
+    if not failures:
+        os.unlink(svc.log_path)
+    for f in failures:
+        print("FAIL:", f, file=sys.stderr)
+    if failures:
+        print(f"service log kept at {svc.log_path}; rerun with --seed {seed}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -411,16 +369,8 @@ def one_case(rng: random.Random, address: str) -> tuple[str, str]:
         if case == "sasl":
             send_chunks(sock, rng, sasl_stream(rng))
             return case, drain(sock, 0.05)
-        uid = str(os.getuid()).encode().hex().encode()
         fds_on = rng.random() < 0.6
-        hello = (
-            b"\0AUTH EXTERNAL "
-            + uid
-            + b"\r\n"
-            + (b"NEGOTIATE_UNIX_FD\r\n" if fds_on else b"")
-            + b"BEGIN\r\n"
-        )
-        hello += driver_call(1, "Hello")
+        hello = opening(fds=fds_on) + driver_call(1, "Hello")
         if case == "stall":
             data = hello + templates(rng, 2, True)
             send_chunks(sock, rng, data[: rng.randint(1, len(data) - 1)])
@@ -492,10 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     for lim in args.limit:
         extra += ["--limit", lim]
 
-    bus = PrivateBus()
-    bus.start()
+    bus = started_bus()
     svc = start_service(bus.address, extra)
-    os.environ["XDG_RUNTIME_DIR"] = svc.runtime
+    os.environ["XDG_RUNTIME_DIR"] = svc.runtime_dir
     failures: list[str] = []
     peer: RawPeer | None = None
     manager: RawConn | None = None
@@ -611,17 +560,8 @@ def main(argv: list[str] | None = None) -> int:
             peer.stop()
         if manager is not None:
             manager.close()
-        rc = stop_service(svc)
-        if rc != 0 and not failures:
-            failures.append(f"service exited {rc} on SIGTERM")
-        bus.stop()
-        if not failures:
-            os.unlink(svc.log_path)
-    for f in failures:
-        print("FAIL:", f, file=sys.stderr)
-    if failures:
-        print(f"service log kept at {svc.log_path}; rerun with --seed {seed}", file=sys.stderr)
-    return 1 if failures else 0
+        status = finish(svc, bus, failures, seed)
+    return status
 
 
 if __name__ == "__main__":

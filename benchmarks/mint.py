@@ -2,7 +2,8 @@
 """Start xdg-containers on a bus, mint one server, print its address, serve until killed.
 
 Used as a proxybench proxy command: ``mint.py {bus} [--filter --talk NAME]``.
-The first stdout line is the client address, as proxybench expects.
+The first stdout line is the client address, as proxybench expects. Self-contained (dbus-fast
+and the standard library only): A/B runs copy it into older checkouts (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -28,19 +29,13 @@ async def mint(bus_address: str, filtered: bool, talk: list[str]) -> str:
     named: dict[str, Variant] = {"StopOnDisconnect": Variant("b", False)}
     if filtered:
         named["org.freedesktop.XdgContainers1.Filter"] = Variant("b", True)
-        named["org.freedesktop.XdgContainers1.Policy"] = Variant(
-            "a{ss}", {n: "talk" for n in talk}
-        )
-    reply = await bus.call(
-        Message(
-            destination="org.freedesktop.DBus.Containers1",
-            path="/org/freedesktop/DBus/Containers1",
-            interface="org.freedesktop.DBus.Containers1",
-            member="AddServer",
-            signature="sssa{sv}a{sv}",
-            body=["org.example.Bench", "org.example.Bench", "1", {}, named],
-        )
-    )
+        policy = dict.fromkeys(talk, "talk")
+        named["org.freedesktop.XdgContainers1.Policy"] = Variant("a{ss}", policy)
+    manager = "org.freedesktop.DBus.Containers1"
+    body = ["org.example.Bench", "org.example.Bench", "1", {}, named]
+    reply = await bus.call(Message(destination=manager, path="/org/freedesktop/DBus/Containers1",
+                                   interface=manager, member="AddServer",
+                                   signature="sssa{sv}a{sv}", body=body))
     assert reply is not None
     if reply.message_type == MessageType.ERROR:
         raise SystemExit(f"AddServer failed: {reply.error_name}: {reply.body}")

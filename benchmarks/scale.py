@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from dbus_fast.aio import MessageBus
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from startup import (
     TALK_NAME,
@@ -62,6 +63,8 @@ from startup import (
     stop_xdg_dbus_proxy,
     unix_path,
 )
+
+from tests.support.processes import descendants
 
 MiB = 1024.0
 
@@ -92,25 +95,21 @@ def checkpoints(n: int) -> list[int]:
     return out
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc/*/stat parent links)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+def median_ms(seconds: list[float]) -> float:
+    """The median, in milliseconds."""
+    return statistics.median(seconds) * 1e3
+
+
+def hello_after(
+    t0: float, path: str, socks: list[socket.socket], firsts: list[float], hellos: list[float]
+) -> None:
+    """Record the step that began at ``t0`` (AddServer, or a spawn to its sync byte), then a
+    raw Hello on ``path``, whose socket stays open in ``socks``."""
+    t1 = time.perf_counter()
+    sock, _ = raw_hello(path)
+    hellos.append(time.perf_counter() - t1)
+    firsts.append(t1 - t0)
+    socks.append(sock)
 
 
 def tree_pss_kib(pid: int) -> tuple[int, int]:
@@ -154,30 +153,15 @@ async def run_ours(
             while reached < cp:
                 t0 = time.perf_counter()
                 _path, address = await add_server(manager, args.talk, str(reached))
-                t1 = time.perf_counter()
-                sock, _ = raw_hello(unix_path(address))
-                t2 = time.perf_counter()
-                socks.append(sock)
-                adds.append(t1 - t0)
-                hellos.append(t2 - t1)
+                hello_after(t0, unix_path(address), socks, adds, hellos)
                 reached += 1
                 if time.monotonic() > deadline:
                     break
             time.sleep(args.settle)
             rss, pss = memory_kib(service.pid)
             tree, procs = tree_pss_kib(service.pid)
-            rows.append(
-                Row(
-                    reached,
-                    rss,
-                    pss,
-                    statistics.median(adds) * 1e3,
-                    statistics.median(hellos) * 1e3,
-                    fd_count(service.pid),
-                    tree,
-                    procs,
-                )
-            )
+            add_ms, hello_ms, fds = median_ms(adds), median_ms(hellos), fd_count(service.pid)
+            rows.append(Row(reached, rss, pss, add_ms, hello_ms, fds, tree, procs))
             adds.clear()
             hellos.clear()
             if reached < cp:
@@ -206,14 +190,8 @@ def run_xdg(args: argparse.Namespace, bus: str, children: Children) -> tuple[lis
             while reached < cp:
                 sock_path = os.path.join(d, f"bus-{reached}")
                 t0 = time.perf_counter()
-                xp = spawn_xdg_dbus_proxy(bus, sock_path, args.talk)
-                t1 = time.perf_counter()
-                proxies.append(xp)
-                sock, _ = raw_hello(sock_path)
-                t2 = time.perf_counter()
-                socks.append(sock)
-                spawns.append(t1 - t0)
-                hellos.append(t2 - t1)
+                proxies.append(spawn_xdg_dbus_proxy(bus, sock_path, args.talk))
+                hello_after(t0, sock_path, socks, spawns, hellos)
                 reached += 1
                 if time.monotonic() > deadline:
                     break
@@ -223,15 +201,7 @@ def run_xdg(args: argparse.Namespace, bus: str, children: Children) -> tuple[lis
                 r, p = memory_kib(xp.proc.pid)
                 rss += r
                 pss += p
-            rows.append(
-                Row(
-                    reached,
-                    rss,
-                    pss,
-                    statistics.median(spawns) * 1e3,
-                    statistics.median(hellos) * 1e3,
-                )
-            )
+            rows.append(Row(reached, rss, pss, median_ms(spawns), median_ms(hellos)))
             spawns.clear()
             hellos.clear()
             if reached < cp:
@@ -365,12 +335,8 @@ def main() -> int:
     parser.add_argument(
         "--settle", type=float, default=0.5, help="seconds to wait before each memory reading [0.5]"
     )
-    parser.add_argument(
-        "--budget",
-        type=float,
-        default=240.0,
-        help="seconds for both ramps together, half each [240]",
-    )
+    parser.add_argument("--budget", type=float, default=240.0,
+                        help="seconds for both ramps together, half each [240]")
     parser.add_argument(
         "--python", default=sys.executable, help="interpreter for the service [this one]"
     )

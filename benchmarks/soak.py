@@ -44,30 +44,25 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dbus_fast import MessageType  # noqa: E402
-from fuzz_live import start_service, stop_service  # noqa: E402
+from fuzz_live import finish, start_service  # noqa: E402
 
-from tests.integration.test_hostile_wire import (  # noqa: E402
-    EXT,
+from tests.support.bus import started_bus  # noqa: E402
+from tests.support.names import EXT, MANAGER, MANAGER_PATH  # noqa: E402
+from tests.support.processes import fd_count, rss_kib  # noqa: E402
+from tests.support.rawconn import RawConn, RawPeer, add_server  # noqa: E402
+from tests.support.wire import (  # noqa: E402
     F_DESTINATION,
     F_REPLY_SERIAL,
     F_SIGNATURE,
     F_UNIX_FDS,
-    MANAGER,
-    MANAGER_PATH,
     METHOD_RETURN,
-    RawConn,
-    RawPeer,
     Received,
-    add_server,
     build_message,
-    fd_count,
     marshal,
     method_call,
     method_return,
-    rss_kib,
     signal,
 )
-from xdg_containers.privatebus import PrivateBus  # noqa: E402
 
 PEER = "org.test.Soak"
 IFACE = "org.test.Soak"
@@ -336,10 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
 
-    bus = PrivateBus()
-    bus.start()
+    bus = started_bus()
     svc = start_service(bus.address, [], "soak")
-    os.environ["XDG_RUNTIME_DIR"] = svc.runtime
+    os.environ["XDG_RUNTIME_DIR"] = svc.runtime_dir
     tally = Tally()
     failures: list[str] = []
     peer = RawPeer(bus.address, PEER, soak_handler)
@@ -452,17 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         peer.stop()
         manager.close()
-        rc = stop_service(svc)
-        if rc != 0 and not failures:
-            failures.append(f"service exited {rc} on SIGTERM")
-        bus.stop()
-        if not failures:
-            os.unlink(svc.log_path)
-    for f in failures:
-        print("FAIL:", f, file=sys.stderr)
-    if failures:
-        print(f"service log kept at {svc.log_path}; rerun with --seed {seed}", file=sys.stderr)
-    return 1 if failures else 0
+        status = finish(svc, bus, failures, seed)
+    return status
 
 
 if __name__ == "__main__":

@@ -39,18 +39,25 @@ import shutil
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from tests.support.bus import PrivateBus  # noqa: E402
+from tests.support.processes import close_all, stop_all  # noqa: E402
+from tests.support.sasl import BEGIN, authenticate  # noqa: E402
+from tests.support.wire import decode, driver_call, wire_length  # noqa: E402
+
 EXT = "org.freedesktop.XdgContainers1."
 MANAGER = "org.freedesktop.DBus.Containers1"
 MANAGER_PATH = "/org/freedesktop/DBus/Containers1"
@@ -89,77 +96,34 @@ class Children:
             self.procs.remove(proc)
 
     def cleanup(self) -> None:
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_all(self.fds)
         self.fds.clear()
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    p.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for p in self.procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs)
         self.procs.clear()
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
         self.dirs.clear()
 
 
-_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-    <allow user="*"/>
-  </policy>
-  <limit name="max_incomplete_connections">10000</limit>
-  <limit name="max_completed_connections">100000</limit>
-  <limit name="max_connections_per_user">100000</limit>
-  <limit name="max_match_rules_per_connection">50000</limit>
-  <limit name="max_replies_per_connection">50000</limit>
-  <limit name="auth_timeout">240000</limit>
-  <limit name="reply_timeout">60000</limit>
-</busconfig>
-"""
+#: dbus-daemon limits raised for thousands of connections.
+BUS_LIMITS = {
+    "max_incomplete_connections": 10000,
+    "max_completed_connections": 100000,
+    "max_connections_per_user": 100000,
+    "max_match_rules_per_connection": 50000,
+    "max_replies_per_connection": 50000,
+    "auth_timeout": 240000,
+}
 
 
 def start_bus(children: Children) -> str:
-    """A private dbus-daemon (session-like, limits raised for thousands of connections)."""
-    d = children.mkdtemp("xdgc-bench-bus-")
-    sock = os.path.join(d, "bus")
-    conf = os.path.join(d, "bus.conf")
-    with open(conf, "w", encoding="utf-8") as fh:
-        fh.write(_BUS_CONFIG.format(socket=sock))
-    daemon = shutil.which("dbus-daemon")
-    if daemon is None:
-        raise SystemExit("dbus-daemon not found (apt-get install dbus)")
-    with open(os.path.join(d, "bus.log"), "wb") as log:  # e.g. "Failed to set fd limit"
-        proc = subprocess.Popen(
-            [daemon, "--config-file", conf, "--nofork", "--print-address=1"],
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            stderr=log,
-        )
-    children.procs.append(proc)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode().strip()
-    proc.stdout.close()
-    if not line:
-        raise SystemExit("dbus-daemon did not start")
-    return line
+    """A private dbus-daemon (tests/support/bus.py) with BUS_LIMITS, stopped at cleanup."""
+    bus = PrivateBus(limits=BUS_LIMITS)
+    address = bus.start()
+    assert bus.process is not None
+    children.procs.append(bus.process)
+    children.dirs.append(bus.tmpdir)
+    return address
 
 
 def readable(fd: int, timeout: float) -> bool:
@@ -267,20 +231,7 @@ def stop_xdg_dbus_proxy(xp: XdgProxy) -> None:
 # -- a raw D-Bus client: SASL EXTERNAL + Hello, nothing else ---------------------------
 
 
-def _hello_message() -> bytes:
-    m = Message(
-        destination="org.freedesktop.DBus",
-        path="/org/freedesktop/DBus",
-        interface="org.freedesktop.DBus",
-        member="Hello",
-        serial=1,
-    )
-    return bytes(m._marshall(False))
-
-
-HELLO = _hello_message()
-_AUTH = b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n"
-_FIXED = struct.Struct("<BBBBIII")
+HELLO = driver_call(1, "Hello")
 
 
 def unix_path(address: str) -> str:
@@ -313,27 +264,15 @@ def raw_hello(path: str, timeout: float = 10.0) -> tuple[socket.socket, str]:
     sock.settimeout(timeout)
     try:
         sock.connect(path)
-        sock.sendall(_AUTH)
+        authenticate(sock, begin=False)
+        sock.sendall(BEGIN + HELLO)
         buf = bytearray()
-        while b"\r\n" not in buf:
-            chunk = sock.recv(256)
-            if not chunk:
-                raise ConnectionError("connection closed during SASL")
-            buf += chunk
-        line, _, rest = bytes(buf).partition(b"\r\n")
-        if not line.startswith(b"OK "):
-            raise ConnectionError(f"SASL refused: {line!r}")
-        sock.sendall(b"BEGIN\r\n" + HELLO)
-        buf = bytearray(rest)
         _recv_exact(sock, 16, buf)
-        _e, mtype, _f, _v, body_len, _serial, fields_len = _FIXED.unpack_from(buf, 0)
-        hdr_end = 16 + fields_len + (-(16 + fields_len) & 7)
-        _recv_exact(sock, hdr_end + body_len, buf)
-        if mtype != 2:  # METHOD_RETURN
-            raise ConnectionError(f"Hello answered with message type {mtype}")
-        (n,) = struct.unpack_from("<I", buf, hdr_end)
-        name = bytes(buf[hdr_end + 4 : hdr_end + 4 + n]).decode()
-        return sock, name
+        _recv_exact(sock, wire_length(buf), buf)
+        reply = decode(bytes(buf[: wire_length(buf)]))
+        if reply.message_type != MessageType.METHOD_RETURN:
+            raise ConnectionError(f"Hello answered with {reply.message_type.name}")
+        return sock, str(reply.body[0])
     except BaseException:
         sock.close()
         raise
@@ -342,47 +281,30 @@ def raw_hello(path: str, timeout: float = 10.0) -> tuple[socket.socket, str]:
 # -- manager calls ---------------------------------------------------------------------
 
 
-async def add_server(manager: MessageBus, talk: str, instance: str = "1") -> tuple[str, str]:
-    """AddServer(Filter, Policy {talk: talk}); return (object path, address)."""
-    reply = await manager.call(
-        Message(
-            destination=MANAGER,
-            path=MANAGER_PATH,
-            interface=MANAGER,
-            member="AddServer",
-            signature="sssa{sv}a{sv}",
-            body=[
-                "org.benchmark",
-                "org.benchmark.App",
-                instance,
-                {},
-                {
-                    EXT + "Filter": Variant("b", True),
-                    EXT + "Policy": Variant("a{ss}", {talk: "talk"}),
-                },
-            ],
-        )
-    )
+async def manager_call(
+    manager: MessageBus, member: str, signature: str, body: list[Any]
+) -> list[Any]:
+    """Call the Containers1 manager; the reply's body (exit naming the error otherwise)."""
+    msg = Message(destination=MANAGER, path=MANAGER_PATH, interface=MANAGER, member=member,
+                  signature=signature, body=body)
+    reply = await manager.call(msg)
     assert reply is not None
     if reply.message_type != MessageType.METHOD_RETURN:
-        raise SystemExit(f"AddServer failed: {reply.error_name}: {reply.body}")
-    return str(reply.body[0]), str(reply.body[1]["Address"].value)
+        raise SystemExit(f"{member} failed: {reply.error_name}: {reply.body}")
+    return list(reply.body)
+
+
+async def add_server(manager: MessageBus, talk: str, instance: str = "1") -> tuple[str, str]:
+    """AddServer(Filter, Policy {talk: talk}); return (object path, address)."""
+    named = {EXT + "Filter": Variant("b", True), EXT + "Policy": Variant("a{ss}", {talk: "talk"})}
+    body = ["org.benchmark", "org.benchmark.App", instance, {}, named]
+    path, results = await manager_call(manager, "AddServer", "sssa{sv}a{sv}", body)
+    return str(path), str(results["Address"].value)
 
 
 async def stop_server(manager: MessageBus, path: str) -> None:
-    reply = await manager.call(
-        Message(
-            destination=MANAGER,
-            path=MANAGER_PATH,
-            interface=MANAGER,
-            member="StopServer",
-            signature="o",
-            body=[path],
-        )
-    )
-    assert reply is not None
-    if reply.message_type != MessageType.METHOD_RETURN:
-        raise SystemExit(f"StopServer failed: {reply.error_name}: {reply.body}")
+    """StopServer."""
+    await manager_call(manager, "StopServer", "o", [path])
 
 
 # -- memory ----------------------------------------------------------------------------

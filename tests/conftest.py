@@ -5,26 +5,29 @@ from __future__ import annotations
 import asyncio
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from xdg_containers.privatebus import PrivateBus
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "org.freedesktop.DBus.Containers1"
 PATH = "/org/freedesktop/DBus/Containers1"
 IFACE = "org.freedesktop.DBus.Containers1"
+
+pytest_plugins = ["tests.support.bus"]
+
+if TYPE_CHECKING:
+    from tests.support.bus import PrivateBus
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Any:
@@ -46,26 +49,6 @@ def pytest_configure(config: Any) -> None:
     config.addinivalue_line(
         "markers", "both_loops: run the test on asyncio's loop and on the dispatching loop"
     )
-
-
-@pytest.fixture
-def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A private XDG_RUNTIME_DIR for the test."""
-    d = tempfile.mkdtemp(prefix="xdgc-runtime-")
-    os.chmod(d, 0o700)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", d)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def bus(runtime_dir: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBus]:
-    """A private dbus-daemon; DBUS_SESSION_BUS_ADDRESS points at it."""
-    b = PrivateBus()
-    b.start()
-    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", b.address)
-    yield b
-    b.stop()
 
 
 @dataclass
@@ -99,6 +82,25 @@ class ServiceProcess:
         if not os.path.isdir(d):
             return []
         return sorted(os.listdir(d))
+
+    @property
+    def pid(self) -> int:
+        """The service's process id."""
+        return self.process.pid
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, SIGKILL if it hangs; the exit status."""
+        try:
+            return self.terminate(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def finish(self) -> None:
+        """SIGTERM: it must exit 0; then its log file goes."""
+        rc = self.terminate()
+        assert rc == 0, f"service exited {rc} on SIGTERM; log:\n{self.log()}"
+        os.unlink(self.log_path)
 
     def terminate(self, timeout: float = 10.0) -> int:
         """SIGTERM and wait; return the exit status."""
@@ -184,31 +186,14 @@ async def connect(address: str, negotiate_unix_fd: bool = True) -> MessageBus:
 
 
 async def call(
-    bus: MessageBus,
-    member: str,
-    signature: str = "",
-    body: list[Any] | None = None,
-    *,
-    destination: str = NAME,
-    path: str = PATH,
-    interface: str = IFACE,
-    unix_fds: list[int] | None = None,
+    bus: MessageBus, member: str, signature: str = "", body: list[Any] | None = None, **fields: Any
 ) -> Message:
-    """Make a call and return the reply (method return or error) without raising."""
-    reply = await asyncio.wait_for(
-        bus.call(
-            Message(
-                destination=destination,
-                path=path,
-                interface=interface,
-                member=member,
-                signature=signature,
-                body=body or [],
-                unix_fds=unix_fds or [],
-            )
-        ),
-        10,
-    )
+    """Call the manager (``fields``: other Message fields, e.g. destination, path, interface,
+    unix_fds) and return the reply, method return or error, without raising."""
+    fields = {"destination": NAME, "path": PATH, "interface": IFACE, **fields}
+    fields["unix_fds"] = fields.get("unix_fds") or []
+    msg = Message(member=member, signature=signature, body=body or [], **fields)
+    reply = await asyncio.wait_for(bus.call(msg), 10)
     assert reply is not None
     return reply
 
@@ -229,7 +214,7 @@ def error(reply: Message, name: str) -> str:
     return str(reply.body[0]) if reply.body else ""
 
 
-async def add_server(
+async def add_server_reply(
     bus: MessageBus,
     container_type: str = "org.example.Test",
     app_id: str = "org.example.App",
@@ -237,17 +222,43 @@ async def add_server(
     metadata: dict[str, Variant] | None = None,
     named: dict[str, Variant] | None = None,
     unix_fds: list[int] | None = None,
-) -> tuple[str, dict[str, Variant]]:
-    """AddServer; returns (path, results)."""
-    reply = await call(
-        bus,
-        "AddServer",
-        "sssa{sv}a{sv}",
-        [container_type, app_id, instance_id, metadata or {}, named or {}],
-        unix_fds=unix_fds,
-    )
-    path, results = ok(reply)
+) -> Message:
+    """AddServer's reply, success or error."""
+    body = [container_type, app_id, instance_id, metadata or {}, named or {}]
+    return await call(bus, "AddServer", "sssa{sv}a{sv}", body, unix_fds=unix_fds)
+
+
+async def add_server(bus: MessageBus, *args: Any, **kwargs: Any) -> tuple[str, dict[str, Variant]]:
+    """AddServer (``add_server_reply``'s arguments); returns (path, results)."""
+    path, results = ok(await add_server_reply(bus, *args, **kwargs))
     return path, results
+
+
+@asynccontextmanager
+async def connected(*addresses: str) -> AsyncIterator[list[MessageBus]]:
+    """A dbus-fast connection to each address, all disconnected on exit."""
+    conns: list[MessageBus] = []
+    try:
+        for address in addresses:
+            conns.append(await connect(address))
+        yield conns
+    finally:
+        for c in conns:
+            c.disconnect()
+
+
+@asynccontextmanager
+async def confined_client(
+    manager: MessageBus, *args: Any, **kwargs: Any
+) -> AsyncIterator[tuple[str, dict[str, Variant], MessageBus]]:
+    """AddServer (``add_server``'s arguments) and a client on the minted socket:
+    (path, results, client); the client is disconnected on exit."""
+    path, results = await add_server(manager, *args, **kwargs)
+    client = await connect(results["Address"].value)
+    try:
+        yield path, results, client
+    finally:
+        client.disconnect()
 
 
 @pytest.fixture

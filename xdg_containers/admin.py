@@ -51,6 +51,13 @@ PROPERTY_ORDER = (
     "Metadata",
 )
 _BYTESTRINGS = ("SocketPath", "LinuxSecurityLabel")
+#: After "not running": the admin views never start the service (NO_AUTO_START).
+NOT_RUNNING_HINT = (
+    " (these views never start it; 'xdg-containers serve' or the first launch with "
+    "'xdg-containers run' does), or it runs on another bus: see --address and --system"
+)
+#: After "no such server".
+NO_SUCH_SERVER_HINT = "'xdg-containers list' shows the live ones"
 
 
 def add_admin_parsers(sub: Any) -> None:
@@ -107,7 +114,7 @@ async def _connected(args: argparse.Namespace, command: Command) -> int:
         return await command(bus, args)
     except CallError as exc:
         if exc.service_missing():
-            raise ClientError(NOT_RUNNING, EXIT_NOT_RUNNING) from exc
+            raise ClientError(NOT_RUNNING + NOT_RUNNING_HINT, EXIT_NOT_RUNNING) from exc
         raise ClientError(f"{exc.short_name}: {exc.text}", EXIT_ERROR) from exc
     finally:
         bus.disconnect()
@@ -234,7 +241,8 @@ async def _info(bus: MessageBus, args: argparse.Namespace) -> int:
         props = await get_all(bus, path)
     except CallError as exc:
         if exc.short_name in ("NotContainer", "UnknownObject", "UnknownMethod"):
-            raise ClientError(f"no such server: {path}", EXIT_ERROR) from exc
+            message = f"no such server: {path} ({NO_SUCH_SERVER_HINT})"
+            raise ClientError(message, EXIT_ERROR) from exc
         raise
     if args.json:
         _emit_json(_json_props(path, props))
@@ -272,11 +280,16 @@ async def _identify(bus: MessageBus, args: argparse.Namespace) -> int:
             raise
         if exc.short_name == "NotContainer":
             raise ClientError(
-                f"{name} is not a container connection (not proxied by xdg-containers): {exc.text}",
+                f"{name} is not a container connection: it did not connect through a socket "
+                f"of this service ({exc.text})",
                 EXIT_ERROR,
             ) from exc
         if exc.short_name == "NameHasNoOwner":
-            raise ClientError(f"no connection named {name} on this bus", EXIT_ERROR) from exc
+            raise ClientError(
+                f"no connection named {name} on this bus (it has left, or the name is "
+                "misspelt: unique names look like :1.42)",
+                EXIT_ERROR,
+            ) from exc
         raise
     path, creator, container_type, app_id, instance_id, metadata = info.body
     creds: dict[str, Any] = {k: v.value for k, v in creds_reply.body[0].items()}
@@ -326,7 +339,10 @@ async def _identify(bus: MessageBus, args: argparse.Namespace) -> int:
         ("Container type", str(container_type)),
         ("App ID", str(app_id) or "-"),
         ("Instance ID", str(instance_id) or "-"),
-        ("Process ID", f"{creds.get('ProcessID', '?')} (the real client, seen on our socket)"),
+        (
+            "Process ID",
+            f"{creds.get('ProcessID', '?')} (the process that connected to the server's socket)",
+        ),
         ("ProcessFD", fd_text),
         ("User ID", str(creds.get("UnixUserID", "?"))),
         ("Group IDs", ",".join(str(g) for g in creds.get("UnixGroupIDs", [])) or "-"),
@@ -349,9 +365,15 @@ async def _stop(bus: MessageBus, args: argparse.Namespace) -> int:
         await call(bus, member, "o", [path])
     except CallError as exc:
         if exc.short_name == "NotContainer":
-            raise ClientError(f"no such server: {path}", EXIT_ERROR) from exc
+            raise ClientError(
+                f"no such server: {path} (removed already? {NO_SUCH_SERVER_HINT})", EXIT_ERROR
+            ) from exc
         if exc.short_name == "AccessDenied":
-            raise ClientError(f"not allowed to stop {path}: {exc.text}", EXIT_ERROR) from exc
+            raise ClientError(
+                f"not allowed to stop {path}: {exc.text} (only its creator's user may, "
+                "from outside any container)",
+                EXIT_ERROR,
+            ) from exc
         raise
     what = "listening" if args.listening_only else "server"
     if args.json:

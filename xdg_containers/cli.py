@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -15,6 +16,9 @@ from .config import ConfigError, load_config
 from .wire.address import session_bus_address
 
 log = logging.getLogger("xdg_containers")
+
+#: The status a shell shows for a command killed by SIGPIPE (128 + 13).
+EXIT_READER_GONE = 128 + signal.SIGPIPE
 
 
 def _parse_limit(text: str) -> tuple[str, str]:
@@ -91,17 +95,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         address = args.address
     elif args.private or (not args.session and session_bus_address() is None):
         if not os.environ.get("XDG_RUNTIME_DIR"):
-            print("xdg-containers: XDG_RUNTIME_DIR is not set", file=sys.stderr)
+            print(
+                "xdg-containers: XDG_RUNTIME_DIR is not set, and the private bus and the "
+                "servers' sockets go there; set it to a directory of yours with mode 0700",
+                file=sys.stderr,
+            )
             return 2
         private = PrivateBus()
         try:
             address = private.start()
         except RuntimeError as exc:
-            print(f"xdg-containers: {exc}", file=sys.stderr)
+            print(f"xdg-containers: cannot start a private bus: {exc}", file=sys.stderr)
             return 1
-        print(f"DBUS_SESSION_BUS_ADDRESS={address}", flush=True)
+        try:
+            print(f"DBUS_SESSION_BUS_ADDRESS={address}", flush=True)
+        except BaseException:
+            private.stop()  # nobody can learn its address: do not leave it running
+            raise
         print(
-            f"xdg-containers: no session bus here; started a private one at {address}",
+            f"xdg-containers: no session bus here; started a private one at {address} "
+            "(point clients at it with DBUS_SESSION_BUS_ADDRESS, printed on stdout)",
             file=sys.stderr,
         )
         os.environ["DBUS_SESSION_BUS_ADDRESS"] = address
@@ -109,8 +122,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         address = session_bus_address()
         if address is None:
             print(
-                "xdg-containers: no session bus (DBUS_SESSION_BUS_ADDRESS unset and no "
-                "$XDG_RUNTIME_DIR/bus); use --private to start one",
+                "xdg-containers: no session bus: DBUS_SESSION_BUS_ADDRESS is unset and "
+                "$XDG_RUNTIME_DIR/bus does not exist; use --address ADDR for another bus, "
+                "or --private to start one",
                 file=sys.stderr,
             )
             return 2
@@ -128,15 +142,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
             private.stop()
 
 
+def reader_gone() -> int:
+    """End quietly because whoever read our output left (``| head``), as coreutils do.
+
+    ``seq 1000000 | head -c1`` dies of SIGPIPE (the shell shows 141), with no
+    message; so do we, instead of Python's BrokenPipeError traceback."""
+    # Nothing may be flushed to the broken pipe on the way out (a second EPIPE).
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    return EXIT_READER_GONE  # not reached unless SIGPIPE is blocked
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xdg-containers`` command."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
-    if args.command == "serve":
-        return cmd_serve(args)
-    handler = args.handler
-    result: int = handler(args)
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            sys.stdout.flush()  # --help's text: a reader that left is noticed here too
+            raise
+        _setup_logging(args.verbose)
+        if args.command == "serve":
+            result: int = cmd_serve(args)
+        else:
+            handler = args.handler
+            result = handler(args)
+        sys.stdout.flush()  # here, where EPIPE is caught, not at interpreter exit
+    except BrokenPipeError:
+        return reader_gone()
     return result
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from .compat.dbusfast import connect_bus
 from .wire.address import session_bus_address, system_bus_address
 
 NAME = "org.freedesktop.DBus.Containers1"
@@ -65,8 +66,20 @@ class CallError(Exception):
         return self.from_bus and self.short_name in ("ServiceUnknown", "NameHasNoOwner")
 
 
-def choose_address(session: bool = False, system: bool = False, address: str | None = None) -> str:
-    """The address for ``--session`` (default), ``--system`` or ``--address ADDR``."""
+#: What to do without a session bus, for the admin views (which have bus flags).
+NO_BUS_HINT = "use --address ADDR for another bus, or --system"
+
+
+def choose_address(
+    session: bool = False,
+    system: bool = False,
+    address: str | None = None,
+    no_bus_hint: str = NO_BUS_HINT,
+) -> str:
+    """The address for ``--session`` (default), ``--system`` or ``--address ADDR``.
+
+    ``no_bus_hint`` says what to do when there is no session bus; each command
+    names only its own options there."""
     if address:
         return address
     if system:
@@ -75,7 +88,7 @@ def choose_address(session: bool = False, system: bool = False, address: str | N
     if found is None:
         raise ClientError(
             "no session bus: DBUS_SESSION_BUS_ADDRESS is unset and $XDG_RUNTIME_DIR/bus "
-            "does not exist (use --address ADDR or --system)",
+            f"does not exist; {no_bus_hint}",
             EXIT_NO_BUS,
         )
     return found
@@ -85,11 +98,15 @@ async def connect(address: str) -> MessageBus:
     """Connect to the bus at ``address`` with fd passing; ClientError if that fails."""
     try:
         return await asyncio.wait_for(
-            MessageBus(bus_address=address, negotiate_unix_fd=True).connect(), 30
+            connect_bus(address, negotiate_unix_fd=True), 30
         )
     except Exception as exc:
         detail = str(exc) or type(exc).__name__
-        raise ClientError(f"cannot connect to the bus at {address}: {detail}", EXIT_NO_BUS) from exc
+        raise ClientError(
+            f"cannot connect to the bus at {address}: {detail} (is a bus running there, "
+            "and is the address right?)",
+            EXIT_NO_BUS,
+        ) from exc
 
 
 async def call(
@@ -109,20 +126,15 @@ async def call(
 
     ``auto_start`` false sets NO_AUTO_START, so asking does not start the service."""
     flags = MessageFlag.NONE if auto_start else MessageFlag.NO_AUTOSTART
-    msg = Message(
-        destination=destination,
-        path=path,
-        interface=interface,
-        member=member,
-        signature=signature,
-        body=body or [],
-        flags=flags,
-        unix_fds=unix_fds or [],
-    )
+    msg = Message(destination=destination, path=path, interface=interface, member=member,
+                  signature=signature, body=body or [], flags=flags, unix_fds=unix_fds or [])
     try:
         reply = await asyncio.wait_for(bus.call(msg), timeout)
     except TimeoutError as exc:
-        raise ClientError(f"{interface}.{member}: no reply within {timeout:g} s") from exc
+        raise ClientError(
+            f"{destination} did not answer {interface}.{member} within {timeout:g} s; "
+            "the service may be stuck: its log (journalctl --user -u xdg-containers) says more"
+        ) from exc
     assert reply is not None
     if reply.message_type == MessageType.ERROR:
         text = str(reply.body[0]) if reply.body and isinstance(reply.body[0], str) else ""
@@ -142,7 +154,11 @@ def server_path(text: str) -> str:
     if re.fullmatch(r"c[0-9]+", text):
         return f"{PATH}/{text}"
     if not _OBJECT_PATH.match(text):
-        raise ClientError(f"{text!r} is not a D-Bus object path (nor cN)", EXIT_USAGE)
+        raise ClientError(
+            f"{text!r} is not a D-Bus object path: give a server's path "
+            "(/org/freedesktop/DBus/Containers1/cN) or just cN",
+            EXIT_USAGE,
+        )
     return text
 
 

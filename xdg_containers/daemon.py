@@ -16,7 +16,9 @@ from typing import Any
 from dbus_fast import BusType, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
+from dbus_fast.service import ServiceInterface
 
+from .compat.dbusfast import connect_bus, limitations
 from .config import Limits
 from .filtering import PolicyFilterFactory
 from .ownerfeed import FeedError, OwnerChangeFeed
@@ -29,10 +31,10 @@ from .service import (
     NAME,
     PATH,
     ManagerInterface,
-    ServerObject,
     ServiceContext,
     install_dispatch_hooks,
 )
+from .wire.address import session_bus_address, system_bus_address
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,12 @@ def remove_stale_sockets() -> int:
         finally:
             probe.close()
     if removed:
-        log.info("removed %d stale socket(s) from %s", removed, directory)
+        log.info(
+            "removed %d stale socket(s) from %s (left by an earlier run that did not stop "
+            "cleanly; their clients had already lost their connection)",
+            removed,
+            directory,
+        )
     return removed
 
 
@@ -106,15 +113,16 @@ class Service:
 
     async def start(self) -> None:
         """Connect, export the manager, subscribe to owner changes, claim the name."""
-        bus = MessageBus(
-            bus_address=self.bus_address, bus_type=self.bus_type, negotiate_unix_fd=True
-        )
+        address = self.bus_address or default_bus_address(self.bus_type)
         try:
-            await bus.connect()
+            bus = await connect_bus(address, negotiate_unix_fd=True)
         except Exception as exc:
-            raise ServiceError(f"cannot connect to the bus: {exc}") from exc
+            where = self.bus_address or f"the {self.bus_type.name.lower()} bus ({address})"
+            raise ServiceError(
+                f"cannot connect to {where}: {exc or type(exc).__name__} (is the bus running, "
+                "and is the address right? --address ADDR picks another bus)"
+            ) from exc
         self.bus = bus
-        address = self.bus_address or _address_of(bus)
         ctx = ServiceContext(bus, self.registry, address, self.tracker, self.filter_factory)
         self.ctx = ctx
         manager = ManagerInterface(ctx)
@@ -132,7 +140,10 @@ class Service:
             await feed.start(address)
         except FeedError as exc:
             bus.disconnect()
-            raise ServiceError(f"cannot subscribe to name owner changes: {exc}") from exc
+            raise ServiceError(
+                f"cannot subscribe to name owner changes on {address}: {exc} (the filter "
+                "needs them; does the bus accept a second connection from this user?)"
+            ) from exc
         self.feed = feed
         await self._sync_names(ctx)
         remove_stale_sockets()
@@ -140,11 +151,14 @@ class Service:
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             bus.disconnect()
             raise ServiceError(
-                f"the name {NAME} is already owned on this bus; is another "
-                "xdg-containers (or a dbus-daemon with Containers1) running?",
+                f"the name {NAME} is already owned on this bus: another xdg-containers "
+                "(or a dbus-daemon with Containers1) serves it; use that one, or stop it "
+                "first ('xdg-containers list' talks to whichever runs)",
                 EXIT_NAME_TAKEN,
             )
         log.info("serving %s on %s as %s", NAME, address, bus.unique_name)
+        for limitation in limitations():
+            log.warning("%s", limitation)
 
     async def _sync_names(self, ctx: ServiceContext) -> None:
         """Learn the current owner of every well-known name (the tracker's start state)."""
@@ -159,7 +173,11 @@ class Service:
             self.tracker.learn_owner(name, str(owner.body[0]))
 
     def _feed_lost(self, reason: str) -> None:
-        log.error("the connection watching name owners was lost: %s", reason)
+        log.error(
+            "the connection watching name owners was lost (%s); stopping, since filtering "
+            "needs it (the next call to the name restarts the service when it is activatable)",
+            reason,
+        )
         if not self._feed_gone.done():
             self._feed_gone.set_result(reason)
 
@@ -199,7 +217,7 @@ class Service:
         if obj is not None:
             obj.emit_properties_changed({"Listening": server.listening})
 
-    def _object(self, server: ContainerServer) -> ServerObject | None:
+    def _object(self, server: ContainerServer) -> ServiceInterface | None:
         if self.ctx is None or server.finished:
             return None
         return self.ctx.server_objects.get(server.path)
@@ -238,19 +256,28 @@ def raise_fd_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
         except (ValueError, OSError) as exc:
-            log.warning("cannot raise the fd limit from %d to %d: %s", soft, hard, exc)
+            log.warning(
+                "cannot raise the fd limit from %d to %d: %s; fewer connections can be "
+                "served (raise LimitNOFILE= or ulimit -n)",
+                soft,
+                hard,
+                exc,
+            )
     return soft
 
 
-def _address_of(bus: MessageBus) -> str:
-    addr: Any = getattr(bus, "_bus_address", None)
-    if isinstance(addr, list):
-        parts = []
-        for transport, options in addr:
-            opts = ",".join(f"{k}={v}" for k, v in options.items())
-            parts.append(f"{transport}:{opts}")
-        return ";".join(parts)
-    return str(addr)
+def default_bus_address(bus_type: BusType) -> str:
+    """The address of the session or system bus, found as every D-Bus library does
+    (ServiceError if no session bus address is known)."""
+    if bus_type == BusType.SYSTEM:
+        return system_bus_address()
+    address = session_bus_address()
+    if address is None:
+        raise ServiceError(
+            "no session bus: DBUS_SESSION_BUS_ADDRESS is unset and $XDG_RUNTIME_DIR/bus "
+            "does not exist (use --address, --system or --private)"
+        )
+    return address
 
 
 async def serve(
@@ -273,7 +300,12 @@ async def serve(
             os.write(ready_fd, b"READY=1\n")
             os.close(ready_fd)
         except OSError as exc:
-            log.warning("cannot write to --ready-fd %d: %s", ready_fd, exc)
+            log.warning(
+                "cannot write READY=1 to --ready-fd %d: %s; serving anyway, but whoever "
+                "waits on that fd will not learn it",
+                ready_fd,
+                exc,
+            )
     stop_task = asyncio.ensure_future(stop.wait())
     bus_task = asyncio.ensure_future(service.wait_for_disconnect())
     done, _pending = await asyncio.wait({stop_task, bus_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -283,12 +315,17 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     if stop_task in done:
-        log.info("stopping on signal; removing sockets")
+        log.info("stopping on SIGTERM/SIGINT: closing every server and removing its socket")
         service.shutdown()
         return 0
     if not bus_task.cancelled() and bus_task.exception() is not None:
         log.debug("bus connection ended with %r", bus_task.exception())
-    log.error("the bus connection was lost; exiting")
+    log.error(
+        "the bus connection was lost; exiting with status %d after closing every server "
+        "(the bus stopped or dropped us; the next call to the name restarts the service "
+        "when it is activatable)",
+        EXIT_BUS_LOST,
+    )
     spares_for(loop).close()
     for server in service.registry:
         server.stop()

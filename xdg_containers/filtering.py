@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import weakref
 
+from .core.policy_filter import PolicyFilter
 from .deadlines import DeadlineQueue
 from .policy import Policy
 from .policy.tracker import NameTracker
-from .proxy.policy_filter import PolicyFilter
 from .proxy.session import MessageFilter, Session
 from .servers.server import FilterSettings
 

@@ -16,8 +16,8 @@ import secrets
 import shutil
 import signal
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from dbus_fast import Variant
@@ -35,329 +35,35 @@ from .client import (
     choose_address,
     connect,
 )
-from .policy import PolicyError, parse_rule, policy_from_named_arguments
-from .wire.address import AddressError, escape_value, parse_address, system_bus_address
+from .launcher_args import EXT, add_run_arguments, check_usage, command_of, named_arguments
+from .launcher_sandbox import Sandbox, sandbox_command
+from .wire.address import system_bus_address
 
-EXT = "org.freedesktop.XdgContainers1."
 EXIT_LAUNCHER_FAILED = 125
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
-#: The usual system bus socket inside a sandbox.
-SANDBOX_SYSTEM_DIR = "/run/dbus"
-SANDBOX_SYSTEM_SOCKET = "/run/dbus/system_bus_socket"
+#: What to do without a session bus: ``run`` has no bus flags, it reaches the service
+#: on the session bus only.
+NO_BUS_HINT = (
+    "set DBUS_SESSION_BUS_ADDRESS to the bus the service is on ('xdg-containers serve "
+    "--private' starts one and prints its address)"
+)
+#: What to do about AddServer refusals a user can act on.
+REFUSAL_HINTS = {
+    "LimitsExceeded": "; stop servers no longer needed ('xdg-containers list', "
+    "'xdg-containers stop PATH') or raise the service's limit ('xdg-containers serve "
+    "--limit NAME=VALUE' or its config file)",
+    "AccessDenied": "; a confined app cannot create servers: run this outside the container",
+    "InvalidArgs": "; see 'xdg-containers run --help' for the accepted values",
+}
 #: How long to wait, after the command ended, for the servers to stop listening.
 STOP_WAIT = 2.0
 
-_LEVEL_FLAGS = ("see", "talk", "own")
-_RULE_FLAGS = ("call", "broadcast")
-
-
-def _strip_argument_prefix(text: str) -> str:
-    """A PolicyError's text without the ``org.freedesktop.XdgContainers1.X: `` prefix."""
-    head, sep, rest = text.partition(": ")
-    return rest if sep and head.startswith(EXT) else text
-
-
-def _policy_name(text: str) -> str:
-    """argparse type of --see/--talk/--own: a well-known name or ``prefix.*``."""
-    try:
-        policy_from_named_arguments({text: "see"}, {}, {})
-    except PolicyError as exc:
-        raise argparse.ArgumentTypeError(_strip_argument_prefix(str(exc))) from None
-    return text
-
-
-def _name_rule(text: str) -> tuple[str, str]:
-    """argparse type of --call/--broadcast: ``NAME=RULE`` with a valid name and rule."""
-    name, eq, rule = text.partition("=")
-    if not eq:
-        raise argparse.ArgumentTypeError(f"expected NAME=RULE, got {text!r}")
-    _policy_name(name)
-    try:
-        parse_rule(rule)
-    except PolicyError as exc:
-        raise argparse.ArgumentTypeError(f"invalid rule {rule!r} for {name!r}: {exc}") from None
-    return name, rule
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    """argparse type of --metadata: ``KEY=VALUE`` with a non-empty key."""
-    key, eq, value = text.partition("=")
-    if not eq or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
 
 def add_run_parser(sub: Any) -> None:
-    """Register ``run``."""
-    p: argparse.ArgumentParser = sub.add_parser(
-        "run",
-        help="run a command in a container (its own D-Bus server)",
-        description=(
-            "Ask the xdg-containers service on the session bus (starting it if needed) for a "
-            "server for this app instance, run COMMAND with DBUS_SESSION_BUS_ADDRESS pointing "
-            "at it, and exit with COMMAND's status. The server stops listening when COMMAND "
-            "ends."
-        ),
-        usage="%(prog)s --type T --app-id A [options] -- COMMAND [ARG...]",
-    )
-    p.add_argument(
-        "--type",
-        dest="container_type",
-        required=True,
-        metavar="T",
-        help="container type, an interface-like name (org.flatpak)",
-    )
-    p.add_argument("--app-id", required=True, metavar="A", help="the app's id")
-    p.add_argument("--instance-id", metavar="I", help="instance id (default: a random one)")
-    p.add_argument(
-        "--filter",
-        action="store_true",
-        help="filter the traffic (xdg-dbus-proxy semantics); default: identify only",
-    )
-    p.add_argument(
-        "--see",
-        action="append",
-        default=[],
-        type=_policy_name,
-        metavar="NAME",
-        help="NAME (or prefix.*) may be seen (needs --filter; repeatable)",
-    )
-    p.add_argument(
-        "--talk",
-        action="append",
-        default=[],
-        type=_policy_name,
-        metavar="NAME",
-        help="NAME may be talked to (needs --filter; repeatable)",
-    )
-    p.add_argument(
-        "--own",
-        action="append",
-        default=[],
-        type=_policy_name,
-        metavar="NAME",
-        help="NAME may be owned (needs --filter; repeatable)",
-    )
-    p.add_argument(
-        "--call",
-        action="append",
-        default=[],
-        type=_name_rule,
-        metavar="NAME=RULE",
-        help="allow calls to NAME matching RULE [METHOD][@PATH] (needs --filter)",
-    )
-    p.add_argument(
-        "--broadcast",
-        action="append",
-        default=[],
-        type=_name_rule,
-        metavar="NAME=RULE",
-        help="receive NAME's broadcasts matching RULE (needs --filter)",
-    )
-    p.add_argument(
-        "--metadata",
-        action="append",
-        default=[],
-        type=_key_value,
-        metavar="KEY=VALUE",
-        help="string metadata for the server (repeatable)",
-    )
-    p.add_argument("--log", action="store_true", help="have the service log every message")
-    p.add_argument(
-        "--sandbox",
-        action="store_true",
-        help="run COMMAND under bubblewrap with only the minted socket as its bus",
-    )
-    p.add_argument(
-        "--system-bus",
-        action="store_true",
-        help="also proxy the system bus; sets DBUS_SYSTEM_BUS_ADDRESS",
-    )
-    p.add_argument(
-        "--bus",
-        metavar="BUS",
-        help="what COMMAND's session bus is proxied to: session, system or an "
-        "address (default: the bus the service is on)",
-    )
-    p.add_argument("--system-bus-address", metavar="ADDR", help=argparse.SUPPRESS)
-    p.add_argument(
-        "command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command to run, after --"
-    )
+    """Register ``run`` (flags in launcher_args.py) with its handler."""
+    p = add_run_arguments(sub)
     p.set_defaults(handler=cmd_run, run_parser=p)
-
-
-# -- named arguments ----------------------------------------------------------------------
-
-
-def named_arguments(args: argparse.Namespace) -> dict[str, Variant]:
-    """AddServer's named arguments for the filter flags (without StopOnNotify and Bus)."""
-    out: dict[str, Variant] = {}
-    if args.filter:
-        out[EXT + "Filter"] = Variant("b", True)
-    policy: dict[str, str] = {}
-    for level in _LEVEL_FLAGS:  # later levels are higher, so they win
-        for name in getattr(args, level):
-            policy[name] = level
-    if policy:
-        out[EXT + "Policy"] = Variant("a{ss}", policy)
-    for flag, key in (("call", "Call"), ("broadcast", "Broadcast")):
-        rules: dict[str, list[str]] = {}
-        for name, rule in getattr(args, flag):
-            rules.setdefault(name, []).append(rule)
-        if rules:
-            out[EXT + key] = Variant("a{sas}", rules)
-    if args.log:
-        out[EXT + "Log"] = Variant("b", True)
-    return out
-
-
-def check_usage(args: argparse.Namespace) -> str | None:
-    """The usage error in ``args`` (naming the flags), or None."""
-    if not args.filter:
-        for flag in (*_LEVEL_FLAGS, *_RULE_FLAGS):
-            if getattr(args, flag):
-                return (
-                    f"--{flag} requires --filter (without --filter the traffic is only "
-                    "identified, not filtered)"
-                )
-    if not command_of(args):
-        return "no COMMAND given (put it after --)"
-    return None
-
-
-def command_of(args: argparse.Namespace) -> list[str]:
-    """COMMAND and its arguments, without a leading ``--``."""
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
-    return command
-
-
-# -- the sandbox --------------------------------------------------------------------------
-
-
-@dataclass
-class Sandbox:
-    """A bubblewrap command line and the bus addresses valid inside it."""
-
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-
-
-def _host_socket_paths(address: str) -> tuple[list[str], bool]:
-    """Filesystem sockets of a bus address, and whether it also has abstract/tcp entries."""
-    paths: list[str] = []
-    other = False
-    try:
-        entries = parse_address(address)
-    except AddressError:
-        return paths, False
-    for entry in entries:
-        if entry.transport == "unix" and "path" in entry.params:
-            paths.append(os.path.realpath(entry.params["path"]))
-        else:
-            other = True
-    return paths, other
-
-
-#: What of $XDG_RUNTIME_DIR an app in the sandbox keeps: display and sound sockets.
-#: Everything else stays on the host side: systemd/private and systemd/notify
-#: (control of the user manager), gnupg, keyring, gcr and ssh agents (the user's
-#: keys), p11-kit, other containers' sockets, our own state. An allow-list: a new
-#: control socket some session adds later is hidden by default.
-RUNTIME_ALLOWED = ("wayland-", "pipewire-", "pulse")
-
-
-def runtime_entry_allowed(entry: str) -> bool:
-    """True for $XDG_RUNTIME_DIR entries a sandboxed app may see (display, sound)."""
-    return entry.startswith(RUNTIME_ALLOWED)
-
-
-def _is_within(path: str, directory: str) -> bool:
-    """True if ``path`` is ``directory`` or below it."""
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
-
-
-def sandbox_command(
-    command: Sequence[str],
-    *,
-    runtime_dir: str,
-    session_socket: str,
-    hide_addresses: Iterable[str],
-    system_socket: str | None = None,
-    bwrap: str = "bwrap",
-) -> Sandbox:
-    """The bwrap command running ``command`` with the minted socket(s) as its only bus."""
-    # The host's view is kept (--dev-bind / /) except: $XDG_RUNTIME_DIR is a
-    # tmpfs holding the host's entries but `bus` and `dbus-1` (no real session
-    # bus, no other container's socket; nothing is created on the host), the
-    # minted socket is bound at $XDG_RUNTIME_DIR/bus, every socket of
-    # hide_addresses is hidden (a tmpfs over its directory, or /dev/null over it
-    # when that directory holds the runtime dir), abstract/tcp addresses get a
-    # new network namespace, and a new pid namespace closes /proc/PID/root.
-    runtime = os.path.realpath(runtime_dir)
-    argv = [bwrap, "--dev-bind", "/", "/", "--unshare-pid", "--proc", "/proc", "--die-with-parent"]
-    hidden: list[str] = [os.path.realpath(session_socket)]
-    if system_socket is not None:
-        hidden.append(os.path.realpath(system_socket))
-    unshare_net = False
-    for address in hide_addresses:
-        paths, other = _host_socket_paths(address)
-        hidden += paths
-        unshare_net = unshare_net or other
-    if unshare_net:
-        argv.append("--unshare-net")
-    skip = {"bus", "dbus-1"}
-    tmpfs_dirs: list[str] = []
-    null_binds: list[str] = []
-    for path in hidden:
-        if _is_within(path, runtime):
-            rel = os.path.relpath(path, runtime)
-            skip.add(rel.split(os.sep, 1)[0])
-            continue
-        directory = os.path.dirname(path)
-        if directory == "/" or _is_within(runtime, directory):
-            if os.path.lexists(path) and path not in null_binds:
-                null_binds.append(path)
-        elif directory not in tmpfs_dirs:
-            tmpfs_dirs.append(directory)
-    tmpfs_dirs.sort(key=len)
-    done: list[str] = []
-    for directory in tmpfs_dirs:
-        if any(_is_within(directory, d) for d in done) or not os.path.isdir(directory):
-            continue
-        argv += ["--tmpfs", directory]
-        done.append(directory)
-    for path in null_binds:
-        if not any(_is_within(path, d) for d in done):
-            argv += ["--ro-bind", "/dev/null", path]
-    argv += ["--perms", "0700", "--tmpfs", runtime]
-    for entry in sorted(os.listdir(runtime)):
-        if entry in skip or not runtime_entry_allowed(entry):
-            continue
-        host = os.path.join(runtime, entry)
-        if os.path.islink(host):
-            argv += ["--symlink", os.readlink(host), host]
-        else:
-            argv += ["--bind-try", host, host]
-    inside_bus = os.path.join(runtime, "bus")
-    argv += ["--bind", session_socket, inside_bus]
-    env = {"DBUS_SESSION_BUS_ADDRESS": "unix:path=" + escape_value(inside_bus)}
-    if system_socket is not None:
-        if os.path.isdir(SANDBOX_SYSTEM_DIR) and not os.path.islink(SANDBOX_SYSTEM_DIR):
-            inside_system = SANDBOX_SYSTEM_SOCKET
-            if not any(_is_within(SANDBOX_SYSTEM_DIR, d) for d in done):
-                argv += ["--tmpfs", SANDBOX_SYSTEM_DIR]
-        else:
-            inside_system = os.path.join(runtime, "system_bus_socket")
-        argv += ["--bind", system_socket, inside_system]
-        env["DBUS_SYSTEM_BUS_ADDRESS"] = "unix:path=" + escape_value(inside_system)
-    argv += ["--", *command]
-    return Sandbox(argv, env)
-
-
-# -- running ------------------------------------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -369,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_launch(args))
     except ClientError as exc:
-        print(f"xdg-containers run: {exc}", file=sys.stderr)
+        print(f"xdg-containers run: COMMAND not started: {exc}", file=sys.stderr)
         return EXIT_LAUNCHER_FAILED
     except KeyboardInterrupt:  # before COMMAND started (after, SIGINT is COMMAND's)
         return 128 + signal.SIGINT
@@ -397,7 +103,9 @@ async def _add_server(
     try:
         anchor = spawn_anchor(args.container_type, args.app_id, instance_id)
     except AnchorSpawnError as exc:
-        raise ClientError(str(exc)) from exc
+        missing = shutil.which("bwrap") is None
+        hint = "; install it (apt-get install bubblewrap)" if missing else ""
+        raise ClientError(f"cannot start the app's anchor: {exc}{hint}") from exc
     anchors.append(anchor)
     named = dict(named)
     named["StopOnNotify"] = Variant("h", 0)
@@ -417,22 +125,29 @@ async def _add_server(
         if exc.service_missing():
             raise ClientError(
                 f"{NOT_RUNNING}, and the bus cannot start it ({exc.short_name}: {exc.text}); "
-                "is org.freedesktop.DBus.Containers1.service installed?"
+                "start it with 'xdg-containers serve', or install its D-Bus activation file "
+                "(meson install puts org.freedesktop.DBus.Containers1.service in "
+                "share/dbus-1/services)"
             ) from exc
-        raise ClientError(f"AddServer failed: {exc.short_name}: {exc.text}") from exc
+        raise ClientError(
+            f"AddServer failed: {exc.short_name}: {exc.text}{_refusal_hint(exc.short_name)}"
+        ) from exc
     anchor.connector.close()  # the service holds its end now
     path, results = reply.body
     address = results.get("Address")
     socket_path = results.get("SocketPath")
     if address is None or socket_path is None:
-        raise ClientError(f"AddServer gave {path} no Address/SocketPath")
+        raise ClientError(
+            f"the service made {path} but gave no Address/SocketPath to hand to COMMAND; "
+            "it is not a Containers1 service this launcher can use"
+        )
     return _Minted(str(path), str(address.value), bytestring(socket_path.value))
 
 
 async def _launch(args: argparse.Namespace) -> int:
     """Mint the server(s), run the command, then stop listening and disconnect."""
     command = command_of(args)
-    address = choose_address()
+    address = choose_address(no_bus_hint=NO_BUS_HINT)
     bus = await connect(address)
     read_end, write_end = os.pipe()
     minted: list[_Minted] = []
@@ -488,10 +203,16 @@ def _sandbox(
     """The bwrap wrapper for ``command``, hiding the host's bus sockets."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
-        raise ClientError("--sandbox needs bubblewrap (bwrap), which is not installed")
+        raise ClientError(
+            "--sandbox needs bubblewrap (bwrap), which is not installed; install it "
+            "(apt-get install bubblewrap) or run without --sandbox"
+        )
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     if not runtime or not os.path.isdir(runtime):
-        raise ClientError("--sandbox needs XDG_RUNTIME_DIR set to an existing directory")
+        raise ClientError(
+            "--sandbox needs XDG_RUNTIME_DIR set to an existing directory (the sandbox's "
+            "runtime dir is made from it); set it, or run without --sandbox"
+        )
     hide = [host_address]
     if args.bus not in (None, "", "session", "system"):
         hide.append(args.bus)
@@ -539,16 +260,29 @@ async def _run_command(argv: list[str], env: dict[str, str]) -> int:
         try:
             proc = await asyncio.create_subprocess_exec(*argv, env=env)
         except FileNotFoundError:
-            print(f"xdg-containers run: {argv[0]}: command not found", file=sys.stderr)
+            print(
+                f"xdg-containers run: {argv[0]}: command not found in PATH; check the "
+                "name, or give the full path",
+                file=sys.stderr,
+            )
             return EXIT_NOT_FOUND
         except OSError as exc:
-            print(f"xdg-containers run: {argv[0]}: {exc.strerror}", file=sys.stderr)
+            print(
+                f"xdg-containers run: cannot run {argv[0]}: {exc.strerror} (is it an "
+                "executable file, with execute permission?)",
+                file=sys.stderr,
+            )
             return EXIT_NOT_EXECUTABLE
         status = await proc.wait()
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
     return 128 - status if status < 0 else status
+
+
+def _refusal_hint(error: str) -> str:
+    """What the user can do about AddServer's ``error`` ("" when nothing in particular)."""
+    return REFUSAL_HINTS.get(error, "")
 
 
 async def _wait_stopped(bus: MessageBus, paths: list[str]) -> None:

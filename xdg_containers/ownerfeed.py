@@ -181,10 +181,9 @@ class OwnerChangeFeed:
         self._lost("the bus closed the connection")
 
     def _lost(self, reason: str) -> None:
-        if self._closed:
-            return
-        self.close()
-        self.on_lost(reason)
+        if not self._closed:
+            self.close()
+            self.on_lost(reason)
 
     def close(self) -> None:
         """Leave the bus (the subscription goes with the connection)."""

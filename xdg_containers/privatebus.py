@@ -1,4 +1,4 @@
-"""Start a private dbus-daemon: for ``serve --private`` on a bare machine, and for tests."""
+"""Start a private dbus-daemon for ``serve --private`` (or ``serve`` with no session bus)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ import subprocess
 import tempfile
 from xml.sax.saxutils import escape
 
-_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
   <type>session</type>
   <keep_umask/>
   <listen>unix:path={socket}</listen>
   <auth>EXTERNAL</auth>
-  {servicedirs}
   <policy context="default">
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
@@ -24,7 +23,7 @@ _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configura
     <allow user="*"/>
   </policy>
   <limit name="reply_timeout">60000</limit>
-  {limits}
+  {extra}
 </busconfig>
 """
 
@@ -32,42 +31,31 @@ _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configura
 class PrivateBus:
     """A dbus-daemon of our own in a temp dir, stopped with ``stop()``."""
 
-    def __init__(
-        self,
-        service_dirs: list[str] | None = None,
-        env: dict[str, str] | None = None,
-        limits: dict[str, int] | None = None,
-    ):
-        """``service_dirs``: directories of activatable .service files; ``limits``:
-        extra ``<limit>`` settings (benchmarks raise max_replies_per_connection)."""
+    def __init__(self) -> None:
+        """Make the temp dir; nothing runs until ``start()``."""
         self.tmpdir = tempfile.mkdtemp(prefix="xdg-containers-bus-")
         self.socket_path = os.path.join(self.tmpdir, "bus")
-        dirs = "\n  ".join(
-            f"<servicedir>{escape(d)}</servicedir>" for d in (service_dirs or [])
-        )
         self.config_path = os.path.join(self.tmpdir, "bus.conf")
-        with open(self.config_path, "w", encoding="utf-8") as fh:
-            extra = "\n  ".join(
-                f'<limit name="{escape(k)}">{int(v)}</limit>' for k, v in (limits or {}).items()
-            )
-            fh.write(
-                _CONFIG.format(socket=escape(self.socket_path), servicedirs=dirs, limits=extra)
-            )
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
-        self._env = env
+        self.env: dict[str, str] | None = None
+
+    def config(self) -> str:
+        """The daemon's configuration (a subclass may add elements to it)."""
+        return CONFIG.format(socket=escape(self.socket_path), extra="")
 
     def start(self) -> str:
         """Run the daemon and return its address."""
         dbus_daemon = shutil.which("dbus-daemon")
         if dbus_daemon is None:
             raise RuntimeError("dbus-daemon is not installed (apt-get install dbus)")
-        env = dict(os.environ if self._env is None else self._env)
+        with open(self.config_path, "w", encoding="utf-8") as fh:
+            fh.write(self.config())
         self.process = subprocess.Popen(
             [dbus_daemon, "--config-file", self.config_path, "--nofork", "--print-address=1"],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
-            env=env,
+            env=dict(os.environ if self.env is None else self.env),
             start_new_session=True,
         )
         assert self.process.stdout is not None
@@ -94,10 +82,3 @@ class PrivateBus:
         if p is not None and p.stdout is not None:
             p.stdout.close()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-    def __enter__(self) -> PrivateBus:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

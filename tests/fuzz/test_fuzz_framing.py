@@ -23,10 +23,12 @@ import struct
 import tracemalloc
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.integration.test_hostile_wire import build_message, marshal
+from tests.support.fuzz import fuzz_settings
+from tests.support.processes import fd_is_open
+from tests.support.wire import build_message, marshal
 from xdg_containers.wire.framing import FramingError, MessageReader
 from xdg_containers.wire.header import (
     ERROR,
@@ -38,14 +40,7 @@ from xdg_containers.wire.header import (
     parse_header,
 )
 
-_LONG = int(os.environ.get("XDGC_FUZZ_EXAMPLES", "0"))
-FUZZ = settings(
-    max_examples=_LONG or 100,
-    derandomize=not _LONG,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings()
 LIMIT = 128 * 1024 * 1024
 
 # -- strategies ---------------------------------------------------------------------------
@@ -177,7 +172,7 @@ def test_random_messages_random_splits_come_back_whole(data: Any) -> None:
             assert getattr(hdr, name) == value, name
 
 
-@settings(FUZZ, max_examples=_LONG or 40)
+@fuzz_settings(40)
 @given(msg=messages(), lead=st.binary(min_size=1, max_size=64))
 def test_partial_messages_are_not_handed_out(msg: tuple[bytes, Any], lead: bytes) -> None:
     raw, _ = msg
@@ -341,14 +336,6 @@ def _open_fds(n: int) -> list[int]:
     return [os.open(os.devnull, os.O_RDONLY) for _ in range(n)]
 
 
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 @FUZZ
 @given(
     plan=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=5),
@@ -405,10 +392,10 @@ def test_fd_counts_match_or_fail_cleanly(
     handed = {fd for group in claimed for fd in group}
     for fd in all_fds:
         if fd in handed or fd not in fed:
-            assert _is_open(fd)
+            assert fd_is_open(fd)
             os.close(fd)
         else:
-            assert not _is_open(fd), "the reader leaked an fd"
+            assert not fd_is_open(fd), "the reader leaked an fd"
 
 
 # -- parse_header must not depend on what it parsed before ---------------------------------------

@@ -12,13 +12,13 @@ AddServer's named arguments (xdg_containers/servers/arguments.py).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from dbus_fast import Variant
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support.fuzz import fuzz_settings
 from xdg_containers.policy import (
     Level,
     Policy,
@@ -39,14 +39,7 @@ from xdg_containers.wire.matchrule import (
     signal_matches,
 )
 
-_LONG = int(os.environ.get("XDGC_FUZZ_EXAMPLES", "0"))
-FUZZ = settings(
-    max_examples=_LONG or 100,
-    derandomize=not _LONG,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings()
 
 _any_text = st.text(max_size=80)
 _name_chars = st.sampled_from([*"abcXYZ_-019.:*/@ '\\,=\t\n", "\u00e9", "\0"])
@@ -192,7 +185,7 @@ def test_eavesdrop_spellings_after_any_prefix(prefix: str, spelling: str) -> Non
     _check_rule_text(prefix + "," + spelling)
 
 
-@settings(FUZZ, max_examples=_LONG or 30)
+@fuzz_settings(30)
 @given(text=st.text(min_size=1000, max_size=1100))
 def test_overlong_rules(text: str) -> None:
     _check_rule_text(text)

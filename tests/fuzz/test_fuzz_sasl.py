@@ -15,23 +15,16 @@ lines, other uids), with or without the leading NUL, fed in random pieces:
 from __future__ import annotations
 
 import itertools
-import os
 import re
 from typing import Any
 
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
+from tests.support.fuzz import fuzz_settings
 from xdg_containers.sasl.server import MAX_LINE, SaslError, SaslServer
 
-_LONG = int(os.environ.get("XDGC_FUZZ_EXAMPLES", "0"))
-FUZZ = settings(
-    max_examples=_LONG or 200,
-    derandomize=not _LONG,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(200)
 
 PEER_UID = 1000
 OTHER_UID = 0

@@ -13,6 +13,7 @@ from dbus_fast import MessageType
 from dbus_fast.aio import MessageBus
 
 from tests.integration.helpers_c1 import driver_call
+from tests.support.processes import status_kib
 
 #: A bystander's round trip must stay below this while an attack runs (generous: the
 #: machine is shared, and a stalled service shows up as seconds, not milliseconds).
@@ -21,11 +22,7 @@ MAX_BYSTANDER_RTT = 2.0
 
 def peak_rss_kib(pid: int) -> int:
     """VmHWM (peak resident set) of a process, KiB."""
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmHWM")
+    return status_kib(pid, "VmHWM")
 
 
 @dataclass

@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from xdg_containers import cli
+from xdg_containers.core.phase import Phase
 from xdg_containers.proxy.endpoint import Endpoint
 from xdg_containers.proxy.session import Session
 from xdg_containers.servers.server import ContainerServer
@@ -56,7 +57,7 @@ def install(stage: str) -> None:
         client_data = Session._client_data
 
         def _client_data(self: Session, data: bytes, fds: list[int]) -> None:
-            if _faulty(self.server) and not self._client_began:
+            if _faulty(self.server) and self.phase is Phase.AUTH:
                 raise InjectedFault("client_sasl")
             client_data(self, data, fds)
 

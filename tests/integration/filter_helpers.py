@@ -11,9 +11,9 @@ A ``World`` owns, for a whole test module:
 - any number of ``xdg-dbus-proxy --filter`` processes.
 
 ``World.pair(policy)`` gives the same policy twice: as AddServer named arguments on our
-service and as xdg-dbus-proxy flags. ``CLIENTS`` run one action through an address with a
-real client (dbus-send, gdbus, busctl, dbus-python, dbus-fast) and normalise the outcome to
-``("ok", value)`` / ``("error", error_name)``, so the two proxies can be compared.
+service and as xdg-dbus-proxy flags. ``runner(world, client)`` runs one action through an
+address with a real client (tests/support/clients.py, and dbus-fast here), so the two
+proxies can be compared.
 
 Waiting is always for an event (a reply, a socket appearing, a barrier round trip), never a
 blind sleep.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -38,17 +37,23 @@ from dbus_fast.aio import MessageBus
 
 from tests.conftest import NAME as SERVICE_NAME
 from tests.conftest import ServiceProcess, start_service
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import started_bus
+from tests.support.clients import (
+    TIMEOUT,
+    Call,
+    Outcome,
+    run_busctl,
+    run_dbus_python,
+    run_dbus_send,
+    run_gdbus,
+    runner_of,
+)
+from tests.support.names import EXT
+from tests.support.processes import stop_all
+from tests.support.wire import DRIVER, DRIVER_PATH
 
 T = TypeVar("T")
 
-EXT = "org.freedesktop.XdgContainers1."
-DRIVER = "org.freedesktop.DBus"
-DRIVER_PATH = "/org/freedesktop/DBus"
-ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
-SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"
-NAME_HAS_NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"
-TIMEOUT = 10.0
 
 
 # --------------------------------------------------------------------------------------
@@ -208,25 +213,14 @@ class Conn:
         signature: str = "",
         body: list[Any] | None = None,
         *,
-        path: str = "/",
-        interface: str | None = "org.test.Iface",
-        flags: MessageFlag = MessageFlag.NONE,
-        serial: int | None = None,
-        reply_serial: int | None = None,
         timeout: float = TIMEOUT,
+        **fields: Any,
     ) -> Message:
-        """A method call; returns the reply (return or error)."""
-        msg = Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=body or [],
-            flags=flags,
-            serial=serial,
-            reply_serial=reply_serial,
-        )
+        """A method call (``fields``: other Message fields; path "/" and interface
+        org.test.Iface unless given); returns the reply (return or error)."""
+        fields = {"path": "/", "interface": "org.test.Iface", **fields}
+        msg = Message(destination=destination, member=member, signature=signature,
+                      body=body or [], **fields)
 
         async def go() -> Message:
             return await asyncio.wait_for(self.bus.call(msg), timeout)
@@ -259,15 +253,9 @@ class Conn:
         self.send(
             Message.new_signal(path, interface, member, signature, body or [])
             if destination is None
-            else Message(
-                message_type=MessageType.SIGNAL,
-                path=path,
-                interface=interface,
-                member=member,
-                destination=destination,
-                signature=signature,
-                body=body or [],
-            )
+            else Message(message_type=MessageType.SIGNAL, path=path, interface=interface,
+                         member=member, destination=destination, signature=signature,
+                         body=body or [])
         )
 
     def roundtrip(self) -> None:
@@ -345,8 +333,7 @@ class World:
         for name in activatable:
             with open(os.path.join(self._service_dir, f"{name}.service"), "w") as fh:
                 fh.write(f"[D-BUS Service]\nName={name}\nExec=/bin/false\n")
-        self.bus = PrivateBus(service_dirs=[self._service_dir])
-        self.bus.start()
+        self.bus = started_bus(service_dirs=[self._service_dir])
         self.loop = LoopThread()
         self._conns: list[Conn] = []
         self._procs: list[subprocess.Popen[bytes]] = []
@@ -446,15 +433,7 @@ class World:
         """Stop everything; check the service exits cleanly."""
         for c in self._conns:
             c.close()
-        for p in self._procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self._procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self._procs)
         self.loop.stop()
         rc = None
         log = ""
@@ -478,227 +457,22 @@ def world_fixture(activatable: Iterable[str] = ()) -> Iterator[World]:
         w.close()
 
 
-# --------------------------------------------------------------------------------------
-# real clients, one action each, outcome normalised
-
-
-Outcome = tuple[str, Any]
-_GDBUS_ERROR = re.compile(r"GDBus\.Error:([A-Za-z0-9_.]+):")
-_DBUS_SEND_ERROR = re.compile(r"^Error ([A-Za-z0-9_.]+):", re.M)
-_SDBUS_ERROR = re.compile(r"error-name=([A-Za-z0-9_.]+)")
-
-
-def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        args, capture_output=True, text=True, timeout=TIMEOUT, env=env, check=False
-    )
-
-
-def _gvariant_text(signature: str, args: list[Any]) -> list[str]:
-    """Arguments in GVariant text syntax for gdbus."""
-    out = []
-    for sig, a in zip(signature, args, strict=True):
-        if sig == "s":
-            out.append("'" + str(a).replace("\\", "\\\\").replace("'", "\\'") + "'")
-        elif sig == "u":
-            out.append(f"uint32 {a}")
-        else:
-            raise ValueError(sig)
-    return out
-
-
-def run_dbus_send(
-    address: str,
-    dest: str,
-    path: str,
-    iface: str,
-    member: str,
-    signature: str = "",
-    args: list[Any] | None = None,
-) -> Outcome:
-    """libdbus: ``dbus-send --bus=ADDR --print-reply``."""
-    typed = {"s": "string", "u": "uint32"}
-    argv = [f"{typed[s]}:{a}" for s, a in zip(signature, args or [], strict=True)]
-    p = _run(
-        [
-            "dbus-send",
-            f"--bus={address}",
-            "--print-reply",
-            f"--dest={dest}",
-            path,
-            f"{iface}.{member}",
-            *argv,
-        ]
-    )
-    if p.returncode == 0:
-        return ("ok", _parse_dbus_send(p.stdout))
-    m = _DBUS_SEND_ERROR.search(p.stderr)
-    return ("error", m.group(1) if m else p.stderr.strip())
-
-
-def _parse_dbus_send(out: str) -> Any:
-    strings = re.findall(r'^\s*string "(.*)"$', out, re.M)
-    if "array [" in out:
-        return sorted(strings)
-    boolean = re.search(r"^\s*boolean (true|false)$", out, re.M)
-    if boolean:
-        return boolean.group(1) == "true"
-    number = re.search(r"^\s*uint32 (\d+)$", out, re.M)
-    if number:
-        return int(number.group(1))
-    return strings[0] if strings else None
-
-
-def run_gdbus(
-    address: str,
-    dest: str,
-    path: str,
-    iface: str,
-    member: str,
-    signature: str = "",
-    args: list[Any] | None = None,
-) -> Outcome:
-    """GDBus: ``gdbus call --address``."""
-    p = _run(
-        [
-            "gdbus",
-            "call",
-            "--address",
-            address,
-            "--dest",
-            dest,
-            "--object-path",
-            path,
-            "--method",
-            f"{iface}.{member}",
-            *_gvariant_text(signature, args or []),
-        ]
-    )
-    if p.returncode == 0:
-        return ("ok", _parse_gvariant(p.stdout.strip()))
-    m = _GDBUS_ERROR.search(p.stderr)
-    return ("error", m.group(1) if m else p.stderr.strip())
-
-
-def _parse_gvariant(out: str) -> Any:
-    if out.startswith("(["):
-        return sorted(re.findall(r"'([^']*)'", out))
-    if out in ("(true,)", "(false,)"):
-        return out == "(true,)"
-    m = re.match(r"\(uint32 (\d+),\)", out)
-    if m:
-        return int(m.group(1))
-    m = re.match(r"\('([^']*)',\)", out)
-    if m:
-        return m.group(1)
-    return None if out == "()" else out
-
-
-def run_busctl(
-    address: str,
-    dest: str,
-    path: str,
-    iface: str,
-    member: str,
-    signature: str = "",
-    args: list[Any] | None = None,
-) -> Outcome:
-    """sd-bus: ``busctl --address call``; the error name comes from sd-bus's debug log."""
-    env = {**os.environ, "SYSTEMD_LOG_LEVEL": "debug"}
-    p = _run(
-        [
-            "busctl",
-            f"--address={address}",
-            "call",
-            dest,
-            path,
-            iface,
-            member,
-            *([signature, *map(str, args or [])] if signature else []),
-        ],
-        env,
-    )
-    if p.returncode == 0:
-        return ("ok", _parse_busctl(p.stdout.strip()))
-    names = [n for n in _SDBUS_ERROR.findall(p.stderr) if n != "n/a"]
-    return ("error", names[-1] if names else p.stderr.strip())
-
-
-def _parse_busctl(out: str) -> Any:
-    if out.startswith("as "):
-        return sorted(re.findall(r'"([^"]*)"', out))
-    if out in ("b true", "b false"):
-        return out == "b true"
-    m = re.match(r"u (\d+)$", out)
-    if m:
-        return int(m.group(1))
-    m = re.match(r's "(.*)"$', out)
-    if m:
-        return m.group(1)
-    return None if out == "" else out
-
-
-def run_dbus_python(
-    address: str,
-    dest: str,
-    path: str,
-    iface: str,
-    member: str,
-    signature: str = "",
-    args: list[Any] | None = None,
-) -> Outcome:
-    """dbus-python (libdbus underneath), blocking call on a private connection."""
-    import dbus
-    import dbus.bus
-
-    conn = dbus.bus.BusConnection(address)
-    try:
-        value = conn.call_blocking(
-            dest, path, iface, member, signature, args or [], timeout=TIMEOUT
-        )
-    except dbus.exceptions.DBusException as exc:
-        return ("error", exc.get_dbus_name())
-    finally:
-        conn.close()
-    if isinstance(value, dbus.Array):
-        return ("ok", sorted(str(v) for v in value))
-    if isinstance(value, dbus.Boolean):
-        return ("ok", bool(value))
-    if isinstance(value, (dbus.UInt32, dbus.Int32)):
-        return ("ok", int(value))
-    if isinstance(value, dbus.String):
-        return ("ok", str(value))
-    return ("ok", value)
-
-
 def make_dbus_fast_runner(world: World) -> Callable[..., Outcome]:
     """dbus-fast (pure Python) through the World's loop."""
 
-    def run(
-        address: str,
-        dest: str,
-        path: str,
-        iface: str,
-        member: str,
-        signature: str = "",
-        args: list[Any] | None = None,
-    ) -> Outcome:
-        conn = world.connect(address)
+    def backend(c: Call) -> Outcome:
+        conn = world.connect(c.address)
         try:
-            reply = conn.call(dest, member, signature, args, path=path, interface=iface)
+            reply = conn.call(c.dest, c.member, c.signature, c.args, path=c.path,
+                              interface=c.iface)
         finally:
             conn.close()
         if reply.message_type == MessageType.ERROR:
             return ("error", reply.error_name)
-        body = reply.body
-        if not body:
-            return ("ok", None)
-        value = body[0]
-        if isinstance(value, list):
-            return ("ok", sorted(value))
-        return ("ok", value)
+        value = reply.body[0] if reply.body else None
+        return ("ok", sorted(value) if isinstance(value, list) else value)
 
-    return run
+    return runner_of(backend)
 
 
 CLIENT_NAMES = ["dbus-send", "gdbus", "busctl", "dbus-python", "dbus-fast"]
@@ -742,145 +516,3 @@ def wait_until(pred: Callable[[], bool], timeout: float = TIMEOUT, what: str = "
 def unique_names(names: Iterable[str]) -> list[str]:
     """The unique names among ``names``."""
     return [n for n in names if n.startswith(":")]
-
-
-# --------------------------------------------------------------------------------------
-# a raw client: hand-made bytes on a blocking socket
-
-
-def _pad(buf: bytearray, align: int) -> None:
-    buf.extend(b"\0" * (-len(buf) % align))
-
-
-def raw_message(
-    message_type: int,
-    serial: int,
-    fields: list[tuple[int, str, Any]],
-    body: bytes = b"",
-    flags: int = 0,
-) -> bytes:
-    """Marshal a little-endian message with exactly these header fields (any codes)."""
-    import struct
-
-    buf = bytearray(b"l" + bytes([message_type, flags, 1]))
-    buf += struct.pack("<II", len(body), serial)
-    arr = bytearray()
-    start = 16  # array data starts after the uint32 length, aligned to 8
-    for code, sig, value in fields:
-        pad = -(start + len(arr)) % 8
-        arr += b"\0" * pad
-        arr += bytes([code, len(sig)]) + sig.encode() + b"\0"
-        if sig in ("s", "o"):
-            arr += b"\0" * (-(start + len(arr)) % 4)
-            data = value.encode()
-            arr += struct.pack("<I", len(data)) + data + b"\0"
-        elif sig == "g":
-            arr += bytes([len(value)]) + value.encode() + b"\0"
-        elif sig == "u":
-            arr += b"\0" * (-(start + len(arr)) % 4)
-            arr += struct.pack("<I", value)
-        else:
-            raise ValueError(sig)
-    buf += struct.pack("<I", len(arr)) + arr
-    _pad(buf, 8)
-    return bytes(buf + body)
-
-
-FIELD_PATH, FIELD_INTERFACE, FIELD_MEMBER, FIELD_ERROR_NAME = 1, 2, 3, 4
-FIELD_REPLY_SERIAL, FIELD_DESTINATION, FIELD_SENDER, FIELD_SIGNATURE = 5, 6, 7, 8
-
-
-def driver_call(
-    serial: int,
-    member: str,
-    extra: list[tuple[int, str, Any]] | None = None,
-    signature: str = "",
-    body: bytes = b"",
-    flags: int = 0,
-) -> bytes:
-    """A bus-driver method call, with optional extra header fields."""
-    fields: list[tuple[int, str, Any]] = [
-        (FIELD_PATH, "o", DRIVER_PATH),
-        (FIELD_INTERFACE, "s", DRIVER),
-        (FIELD_MEMBER, "s", member),
-        (FIELD_DESTINATION, "s", DRIVER),
-    ]
-    if signature:
-        fields.append((FIELD_SIGNATURE, "g", signature))
-    return raw_message(1, serial, fields + (extra or []), body, flags)
-
-
-def string_body(*strings: str) -> bytes:
-    """A body of D-Bus strings (signature 's'*n), little endian."""
-    import struct
-
-    out = bytearray()
-    for s in strings:
-        _pad(out, 4)
-        data = s.encode()
-        out += struct.pack("<I", len(data)) + data + b"\0"
-    return bytes(out)
-
-
-class RawClient:
-    """A blocking socket speaking SASL EXTERNAL by hand, then raw messages."""
-
-    def __init__(self, address: str, timeout: float = 5.0) -> None:
-        """Connect to a ``unix:path=`` address (no handshake yet)."""
-        import socket
-
-        path = address.split("path=", 1)[1].split(",", 1)[0]
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.stream = self.sock.makefile("rb")
-        self.unique_name = ""
-
-    def auth(self, uid: int | None = None) -> bytes:
-        """AUTH EXTERNAL (our uid unless ``uid``); returns the server's first line."""
-        uid = os.getuid() if uid is None else uid
-        self.sock.sendall(b"\0AUTH EXTERNAL " + str(uid).encode().hex().encode() + b"\r\n")
-        return self.stream.readline()
-
-    def hello(self) -> str:
-        """BEGIN + Hello; returns the unique name."""
-        self.sock.sendall(b"BEGIN\r\n" + driver_call(1, "Hello"))
-        reply = self.read()
-        assert reply.message_type == MessageType.METHOD_RETURN, reply
-        self.unique_name = str(reply.body[0])
-        return self.unique_name
-
-    def send(self, data: bytes) -> None:
-        """Write bytes as they are."""
-        self.sock.sendall(data)
-
-    def read(self) -> Message:
-        """The next message (raises on EOF or timeout)."""
-        from dbus_fast._private.unmarshaller import Unmarshaller
-
-        msg = Unmarshaller(stream=self.stream, negotiate_unix_fd=False).unmarshall()  # type: ignore[arg-type]
-        if msg is None:
-            raise EOFError("connection closed")
-        return msg
-
-    def read_reply(self, serial: int) -> Message:
-        """Skip signals and other replies until the reply to ``serial``."""
-        while True:
-            msg = self.read()
-            if msg.reply_serial == serial:
-                return msg
-
-    def closed(self) -> bool:
-        """True if the other side closed the connection (EOF within the timeout)."""
-        try:
-            while True:
-                data = self.sock.recv(65536)
-                if not data:
-                    return True
-        except (TimeoutError, OSError):
-            return False
-
-    def close(self) -> None:
-        """Close the socket."""
-        self.stream.close()
-        self.sock.close()

@@ -10,13 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import stat
-import struct
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,13 +20,10 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import IFACE, NAME, PATH, call, connect, ok
+from tests.support.names import DRIVER, DRIVER_PATH
+from tests.support.processes import close_all
 
-DRIVER = "org.freedesktop.DBus"
-DRIVER_PATH = "/org/freedesktop/DBus"
-PROPS = "org.freedesktop.DBus.Properties"
 SERVER_PREFIX = "/org/freedesktop/DBus/Containers1/c"
-#: The uid a "local attacker" / "other user" runs as (nobody on Debian).
-NOBODY = 65534
 
 #: The named arguments SPEC §3 lists: exactly what SupportedArguments must hold.
 SPEC_ARGUMENTS = sorted(
@@ -92,11 +85,7 @@ async def manager(
 
 def close_fds(reply: Message) -> None:
     """Close the fds a reply carried (ProcessFD, ...)."""
-    for fd in reply.unix_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    close_all(reply.unix_fds)
 
 
 async def list_servers(bus: MessageBus) -> list[str]:
@@ -244,7 +233,7 @@ def socket_path_of(results: dict[str, Any]) -> str:
     """The SocketPath result as a str (without its trailing NUL)."""
     raw: bytes = results["SocketPath"].value
     assert raw.endswith(b"\0"), raw
-    return os.fsdecode(raw[:-1])
+    return os.fsdecode(bytes(raw[:-1]))  # dbus-fast < 5 gives a bytearray
 
 
 async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
@@ -254,237 +243,6 @@ async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
-
-
-def connect_errno(path: str) -> int | None:
-    """Try a plain connect(); None if it succeeded (the socket is closed again), else errno."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-    except OSError as exc:
-        return exc.errno
-    finally:
-        s.close()
-    return None
-
-
-def sasl_probe(path: str, uid: int | None = None, timeout: float = 3.0) -> bytes:
-    """Connect, send ``AUTH EXTERNAL <uid>``, return what came back until CRLF or close.
-
-    ``b""`` means the server closed the connection without a word.
-    """
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(path)
-        claim = str(os.getuid() if uid is None else uid).encode().hex().encode()
-        try:
-            s.sendall(b"\0AUTH EXTERNAL " + claim + b"\r\n")
-        except (BrokenPipeError, ConnectionResetError):
-            return b""
-        data = b""
-        while b"\r\n" not in data:
-            try:
-                chunk = s.recv(4096)
-            except ConnectionResetError:
-                return data
-            if not chunk:
-                return data
-            data += chunk
-        return data
-    finally:
-        s.close()
-
-
-@contextmanager
-def reachable_by_others(socket_path: str, top: str) -> Iterator[None]:
-    """Let another uid reach ``socket_path``: dirs from ``top`` down get o+x, the socket o+rw.
-
-    Restores the modes afterwards. The dirs stay unreadable (no listing).
-    """
-    saved: list[tuple[str, int]] = []
-    d = os.path.dirname(socket_path)
-    dirs = []
-    top = os.path.abspath(top)
-    while True:
-        dirs.append(d)
-        if os.path.abspath(d) == top or d == "/":
-            break
-        d = os.path.dirname(d)
-    try:
-        for p in dirs:
-            mode = stat.S_IMODE(os.stat(p).st_mode)
-            saved.append((p, mode))
-            os.chmod(p, mode | 0o011)
-        mode = stat.S_IMODE(os.stat(socket_path).st_mode)
-        saved.append((socket_path, mode))
-        os.chmod(socket_path, 0o777)
-        yield
-    finally:
-        for p, mode in reversed(saved):
-            try:
-                os.chmod(p, mode)
-            except FileNotFoundError:
-                pass
-
-
-#: A child that connects to argv[1] as whatever uid it runs as, claims that uid,
-#: and reports what the server said before closing.
-_PROBE_CHILD = r"""
-import os, socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.settimeout(3)
-s.connect(sys.argv[1])
-data = b""
-try:
-    s.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
-    while True:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-except (BrokenPipeError, ConnectionResetError):
-    pass
-except socket.timeout:
-    print("TIMEOUT", repr(data))
-    sys.exit(2)
-print("CLOSED", os.getuid(), repr(data))
-"""
-
-
-def as_nobody_kwargs() -> dict[str, Any]:
-    """Popen arguments that run a child as uid/gid 65534 with no supplementary groups."""
-    return {
-        "user": NOBODY,
-        "group": NOBODY,
-        "extra_groups": [],
-        "cwd": "/",
-        "env": {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": "/nonexistent",
-            "LANG": "C.UTF-8",
-        },
-    }
-
-
-def stdlib_python() -> str:
-    """An interpreter another uid can execute (the venv's may point into /root)."""
-    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
-        if os.access(candidate, os.X_OK) and os.stat(candidate).st_mode & stat.S_IXOTH:
-            return candidate
-    return sys.executable
-
-
-def probe_as_nobody(socket_path: str) -> subprocess.CompletedProcess[str]:
-    """Run the SASL probe child (stdlib only) as nobody."""
-    return subprocess.run(
-        [stdlib_python(), "-I", "-c", _PROBE_CHILD, socket_path],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        **as_nobody_kwargs(),
-    )
-
-
-async def run_cmd(*args: str, nobody: bool = False, timeout: float = 5.0) -> tuple[int, str, str]:
-    """Run a command without blocking the loop (in-process peers keep serving)."""
-    kwargs: dict[str, Any] = as_nobody_kwargs() if nobody else {}
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, **kwargs
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError(f"{args} did not finish within {timeout}s") from None
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
-
-
-# -- raw D-Bus messages (independent of dbus-fast) ------------------------------------------
-
-
-def _pad(buf: bytes, n: int) -> bytes:
-    return buf + b"\0" * (-len(buf) % n)
-
-
-def build_method_call(
-    serial: int, destination: str, path: str, interface: str, member: str
-) -> bytes:
-    """A little-endian METHOD_CALL without arguments, built byte by byte."""
-    fields = b""
-    for code, sig, value in (
-        (1, "o", path),
-        (6, "s", destination),
-        (2, "s", interface),
-        (3, "s", member),
-    ):
-        fields = _pad(fields, 8)  # the array starts at offset 16, so relative == absolute
-        v = value.encode()
-        fields += bytes([code, 1, ord(sig), 0]) + struct.pack("<I", len(v)) + v + b"\0"
-    header = b"l" + bytes([1, 0, 1]) + struct.pack("<III", 0, serial, len(fields))
-    return _pad(header + fields, 8)
-
-
-def build_hello(serial: int = 1) -> bytes:
-    """org.freedesktop.DBus.Hello as raw bytes."""
-    return build_method_call(serial, DRIVER, DRIVER_PATH, DRIVER, "Hello")
-
-
-@dataclass
-class RawMessage:
-    """A parsed message: type, serial, header fields by code, raw body."""
-
-    message_type: int
-    serial: int
-    fields: dict[int, Any]
-    body: bytes
-    little_endian: bool
-
-    def first_string(self) -> str:
-        """The first body argument when it is a string."""
-        e = "<" if self.little_endian else ">"
-        (n,) = struct.unpack(e + "I", self.body[:4])
-        return self.body[4 : 4 + n].decode()
-
-
-def parse_message(buf: bytes) -> tuple[RawMessage, int] | None:
-    """Parse one message from the front of ``buf``; None if incomplete."""
-    if len(buf) < 16:
-        return None
-    e = "<" if buf[0:1] == b"l" else ">"
-    mtype = buf[1]
-    body_len, serial, flen = struct.unpack(e + "III", buf[4:16])
-    hdr_end = 16 + flen
-    body_start = hdr_end + (-hdr_end % 8)
-    total = body_start + body_len
-    if len(buf) < total:
-        return None
-    fields: dict[int, Any] = {}
-    off = 16
-    while off < hdr_end:
-        off += -off % 8
-        code = buf[off]
-        siglen = buf[off + 1]
-        sig = buf[off + 2 : off + 2 + siglen].decode()
-        off += 3 + siglen
-        if sig in ("s", "o"):
-            off += -off % 4
-            (n,) = struct.unpack(e + "I", buf[off : off + 4])
-            fields[code] = buf[off + 4 : off + 4 + n].decode()
-            off += 4 + n + 1
-        elif sig == "g":
-            n = buf[off]
-            fields[code] = buf[off + 1 : off + 1 + n].decode()
-            off += 1 + n + 1
-        elif sig == "u":
-            off += -off % 4
-            (fields[code],) = struct.unpack(e + "I", buf[off : off + 4])
-            off += 4
-        else:
-            raise AssertionError(f"unexpected header field type {sig!r}")
-    return RawMessage(mtype, serial, fields, buf[body_start:total], e == "<"), total
 
 
 def recv_until(

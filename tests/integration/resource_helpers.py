@@ -6,14 +6,13 @@ service's CPU time, peak RSS and log volume from /proc and its log.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 
 from tests.conftest import ServiceProcess, start_service
-from tests.integration.test_hostile_wire import RawConn, add_server
+from tests.support.rawconn import RawConn, add_server
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -33,13 +32,7 @@ def start_wrapped(
 
 def stop_wrapped(sp: ServiceProcess) -> None:
     """SIGTERM (SIGKILL if it hangs), then drop its log file."""
-    if sp.process.poll() is None:
-        sp.process.send_signal(signal.SIGTERM)
-        try:
-            sp.process.wait(10)
-        except subprocess.TimeoutExpired:
-            sp.process.kill()
-            sp.process.wait()
+    sp.stop()
     os.unlink(sp.log_path)
 
 
@@ -48,15 +41,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def status_kib(pid: int, key: str) -> int:
-    """A ``VmXxx:`` line of /proc/PID/status, KiB (VmRSS, VmHWM: the peak RSS)."""
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"no {key}")
 
 
 def reset_peak_rss(pid: int) -> None:
@@ -126,6 +110,12 @@ class Bystander:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.timeout + 5)
+
+    def gets_through(self, wait: float) -> bool:
+        """True if the bystander completes another round within ``wait`` seconds."""
+        rounds = len(self.latencies)
+        time.sleep(wait)
+        return len(self.latencies) > rounds
 
     @property
     def worst(self) -> float:

@@ -64,7 +64,7 @@ def activatable_bus(
     runtime_dir: str, tmp_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[ActivatableBus]:
     """A private dbus-daemon with the generated .service file; DBUS_SESSION_BUS_ADDRESS set."""
-    from xdg_containers.privatebus import PrivateBus
+    from tests.support.bus import started_bus
 
     bindir = os.path.join(tmp_path, "bin")
     services = os.path.join(tmp_path, "services")
@@ -91,8 +91,7 @@ def activatable_bus(
     # The daemon's own environment has no session bus address: what the
     # service finds is what dbus-daemon gives activated services.
     env = {k: v for k, v in os.environ.items() if not k.startswith("DBUS_")}
-    bus = PrivateBus(service_dirs=[services], env=env)
-    bus.start()
+    bus = started_bus(service_dirs=[services], env=env)
     monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", bus.address)
     yield ActivatableBus(bus, bus.address, log, status)
     bus.stop()

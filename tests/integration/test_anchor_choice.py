@@ -15,8 +15,8 @@ from dbus_fast.aio import MessageBus
 
 from tests.conftest import ServiceProcess, add_server, connect, start_service
 from tests.integration.test_anchors import NO_STOP, bus_pid, identity_of
+from tests.support.bus import PrivateBus
 from xdg_containers.anchor.binary import BINARY, ENV, PROGRAM, anchor_command
-from xdg_containers.privatebus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -25,6 +25,15 @@ def cmdline(pid: int) -> list[str]:
     """A process's argv, from /proc."""
     with open(f"/proc/{pid}/cmdline", "rb") as fh:
         return [a.decode() for a in fh.read().split(b"\0") if a]
+
+
+async def _anchor_argv(sp: ServiceProcess, bus_address: str) -> list[str]:
+    """``_check_service_anchor`` from a manager connection of its own."""
+    manager = await connect(bus_address)
+    try:
+        return await _check_service_anchor(sp, manager)
+    finally:
+        manager.disconnect()
 
 
 async def _check_service_anchor(sp: ServiceProcess, manager: MessageBus) -> list[str]:
@@ -58,17 +67,12 @@ async def test_python_anchor_when_asked(bus: PrivateBus, runtime_dir: str) -> No
     of a proxied client still carries the app's identity file."""
     sp = start_service(bus.address, runtime_dir, env=_env(**{ENV: "python"}))
     try:
-        manager = await connect(bus.address)
-        try:
-            argv = await _check_service_anchor(sp, manager)
-        finally:
-            manager.disconnect()
+        argv = await _anchor_argv(sp, bus.address)
         # a forked anchor keeps its zygote's argv
         assert argv[:5] == [sys.executable, "-I", "-S", PROGRAM, "zygote"], argv
         assert "the Python anchor" in sp.wait_for_log("anchor zygote for flatpak")
     finally:
-        assert sp.terminate() == 0
-        os.unlink(sp.log_path)
+        sp.finish()
 
 
 async def test_default_anchor_is_the_one_binary_py_picks(
@@ -82,15 +86,10 @@ async def test_default_anchor_is_the_one_binary_py_picks(
         assert want == [built]
     sp = start_service(bus.address, runtime_dir, env=_env())
     try:
-        manager = await connect(bus.address)
-        try:
-            argv = await _check_service_anchor(sp, manager)
-        finally:
-            manager.disconnect()
+        argv = await _anchor_argv(sp, bus.address)
         assert argv[: len(want) + 1] == [*want, "zygote"], argv
         log = sp.wait_for_log("anchor zygote for flatpak")
         assert ("the C anchor" if want[-1] != PROGRAM else "the Python anchor") in log
         assert log.count("anchor zygote for") == 1
     finally:
-        assert sp.terminate() == 0
-        os.unlink(sp.log_path)
+        sp.finish()

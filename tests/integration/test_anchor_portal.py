@@ -21,8 +21,8 @@ from dbus_fast.aio import MessageBus
 
 from tests.conftest import ServiceProcess, add_server, call, ok
 from tests.integration.test_cli_common import cli_argv, cli_env
+from tests.support.bus import PrivateBus
 from tests.support.packages import ensure_packages
-from xdg_containers.privatebus import PrivateBus
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -27,10 +27,11 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers_c1 import NOBODY, as_nobody_kwargs, stdlib_python
+from tests.support.commands import NOBODY, as_nobody_kwargs, stdlib_python
 from tests.support.processes import alive
 from xdg_containers.anchor.binary import BINARY, PROGRAM
 from xdg_containers.anchor.link import request_address
+from xdg_containers.anchor.program import received_fds
 from xdg_containers.anchor.sandbox import anchor_argv, zygote_argv
 
 pytestmark = pytest.mark.timeout(90)
@@ -115,13 +116,7 @@ def recv_packet(sock: socket.socket, timeout: float = TIMEOUT) -> tuple[bytes, l
     sock.settimeout(timeout)
     data, anc, flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC)
     assert not flags & socket.MSG_CTRUNC
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-            fds.extend(arr)
-    return data, fds
+    return data, received_fds(anc)
 
 
 def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:

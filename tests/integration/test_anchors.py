@@ -14,17 +14,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import ServiceProcess, add_server, connect, ok
-from tests.integration.helpers_c1 import driver_call, observing, wait_disconnected
+from tests.integration.helpers_c1 import driver_call, wait_disconnected
+from tests.support.bus import PrivateBus
 from tests.support.processes import alive
 from xdg_containers.anchor.sandbox import PROGRAM
-from xdg_containers.privatebus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -155,13 +154,6 @@ class LauncherAnchor:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-
-
-@pytest.fixture
-async def observer(bus: PrivateBus) -> AsyncIterator[object]:
-    """Records ServerRemoved."""
-    async with observing(bus.address) as obs:
-        yield obs
 
 
 async def test_connector_anchor_is_what_the_bus_sees(
@@ -322,8 +314,7 @@ async def test_no_bubblewrap_is_failed_not_the_service_pid(
         assert ok(await call(manager, "ListServers")) == [[]]
         manager.disconnect()
     finally:
-        assert sp.terminate() == 0
-        os.unlink(sp.log_path)
+        sp.finish()
 
 
 

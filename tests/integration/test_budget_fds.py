@@ -27,11 +27,12 @@ from tests.integration.resource_helpers import (
     new_server,
     set_fd_limit,
     start_wrapped,
-    status_kib,
     stop_wrapped,
 )
-from tests.integration.test_hostile_wire import RawConn, fd_count, method_call, unix_path, wait_for
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
+from tests.support.processes import fd_count, status_kib, wait_for
+from tests.support.rawconn import RawConn
+from tests.support.wire import method_call, unix_path
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -98,8 +99,7 @@ def test_partial_messages_hoarding_fds_close_the_hoarder_only(
         elapsed = time.monotonic() - t0
         cpu = cpu_seconds(pid) - cpu_before
         rounds = len(bystander.latencies)
-        time.sleep(0.5)
-        assert len(bystander.latencies) > rounds, "the bystander stopped getting through"
+        assert bystander.gets_through(0.5), "the bystander stopped getting through"
     finally:
         bystander.stop()
         manager.close()
@@ -146,9 +146,20 @@ def test_fd_exhaustion_refuses_quietly_and_timeouts_free_the_fds(
         by = Bystander(by_address)
         started = time.monotonic()
         result: list[float] = []
+        failures: list[str] = []
         import threading
 
-        waiter = threading.Thread(target=lambda: result.append(by.round()), daemon=True)
+        def wait_to_be_served() -> None:
+            # A round that fails (a loaded machine: a socket timeout) is said in the
+            # assertion; the claim is that the bystander gets in once the timeouts fire.
+            deadline = time.monotonic() + 40
+            while not result and time.monotonic() < deadline:
+                try:
+                    result.append(by.round())
+                except Exception as exc:
+                    failures.append(f"{time.monotonic() - started:.1f} s: {exc!r}")
+
+        waiter = threading.Thread(target=wait_to_be_served, daemon=True)
         waiter.start()
         time.sleep(2.0)
         elapsed = time.monotonic() - t0
@@ -157,8 +168,8 @@ def test_fd_exhaustion_refuses_quietly_and_timeouts_free_the_fds(
         assert len(storm) <= elapsed + 2, f"{len(storm)} refusal lines in {elapsed:.1f} s"
         assert cpu < 0.3 * elapsed, f"service CPU {cpu:.2f} s in {elapsed:.2f} s (busy loop)"
         # The timeouts close the attackers; the bystander is accepted and served.
-        waiter.join(20)
-        assert result, "the bystander was never served after the attackers timed out"
+        waiter.join(45)
+        assert result, f"the bystander was never served after the attackers timed out: {failures}"
         waited = time.monotonic() - started
         for c in hoarders:
             assert c.wait_eof(10), "a partial message holding fds outlived its timeout"
@@ -180,7 +191,8 @@ def test_fd_exhaustion_refuses_quietly_and_timeouts_free_the_fds(
     unfinished = [line for line in out if "was left unfinished" in line]
     assert len(unfinished) == 3, "\n".join(out[-40:])
     print(f"\nfd exhaustion: {len(storm)} refusal lines and {cpu:.2f} s CPU in {elapsed:.1f} s; "
-          f"the bystander waited {waited:.1f} s; peak RSS {status_kib(pid, 'VmHWM') // 1024} MiB")
+          f"the bystander waited {waited:.1f} s (failed rounds: {failures}); "
+          f"peak RSS {status_kib(pid, 'VmHWM') // 1024} MiB")
 
 
 def test_rlimit_nofile_is_raised_to_the_hard_limit(bus: PrivateBus, runtime_dir: str) -> None:

@@ -26,29 +26,23 @@ import pytest
 from dbus_fast import Message, MessageType
 
 from tests.conftest import ServiceProcess
-from tests.integration.filter_helpers import run_dbus_send
-from tests.integration.test_hostile_wire import (
-    DRIVER,
-    DRIVER_PATH,
+from tests.support.bus import PrivateBus
+from tests.support.clients import run_dbus_send
+from tests.support.names import (
+    ACCESS_DENIED,
     EXT,
+    INVALID_ARGS,
     MANAGER,
     MANAGER_PATH,
-    RawConn,
-    RawPeer,
-    Received,
-    add_server,
-    driver_call,
-    method_call,
-    rss_kib,
+    NAME_HAS_NO_OWNER,
+    SERVICE_UNKNOWN,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.support.processes import rss_kib
+from tests.support.rawconn import RawConn, RawPeer, add_server
+from tests.support.wire import DRIVER, DRIVER_PATH, Received, driver_call, method_call
 
 pytestmark = pytest.mark.timeout(120)
 
-ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
-NAME_HAS_NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"
-SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"
-INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 #: The worst bystander round trip allowed during an attack. The goal is 50 ms (measured
 #: and printed); the assertion leaves room for a loaded 2-core machine. Before the fixes
 #: the huge-name attack stalled everyone for seconds.

@@ -9,7 +9,8 @@ import pytest
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import ServiceProcess, add_server, call, connect, ok
+from tests.conftest import ServiceProcess, add_server, connect
+from tests.integration.helpers_c1 import socket_path_of
 from tests.integration.test_cli_common import (
     RemovedWatcher,
     cli,
@@ -21,7 +22,8 @@ from tests.integration.test_cli_common import (
     start_client,
     wait_until,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus, started_bus
+from xdg_containers.admin import NOT_RUNNING_HINT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,15 +47,7 @@ async def test_list_table_and_json(service: ServiceProcess, manager_bus: Message
     p1, _ = await add_server(manager_bus, "org.example.Two", "org.example.App2", "i-2")
     client = await connect(r0["Address"].value)
     try:
-        ok(
-            await call(
-                client,
-                "GetId",
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-            )
-        )
+        await driver_call(client, "GetId")
         table = await cli("list")
         assert table.returncode == 0, table.stderr
         assert table.stdout.splitlines()[0].split() == [
@@ -90,7 +84,7 @@ async def test_list_table_and_json(service: ServiceProcess, manager_bus: Message
         assert first["MessagesForwarded"] > 0
         assert first["MessagesDenied"] == 0
         assert first["Address"] == r0["Address"].value
-        assert first["SocketPath"] == os.fsdecode(r0["SocketPath"].value[:-1])
+        assert first["SocketPath"] == socket_path_of(r0)
         assert first["Creator"]["ProcessID"] == os.getpid()
     finally:
         client.disconnect()
@@ -112,7 +106,7 @@ async def test_info_table_and_json(service: ServiceProcess, manager_bus: Message
         "org.example.Flags": Variant("as", ["a", "b"]),
     }
     path, results = await add_server(manager_bus, metadata=metadata)
-    socket_path = os.fsdecode(results["SocketPath"].value[:-1])
+    socket_path = socket_path_of(results)
 
     table = await cli("info", path)
     assert table.returncode == 0, table.stderr
@@ -148,30 +142,23 @@ async def test_info_table_and_json(service: ServiceProcess, manager_bus: Message
     assert data["Address"] == results["Address"].value
     assert data["Creator"]["UnixUserID"] == os.getuid()
     assert data["Creator"]["ProcessID"] == os.getpid()
-    assert set(data) >= {
-        "ContainerType",
-        "AppID",
-        "InstanceID",
-        "Listening",
-        "Connections",
-        "MessagesForwarded",
-        "MessagesDenied",
-        "Creator",
-        "Metadata",
-    }
+    assert set(data) >= {"ContainerType", "AppID", "InstanceID", "Listening", "Connections",
+                         "MessagesForwarded", "MessagesDenied", "Creator", "Metadata"}
+
+
+async def cli_fails(code: int, text: str, *args: str) -> None:
+    """The CLI exits ``code`` saying ``text`` on stderr, printing nothing on stdout."""
+    r = await cli(*args)
+    assert r.returncode == code and text in r.stderr and r.stdout == "", (r.stdout, r.stderr)
 
 
 async def test_info_errors(service: ServiceProcess, manager_bus: MessageBus) -> None:
     """Unknown servers exit 1; a malformed path is a usage error."""
-    for args in (("info", C0), ("info", "c7", "--json")):
-        r = await cli(*args)
-        assert r.returncode == 1
-        assert "no such server" in r.stderr and r.stdout == ""
-    r = await cli("info", "not/a/path")
-    assert r.returncode == 2 and "not a D-Bus object path" in r.stderr
+    await cli_fails(1, "no such server", "info", C0)
+    await cli_fails(1, "no such server", "info", "c7", "--json")
+    await cli_fails(2, "not a D-Bus object path", "info", "not/a/path")
     # a path the service does not own at all
-    r = await cli("info", "/org/example/Elsewhere")
-    assert r.returncode == 1 and "no such server" in r.stderr
+    await cli_fails(1, "no such server", "info", "/org/example/Elsewhere")
 
 
 async def test_identify_shows_the_real_process(
@@ -225,14 +212,11 @@ async def test_identify_shows_the_real_process(
 async def test_identify_errors(service: ServiceProcess, manager_bus: MessageBus) -> None:
     """Unconfined, bus-driver and ownerless names are clear errors (exit 1)."""
     assert manager_bus.unique_name is not None
-    r = await cli("identify", manager_bus.unique_name)
-    assert r.returncode == 1 and "is not a container connection" in r.stderr, r.stderr
-    r = await cli("identify", "org.freedesktop.DBus", "--json")
-    assert r.returncode == 1 and "is not a container connection" in r.stderr
-    r = await cli("identify", ":1.9999")
-    assert r.returncode == 1 and "no connection named :1.9999" in r.stderr
-    r = await cli("identify", "org.example.NobodyOwnsThis")
-    assert r.returncode == 1 and "no connection named" in r.stderr
+    unconfined = "is not a container connection"
+    await cli_fails(1, unconfined, "identify", manager_bus.unique_name)
+    await cli_fails(1, unconfined, "identify", "org.freedesktop.DBus", "--json")
+    await cli_fails(1, "no connection named :1.9999", "identify", ":1.9999")
+    await cli_fails(1, "no connection named", "identify", "org.example.NobodyOwnsThis")
 
 
 async def test_stop_listening_only_then_stop(
@@ -241,7 +225,7 @@ async def test_stop_listening_only_then_stop(
     """stop --listening-only keeps the connection; stop removes the server."""
     watcher = await RemovedWatcher(manager_bus).start()
     path, results = await add_server(manager_bus)
-    socket_path = os.fsdecode(results["SocketPath"].value[:-1])
+    socket_path = socket_path_of(results)
     client = await connect(results["Address"].value)
     try:
         r = await cli("stop", "--listening-only", path)
@@ -250,15 +234,7 @@ async def test_stop_listening_only_then_stop(
         assert await server_property(manager_bus, path, "Listening") is False
         assert not os.path.exists(socket_path)
         # the connection keeps working
-        ok(
-            await call(
-                client,
-                "GetId",
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-            )
-        )
+        await driver_call(client, "GetId")
         assert await list_servers(manager_bus) == [path]
 
         r = await cli("stop", path, "--json")
@@ -301,10 +277,11 @@ async def _empty(bus: MessageBus) -> bool:
     ],
 )
 async def test_no_service_running(bus: PrivateBus, args: tuple[str, ...]) -> None:
-    """Without the service every admin command says so, exits 3, prints nothing."""
+    """Without the service every admin command says so and what to do, exits 3, prints
+    nothing on stdout."""
     r = await cli(*args)
     assert r.returncode == 3, (r.returncode, r.stderr)
-    assert r.stderr.strip() == f"xdg-containers: {NOT_RUNNING}"
+    assert r.stderr.strip() == f"xdg-containers: {NOT_RUNNING}{NOT_RUNNING_HINT}"
     assert r.stdout == ""
 
 
@@ -319,8 +296,7 @@ async def test_no_bus_at_all(runtime_dir: str) -> None:
 async def test_bus_selection_flags(service: ServiceProcess, manager_bus: MessageBus) -> None:
     """--address, --session and --system pick the bus; they exclude each other."""
     await add_server(manager_bus)
-    elsewhere = PrivateBus()
-    elsewhere.start()
+    elsewhere = started_bus()
     try:
         # --address wins over the session bus; the session bus here has no service.
         env = cli_env(DBUS_SESSION_BUS_ADDRESS=elsewhere.address)

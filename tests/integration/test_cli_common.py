@@ -23,14 +23,13 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import IFACE, NAME, PATH, REPO, call, ok
+from tests.integration import helpers_c1
+from tests.support.names import EXT, PROPS, SERVER_IFACE
 from xdg_containers.cli import build_parser
-from xdg_containers.launcher import check_usage, command_of, named_arguments
+from xdg_containers.launcher_args import check_usage, command_of, named_arguments
 
 DRIVER = "org.freedesktop.DBus"
 DRIVER_PATH = "/org/freedesktop/DBus"
-PROPS = "org.freedesktop.DBus.Properties"
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
-EXT = "org.freedesktop.XdgContainers1."
 
 #: A D-Bus client for tests: connects to argv[1] (or $DBUS_SESSION_BUS_ADDRESS), reports
 #: its unique name, pid, GetConnectionInfo about itself, ListNames and GetId as one JSON
@@ -178,11 +177,7 @@ async def driver_call(
     bus: MessageBus, member: str, signature: str = "", body: list[Any] | None = None
 ) -> list[Any]:
     """A successful bus-driver call's body."""
-    return ok(
-        await call(
-            bus, member, signature, body, destination=DRIVER, path=DRIVER_PATH, interface=DRIVER
-        )
-    )
+    return ok(await helpers_c1.driver_call(bus, member, signature, body))
 
 
 async def list_servers(bus: MessageBus) -> list[str]:

@@ -7,11 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import ServiceProcess, connect, start_service
+from tests.conftest import ServiceProcess, connect, connected, start_service
 from tests.integration.test_cli_common import (
     RemovedWatcher,
     cli,
@@ -25,7 +26,7 @@ from tests.integration.test_cli_common import (
     server_property,
     wait_until,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -124,40 +125,33 @@ async def test_filter_flags_give_a_filtered_server(
     service: ServiceProcess, manager_bus: MessageBus
 ) -> None:
     """--filter/--see/--call/--talk decide what ListNames shows through the server."""
-    visible = await connect(service.bus_address)
-    hidden = await connect(service.bus_address)
-    try:
+    address = service.bus_address
+    async with connected(address, address) as (visible, hidden):
         await visible.request_name("org.example.Visible")
         await hidden.request_name("org.example.Hidden")
-        r = await cli(*RUN, "--filter", "--see", "org.example.Visible", "--", *client_argv())
-        assert r.returncode == 0, r.stderr
-        names = report_of(r)["names"]
+        names = (await run_report("--filter", "--see", "org.example.Visible"))["names"]
         assert "org.example.Visible" in names
         assert visible.unique_name in names  # the owner of a visible name is visible
         assert "org.example.Hidden" not in names
         assert hidden.unique_name not in names
         # unfiltered: identified only, everything visible
-        r = await cli(*RUN, "--", *client_argv())
-        assert r.returncode == 0, r.stderr
-        names = report_of(r)["names"]
+        names = (await run_report())["names"]
         assert {"org.example.Visible", "org.example.Hidden", hidden.unique_name} <= set(names)
         # --call makes the name visible too; a wildcard --talk covers the prefix only
-        r = await cli(
-            *RUN,
-            "--filter",
-            "--call",
-            "org.example.Hidden=org.example.I.M@/x",
-            "--talk",
-            "org.example.Vis.*",
-            "--",
-            *client_argv(),
-        )
-        assert r.returncode == 0, r.stderr
-        names = report_of(r)["names"]
+        names = (
+            await run_report(
+                "--filter", "--call", "org.example.Hidden=org.example.I.M@/x",
+                "--talk", "org.example.Vis.*",
+            )
+        )["names"]
         assert "org.example.Hidden" in names and "org.example.Visible" not in names
-    finally:
-        visible.disconnect()
-        hidden.disconnect()
+
+
+async def run_report(*args: str) -> dict[str, Any]:
+    """``run`` (with ``args``) of the test client, which must succeed; its report."""
+    r = await cli(*RUN, *args, "--", *client_argv())
+    assert r.returncode == 0, r.stderr
+    return report_of(r)
 
 
 async def test_filtered_server_counts_denials(
@@ -165,16 +159,12 @@ async def test_filtered_server_counts_denials(
 ) -> None:
     """The denied call goes through the service's filter: MessagesDenied grows."""
     go = os.path.join(tmp_path, "go")
+    script = (
+        'gdbus call --address "$DBUS_SESSION_BUS_ADDRESS" -d org.example.Nobody '
+        f"-o / -m org.example.I.M; echo done > {go}; exec sleep 30"
+    )
     proc = subprocess.Popen(
-        cli_argv(
-            *RUN,
-            "--filter",
-            "--",
-            "sh",
-            "-c",
-            'gdbus call --address "$DBUS_SESSION_BUS_ADDRESS" -d org.example.Nobody '
-            f"-o / -m org.example.I.M; echo done > {go}; exec sleep 30",
-        ),
+        cli_argv(*RUN, "--filter", "--", "sh", "-c", script),
         env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -320,11 +310,10 @@ async def _not_listening(bus: MessageBus, path: str) -> bool:
 
 
 async def test_system_bus_and_bus_flags(
-    runtime_dir: str, bus: PrivateBus, manager_bus: MessageBus
+    runtime_dir: str, bus: PrivateBus, manager_bus: MessageBus, other_bus: PrivateBus
 ) -> None:
     """--system-bus: a second server proxied to the service's idea of the system bus."""
-    system = PrivateBus()
-    system.start()
+    system = other_bus
     sp = start_service(
         bus.address, runtime_dir, env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": system.address}
     )
@@ -358,15 +347,10 @@ async def test_system_bus_and_bus_flags(
         assert report_of(r)["system_bus_id"] == system_id
 
         # --bus: the command's session bus is proxied to another bus
-        r = await cli(*RUN, "--bus", system.address, "--", *client_argv())
-        assert r.returncode == 0, r.stderr
-        assert report_of(r)["bus_id"] == system_id
+        assert (await run_report("--bus", system.address))["bus_id"] == system_id
         await wait_until(lambda: _no_servers(manager_bus), "the servers to go")
     finally:
-        rc = sp.terminate()
-        system.stop()
-        os.unlink(sp.log_path)
-    assert rc == 0
+        sp.finish()
 
 
 async def test_interrupt_reaches_the_command_not_the_launcher(

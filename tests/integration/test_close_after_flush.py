@@ -6,7 +6,8 @@ import socket
 import time
 
 from tests.conftest import ServiceProcess, add_server, call, ok
-from tests.integration.test_hostile_wire import RawConn, driver_call, method_call
+from tests.support.rawconn import RawConn
+from tests.support.wire import driver_call, method_call
 
 
 async def test_client_is_closed_after_the_flush_when_its_bus_connection_ends(

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dbus_fast import Variant
 
 from tests.conftest import ServiceProcess, add_server, call, connect, error, ok
-
-PROPS = "org.freedesktop.DBus.Properties"
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
+from tests.support.names import PROPS, SERVER_IFACE
 
 
 async def test_confined_client_cannot_list_or_read_other_servers(

@@ -9,39 +9,31 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import RequestNameReply
 
-from tests.conftest import ServiceProcess, add_server, call, connect, error, ok
-from tests.integration.helpers_c1 import (
-    DRIVER,
-    PROPS,
-    Observer,
-    close_fds,
-    driver_call,
-    list_servers,
-    observing,
-    socket_path_of,
-    wait_disconnected,
-    wait_until,
+from tests.conftest import (
+    ServiceProcess,
+    add_server,
+    add_server_reply,
+    call,
+    confined_client,
+    connect,
+    error,
+    ok,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.integration import helpers_c1 as c1
+from tests.integration.helpers_c1 import Observer, driver_call, list_servers, socket_path_of
+from tests.support.bus import PrivateBus
+from tests.support.names import BUS_ARG, DRIVER, POLICY, PROPS, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture
-async def observer(bus: PrivateBus) -> AsyncIterator[Observer]:
-    """A third connection to the real bus recording ServerRemoved and NameOwnerChanged."""
-    async with observing(bus.address) as obs:
-        yield obs
-
-
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
 LISTEN_FD = "org.freedesktop.XdgContainers1.ListenFD"
 
 
@@ -72,7 +64,7 @@ async def test_server_removed_precedes_stop_reply(
         assert ("removed", path) in kinds, f"no ServerRemoved before the {stop} reply: {kinds}"
         assert kinds.index(("removed", path)) < kinds.index(("reply", reply.reply_serial))
         if confined is not None:
-            await wait_disconnected(confined)
+            await c1.wait_disconnected(confined)
         await rec.sync()
         assert rec.removed() == [path], "exactly one ServerRemoved, and only for the stopped server"
         signal = next(e for e in rec.events if e.kind == "removed")
@@ -171,22 +163,8 @@ async def test_wrong_named_argument_type_names_both_types(
 async def test_policy_without_filter_is_invalid(
     service: ServiceProcess, manager_bus: MessageBus
 ) -> None:
-    reply = await call(
-        manager_bus,
-        "AddServer",
-        "sssa{sv}a{sv}",
-        [
-            "org.example.Test",
-            "app",
-            "",
-            {},
-            {
-                "org.freedesktop.XdgContainers1.Policy": Variant(
-                    "a{ss}", {"org.example.Foo": "talk"}
-                )
-            },
-        ],
-    )
+    policy = {POLICY: Variant("a{ss}", {"org.example.Foo": "talk"})}
+    reply = await add_server_reply(manager_bus, "org.example.Test", "app", "", named=policy)
     text = error(reply, "InvalidArgs")
     assert "Filter" in text, text
     assert await list_servers(manager_bus) == []
@@ -254,9 +232,11 @@ async def test_identify_errors(
 async def test_connection_info_by_well_known_name(
     service: ServiceProcess, manager_bus: MessageBus
 ) -> None:
-    path, results = await add_server(manager_bus, "org.example.Test", "org.example.App", "inst")
-    confined = await connect(results["Address"].value)
-    try:
+    async with confined_client(manager_bus, "org.example.Test", "org.example.App", "inst") as (
+        path,
+        _,
+        confined,
+    ):
         assert (
             await confined.request_name("org.example.ConfinedApp") == RequestNameReply.PRIMARY_OWNER
         )
@@ -266,13 +246,11 @@ async def test_connection_info_by_well_known_name(
         reply = await call(
             manager_bus, "GetConnectionCredentials", "s", ["org.example.ConfinedApp"]
         )
-        close_fds(reply)
+        c1.close_fds(reply)
         creds = ok(reply)[0]
         assert creds["org.freedesktop.DBus.Containers1.Path"].value == path
         assert creds["UnixUserID"].value == os.getuid()
         assert creds["ProcessID"].value == os.getpid()
-    finally:
-        confined.disconnect()
 
 
 async def test_connection_info_after_stop_listening(
@@ -343,7 +321,7 @@ async def test_stop_on_disconnect_defaults_to_true(
         await observer.wait_name_gone(creator_name)
         # The unused server goes at once; the used one stops listening but lives on.
         await observer.wait_removed(unused)
-        await wait_until(
+        await c1.wait_until(
             lambda: not os.path.exists(socket_path_of(used_results)), "used socket unlinked"
         )
         assert not os.path.exists(socket_path_of(unused_results))
@@ -393,7 +371,7 @@ async def test_listen_fd(
         assert info[0] == path
         assert ok(await driver_call(confined, "GetNameOwner", "s", [DRIVER])) == [DRIVER]
         ok(await call(manager_bus, "StopServer", "o", [path]))
-        await wait_disconnected(confined)
+        await c1.wait_disconnected(confined)
         await observer.wait_removed(path)
     finally:
         confined.disconnect()
@@ -447,10 +425,9 @@ async def test_listen_fd_must_be_listening_unix_stream(
 
 
 async def test_bus_argument_proxies_to_another_bus(
-    service: ServiceProcess, manager_bus: MessageBus, bus: PrivateBus
+    service: ServiceProcess, manager_bus: MessageBus, bus: PrivateBus, other_bus: PrivateBus
 ) -> None:
-    second = PrivateBus()
-    second.start()
+    second = other_bus
     direct: MessageBus | None = None
     confined: MessageBus | None = None
     try:
@@ -487,37 +464,19 @@ async def test_bus_argument_proxies_to_another_bus(
             confined.disconnect()
         if direct is not None:
             direct.disconnect()
-        second.stop()
 
 
 async def test_bus_argument_session_and_invalid(
     service: ServiceProcess, manager_bus: MessageBus, bus: PrivateBus
 ) -> None:
     # "session" is the service's session bus: here, the test bus itself.
-    _path, results = await add_server(
-        manager_bus, named={"org.freedesktop.XdgContainers1.Bus": Variant("s", "session")}
-    )
-    confined = await connect(results["Address"].value)
-    try:
-        assert (
-            ok(await driver_call(confined, "GetId"))[0]
-            == ok(await driver_call(manager_bus, "GetId"))[0]
-        )
-    finally:
-        confined.disconnect()
+    session = {BUS_ARG: Variant("s", "session")}
+    async with confined_client(manager_bus, named=session) as (_, _, confined):
+        bus_id = ok(await driver_call(manager_bus, "GetId"))[0]
+        assert ok(await driver_call(confined, "GetId"))[0] == bus_id
     for bad in ("not an address", "nosuchtransport:foo=bar", "unix:"):
-        reply = await call(
-            manager_bus,
-            "AddServer",
-            "sssa{sv}a{sv}",
-            [
-                "org.example.Test",
-                "app",
-                "",
-                {},
-                {"org.freedesktop.XdgContainers1.Bus": Variant("s", bad)},
-            ],
-        )
+        bus_arg = {BUS_ARG: Variant("s", bad)}
+        reply = await add_server_reply(manager_bus, "org.example.Test", "app", "", named=bus_arg)
         text = error(reply, "InvalidArgs")
         assert "Bus" in text, text
 
@@ -540,7 +499,7 @@ async def test_stop_on_notify_data_stops_listening(
         try:
             assert os.path.exists(sock)
             os.write(w, b"x")  # readable, not closed
-            await wait_until(lambda: not os.path.exists(sock), "the socket to be unlinked")
+            await c1.wait_until(lambda: not os.path.exists(sock), "the socket to be unlinked")
             assert ok(await driver_call(confined, "GetNameOwner", "s", [DRIVER])) == [DRIVER]
             await observer.sync()
             assert path not in observer.removed()

@@ -21,29 +21,21 @@ from dbus_fast.constants import RequestNameReply
 from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, ok
 from tests.integration.helpers_c1 import (
     DRIVER,
-    DRIVER_PATH,
     Observer,
-    build_hello,
-    build_method_call,
     driver_call,
     list_servers,
     name_has_owner,
-    observing,
-    parse_message,
     recv_until,
-    run_cmd,
     socket_path_of,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
+from tests.support.clients import run_busctl, run_dbus_python, run_dbus_send, run_gdbus
+from tests.support.commands import dbus_send, gdbus_call, run_cmd
+from tests.support.sasl import opening
+from tests.support.wire import decode, wire_length
+from tests.support.wire import driver_call as raw_driver_call
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-async def observer(bus: PrivateBus) -> AsyncIterator[Observer]:
-    """A third connection to the real bus recording ServerRemoved and NameOwnerChanged."""
-    async with observing(bus.address) as obs:
-        yield obs
 
 
 PEER = "org.example.C1Peer"
@@ -149,134 +141,38 @@ async def minted(
     yield path, results
 
 
-def dbus_python_call(
-    address: str,
-    dest: str,
-    path: str,
-    iface: str,
-    member: str,
-    signature: str | None,
-    args: tuple[Any, ...],
-) -> Any:
-    """A blocking dbus-python call on a fresh BusConnection (run in a thread)."""
-    import dbus
-    import dbus.bus
+#: A minted server: (path, results).
+Minted = tuple[str, dict[str, Any]]
 
-    conn = dbus.bus.BusConnection(address)
-    try:
-        assert conn.get_unique_name().startswith(":")
-        return conn.call_blocking(dest, path, iface, member, signature, args, timeout=5)
-    finally:
-        conn.close()
+#: The command-line and library clients, each run by tests/support/clients.py.
+CLIENTS = {"gdbus": run_gdbus, "busctl": run_busctl, "dbus-send": run_dbus_send,
+           "dbus-python": run_dbus_python}
 
 
 # -- CLI and library clients call a peer through the minted socket ---------------------------
 
 
 @pytest.mark.parametrize("client", ["gdbus", "busctl", "dbus-send", "dbus-python"])
-async def test_client_calls_peer(
-    client: str, minted: tuple[str, dict[str, Any]], peer: Peer
-) -> None:
+async def test_client_calls_peer(client: str, minted: Minted, peer: Peer) -> None:
     address = minted[1]["Address"].value
-    expected = f"{APP_ID}|hello"
-    if client == "gdbus":
-        rc, out, err = await run_cmd(
-            "gdbus",
-            "call",
-            "--address",
-            address,
-            "--dest",
-            PEER,
-            "--object-path",
-            PEER_PATH,
-            "--method",
-            f"{PEER_IFACE}.Echo",
-            "'hello'",
-        )
-        assert rc == 0, err
-        assert out.strip() == f"('{expected}',)"
-    elif client == "busctl":
-        rc, out, err = await run_cmd(
-            "busctl",
-            f"--address={address}",
-            "call",
-            PEER,
-            PEER_PATH,
-            PEER_IFACE,
-            "Echo",
-            "s",
-            "hello",
-        )
-        assert rc == 0, err
-        assert out.strip() == f's "{expected}"'
-    elif client == "dbus-send":
-        rc, out, err = await run_cmd(
-            "dbus-send",
-            f"--bus={address}",
-            "--print-reply",
-            f"--dest={PEER}",
-            PEER_PATH,
-            f"{PEER_IFACE}.Echo",
-            "string:hello",
-        )
-        assert rc == 0, err
-        assert f'string "{expected}"' in out, out
-    else:
-        result = await asyncio.to_thread(
-            dbus_python_call, address, PEER, PEER_PATH, PEER_IFACE, "Echo", "s", ("hello",)
-        )
-        assert str(result) == expected
+    outcome = await asyncio.to_thread(
+        CLIENTS[client], address, PEER, PEER_PATH, PEER_IFACE, "Echo", "s", ["hello"]
+    )
+    assert outcome == ("ok", f"{APP_ID}|hello")
 
 
 @pytest.mark.parametrize("client", ["gdbus", "busctl", "dbus-send", "dbus-python"])
-async def test_client_calls_echo_tool(
-    client: str, minted: tuple[str, dict[str, Any]], echo_tool: str
-) -> None:
+async def test_client_calls_echo_tool(client: str, minted: Minted, echo_tool: str) -> None:
     address = minted[1]["Address"].value
-    if client == "gdbus":
-        rc, out, err = await run_cmd(
-            "gdbus",
-            "call",
-            "--address",
-            address,
-            "--dest",
-            ECHO_TOOL,
-            "--object-path",
-            "/",
-            "--method",
-            "org.example.Anything.Method",
+    outcome = await asyncio.to_thread(
+        CLIENTS[client], address, ECHO_TOOL, "/", "org.example.Anything", "Method"
+    )
+    assert outcome in (("ok", None), ("ok", ())), outcome
+    if client == "dbus-send":  # the reply comes from the echo tool itself
+        out = await dbus_send(
+            address, "Method", dest=ECHO_TOOL, path="/", iface="org.example.Anything"
         )
-        assert rc == 0, err
-        assert out.strip() == "()"
-    elif client == "busctl":
-        rc, out, err = await run_cmd(
-            "busctl",
-            f"--address={address}",
-            "call",
-            ECHO_TOOL,
-            "/",
-            "org.example.Anything",
-            "Method",
-        )
-        assert rc == 0, err
-        assert out.strip() == ""
-    elif client == "dbus-send":
-        rc, out, err = await run_cmd(
-            "dbus-send",
-            f"--bus={address}",
-            "--print-reply",
-            f"--dest={ECHO_TOOL}",
-            "/",
-            "org.example.Anything.Method",
-        )
-        assert rc == 0, err
-        # The reply comes from the echo tool itself.
         assert re.search(rf"method return .*sender={re.escape(echo_tool)}\b", out), out
-    else:
-        result = await asyncio.to_thread(
-            dbus_python_call, address, ECHO_TOOL, "/", "org.example.Anything", "Method", None, ()
-        )
-        assert result in (None, ())
 
 
 # -- unix fds both ways -----------------------------------------------------------------------
@@ -330,10 +226,9 @@ def _pipelined_session(
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(socket_path)
-        uid = str(os.getuid()).encode().hex().encode()
-        payload = b"\0AUTH EXTERNAL " + uid + b"\r\nNEGOTIATE_UNIX_FD\r\nBEGIN\r\n" + build_hello(1)
+        payload = opening(fds=True) + raw_driver_call(1, "Hello")
         if with_call:
-            payload += build_method_call(2, DRIVER, DRIVER_PATH, DRIVER, "GetId")
+            payload += raw_driver_call(2, "GetId")
         if bytewise:
             for i in range(len(payload)):
                 s.sendall(payload[i : i + 1])
@@ -347,10 +242,10 @@ def _pipelined_session(
 
         def have_all(b: bytes) -> bool:
             messages.clear()
-            while (parsed := parse_message(b)) is not None:
-                messages.append(parsed[0])
-                b = b[parsed[1] :]
-            return wanted <= {m.fields.get(5) for m in messages}
+            while len(b) >= 16 and len(b) >= (n := wire_length(b)):
+                messages.append(decode(b[:n]))
+                b = b[n:]
+            return wanted <= {m.reply_serial for m in messages}
 
         recv_until(s, rest, have_all)
         return s, lines, list(messages)
@@ -374,18 +269,18 @@ async def test_pipelined_handshake_and_hello(
     try:
         guid = re.search(r"guid=([0-9a-f]{32})", results["Address"].value).group(1)  # type: ignore[union-attr]
         assert lines == b"OK " + guid.encode() + b"\r\nAGREE_UNIX_FD\r\n"
-        hello = next(m for m in messages if m.fields.get(5) == 1)
-        assert hello.message_type == 2  # METHOD_RETURN
-        assert hello.fields.get(8) == "s"
-        assert hello.fields.get(7) == DRIVER  # sender
-        unique = hello.first_string()
+        hello = next(m for m in messages if m.reply_serial == 1)
+        assert hello.message_type == MessageType.METHOD_RETURN
+        assert hello.signature == "s"
+        assert hello.sender == DRIVER
+        unique = hello.body[0]
         assert unique.startswith(":")
-        assert hello.fields.get(6) == unique  # destination: the client's own name
+        assert hello.destination == unique  # the client's own name
         if with_call:
-            getid = next(m for m in messages if m.fields.get(5) == 2)
-            assert getid.message_type == 2
+            getid = next(m for m in messages if m.reply_serial == 2)
+            assert getid.message_type == MessageType.METHOD_RETURN
             bus_id = ok(await driver_call(manager_bus, "GetId"))[0]
-            assert getid.first_string() == bus_id
+            assert getid.body[0] == bus_id
         # The unique name in the Hello reply is the client's own, and ours.
         info = ok(await call(manager_bus, "GetConnectionInfo", "s", [unique]))
         assert info[0] == path
@@ -464,50 +359,19 @@ async def test_manager_callable_from_cli(
     assert rc == 0, err
     assert re.match(r'oa\{sv\} "/org/freedesktop/DBus/Containers1/c\d+" 2 ', out), out
     assert '"Address" s "unix:path=' in out and '"SocketPath" ay ' in out, out
-    rc, out, err = await run_cmd(
-        "gdbus",
-        "call",
-        "--address",
-        bus.address,
-        "--dest",
-        NAME,
-        "--object-path",
-        PATH,
-        "--method",
-        f"{IFACE}.AddServer",
-        "org.example.Cli",
-        "gdbus-app",
-        "",
-        "{}",
-        "{}",
+    rc, out, err = await gdbus_call(
+        bus.address, PATH, f"{IFACE}.AddServer", "org.example.Cli", "gdbus-app", "", "{}", "{}"
     )
     assert rc == 0, err
     assert re.match(
         r"\(objectpath '/org/freedesktop/DBus/Containers1/c\d+', \{'Address': <'unix:path=", out
     ), out
     # dbus-send where no a{sv} argument is needed.
-    rc, out, err = await run_cmd(
-        "dbus-send",
-        f"--bus={bus.address}",
-        "--print-reply",
-        f"--dest={NAME}",
-        PATH,
-        f"{IFACE}.GetServerInfo",
-        f"objpath:{path}",
-    )
-    assert rc == 0, err
+    out = await dbus_send(bus.address, "GetServerInfo", f"objpath:{path}")
     assert (
         'string "org.example.Test"' in out and 'string "app"' in out and 'string "inst"' in out
     ), out
-    rc, out, err = await run_cmd(
-        "dbus-send",
-        f"--bus={bus.address}",
-        "--print-reply",
-        f"--dest={NAME}",
-        PATH,
-        f"{IFACE}.ListServers",
-    )
-    assert rc == 0, err
+    out = await dbus_send(bus.address, "ListServers")
     assert f'object path "{path}"' in out, out
     rc, out, err = await run_cmd(
         "busctl",
@@ -520,14 +384,5 @@ async def test_manager_callable_from_cli(
     )
     assert rc == 0, err
     assert out.startswith("as 10 ") and '"StopOnNotify"' in out, out
-    rc, out, err = await run_cmd(
-        "dbus-send",
-        f"--bus={bus.address}",
-        "--print-reply",
-        f"--dest={NAME}",
-        PATH,
-        f"{IFACE}.StopServer",
-        f"objpath:{path}",
-    )
-    assert rc == 0, err
+    await dbus_send(bus.address, "StopServer", f"objpath:{path}")
     assert path not in await list_servers(manager_bus)

@@ -15,37 +15,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator
 
 import pytest
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, error, ok
-from tests.integration.helpers_c1 import (
-    NOBODY,
-    Observer,
-    as_nobody_kwargs,
-    list_servers,
-    observing,
-    run_cmd,
-    sasl_probe,
-    socket_path_of,
-    stdlib_python,
-)
-from xdg_containers.privatebus import PrivateBus
+from tests.conftest import IFACE, PATH, ServiceProcess, add_server, call, connect, error, ok
+from tests.integration.helpers_c1 import Observer, list_servers, socket_path_of
+from tests.support.bus import PrivateBus
+from tests.support.commands import NOBODY, as_nobody_kwargs, gdbus_call, sasl_probe, stdlib_python
+from tests.support.names import BUS_ARG
 
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture
-async def observer(bus: PrivateBus) -> AsyncIterator[Observer]:
-    """A third connection to the real bus recording ServerRemoved and NameOwnerChanged."""
-    async with observing(bus.address) as obs:
-        yield obs
-
-
-BUS_ARG = "org.freedesktop.XdgContainers1.Bus"
 
 
 async def test_claimed_uid_must_match_socket_uid(
@@ -68,22 +51,8 @@ async def test_other_uid_cannot_add_server(
     service: ServiceProcess, bus: PrivateBus, manager_bus: MessageBus
 ) -> None:
     os.chmod(bus.tmpdir, 0o711)  # let uid 65534 reach the bus socket (itself 0777)
-    rc, out, err = await run_cmd(
-        "gdbus",
-        "call",
-        "--address",
-        bus.address,
-        "-d",
-        NAME,
-        "-o",
-        PATH,
-        "-m",
-        f"{IFACE}.AddServer",
-        "org.example.Intruder",
-        "app",
-        "",
-        "{}",
-        "{}",
+    rc, out, err = await gdbus_call(
+        bus.address, PATH, f"{IFACE}.AddServer", "org.example.Intruder", "app", "", "{}", "{}",
         nobody=True,
     )
     # (If it got one, the service's SIGTERM at teardown removes the socket.)
@@ -174,10 +143,9 @@ async def _burn_names_until(address: str, target: str) -> None:
 
 
 async def test_other_bus_client_does_not_shadow_real_bus_peer(
-    service: ServiceProcess, manager_bus: MessageBus, observer: Observer
+    service: ServiceProcess, manager_bus: MessageBus, observer: Observer, other_bus: PrivateBus
 ) -> None:
-    second = PrivateBus()
-    second.start()
+    second = other_bus
     confined: MessageBus | None = None
     try:
         path, results = await add_server(
@@ -200,14 +168,12 @@ async def test_other_bus_client_does_not_shadow_real_bus_peer(
     finally:
         if confined is not None:
             confined.disconnect()
-        second.stop()
 
 
 async def test_other_bus_client_does_not_hijack_confined_identity(
-    service: ServiceProcess, manager_bus: MessageBus, observer: Observer
+    service: ServiceProcess, manager_bus: MessageBus, observer: Observer, other_bus: PrivateBus
 ) -> None:
-    second = PrivateBus()
-    second.start()
+    second = other_bus
     clients: list[MessageBus] = []
     try:
         main_path, main_results = await add_server(manager_bus, app_id="org.example.OnRealBus")
@@ -249,4 +215,3 @@ async def test_other_bus_client_does_not_hijack_confined_identity(
     finally:
         for c in clients:
             c.disconnect()
-        second.stop()

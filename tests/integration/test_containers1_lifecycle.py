@@ -10,20 +10,27 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import NAME, REPO, ServiceProcess, add_server, call, connect, ok
-from tests.integration.helpers_c1 import (
-    list_servers,
-    sasl_probe,
-    socket_path_of,
-    wait_disconnected,
-    wait_until,
+from tests.conftest import (
+    NAME,
+    REPO,
+    ServiceProcess,
+    add_server,
+    call,
+    confined_client,
+    connect,
+    ok,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.integration.helpers_c1 import list_servers, socket_path_of, wait_disconnected, wait_until
+from tests.support.bus import PrivateBus
+from tests.support.commands import sasl_probe
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -42,10 +49,11 @@ def sockets_under(directory: str) -> list[str]:
     return found
 
 
-async def populate(manager_bus: MessageBus) -> tuple[list[str], list[MessageBus]]:
+@asynccontextmanager
+async def populated(manager_bus: MessageBus) -> AsyncIterator[tuple[list[str], list[MessageBus]]]:
     """Three servers: one idle, one with a client, one stopped listening with a client.
 
-    Returns (socket paths that exist, confined clients).
+    Yields (socket paths that exist, confined clients); the clients are disconnected on exit.
     """
     _idle, r1 = await add_server(manager_bus, instance_id="idle")
     _busy, r2 = await add_server(manager_bus, instance_id="busy")
@@ -53,15 +61,18 @@ async def populate(manager_bus: MessageBus) -> tuple[list[str], list[MessageBus]
     clients = [await connect(r2["Address"].value), await connect(r3["Address"].value)]
     ok(await call(manager_bus, "StopListening", "o", [quiet]))
     paths = [socket_path_of(r1), socket_path_of(r2)]
-    assert all(os.path.exists(p) for p in paths)
-    return paths, clients
+    try:
+        assert all(os.path.exists(p) for p in paths)
+        yield paths, clients
+    finally:
+        for c in clients:
+            c.disconnect()
 
 
 async def test_bus_death_exits_non_zero_with_clear_log(
     service: ServiceProcess, manager_bus: MessageBus, bus: PrivateBus, runtime_dir: str
 ) -> None:
-    paths, clients = await populate(manager_bus)
-    try:
+    async with populated(manager_bus) as (paths, clients):
         bus.stop()
         rc = await asyncio.to_thread(service.process.wait, 5)
         assert rc != 0, "losing the bus is not a clean exit"
@@ -74,17 +85,16 @@ async def test_bus_death_exits_non_zero_with_clear_log(
         assert sockets_under(runtime_dir) == []
         for c in clients:
             await wait_disconnected(c)
-    finally:
-        for c in clients:
-            c.disconnect()
 
 
 async def test_second_instance_exits_non_zero_name_taken(
     service: ServiceProcess, manager_bus: MessageBus, bus: PrivateBus, runtime_dir: str
 ) -> None:
-    path, results = await add_server(manager_bus, metadata={"k": Variant("s", "v")})
-    confined = await connect(results["Address"].value)
-    try:
+    async with confined_client(manager_bus, metadata={"k": Variant("s", "v")}) as (
+        path,
+        results,
+        confined,
+    ):
         env = dict(os.environ, XDG_RUNTIME_DIR=runtime_dir)
         env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         proc = await asyncio.to_thread(
@@ -110,8 +120,6 @@ async def test_second_instance_exits_non_zero_name_taken(
         info = ok(await call(manager_bus, "GetConnectionInfo", "s", [confined.unique_name]))
         assert info[0] == path
         assert confined.connected
-    finally:
-        confined.disconnect()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -122,8 +130,7 @@ async def test_signal_unlinks_sockets_and_exits_zero(
     signum: int,  # type: ignore[no-untyped-def]
 ) -> None:
     sp: ServiceProcess = service_factory()
-    paths, clients = await populate(manager_bus)
-    try:
+    async with populated(manager_bus) as (paths, clients):
         sp.process.send_signal(signum)
         rc = await asyncio.to_thread(sp.process.wait, 5)
         assert rc == 0, sp.log()
@@ -131,34 +138,23 @@ async def test_signal_unlinks_sockets_and_exits_zero(
         assert sp.sockets() == []
         for c in clients:
             await wait_disconnected(c)
-    finally:
-        for c in clients:
-            c.disconnect()
 
 
 async def test_runtime_dir_holds_no_socket_after_exit(
-    service_factory,
-    manager_bus: MessageBus,
-    runtime_dir: str,  # type: ignore[no-untyped-def]
+    service_factory: Any, manager_bus: MessageBus, runtime_dir: str
 ) -> None:
     sp: ServiceProcess = service_factory()
-    _paths, clients = await populate(manager_bus)
-    try:
+    async with populated(manager_bus) as (_paths, _clients):
         assert len(sockets_under(runtime_dir)) == 2
         assert sp.terminate() == 0
         assert sockets_under(runtime_dir) == []
         containers = os.path.join(runtime_dir, "dbus-1", "containers")
         assert os.listdir(containers) == []
         assert stat.S_IMODE(os.stat(containers).st_mode) == 0o700
-    finally:
-        for c in clients:
-            c.disconnect()
 
 
 async def test_restart_after_kill_cleans_stale_sockets(
-    service_factory,
-    manager_bus: MessageBus,
-    runtime_dir: str,  # type: ignore[no-untyped-def]
+    service_factory: Any, manager_bus: MessageBus, runtime_dir: str
 ) -> None:
     """A service killed hard leaves sockets behind; the next instance removes them."""
     sp: ServiceProcess = service_factory()

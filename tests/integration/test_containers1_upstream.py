@@ -28,48 +28,46 @@ import asyncio
 import os
 import re
 import stat
-from collections.abc import AsyncIterator
 
 import pytest
 from dbus_fast import Message, Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, error, ok
+from tests.conftest import (
+    IFACE,
+    PATH,
+    ServiceProcess,
+    add_server,
+    add_server_reply,
+    call,
+    connect,
+    error,
+    ok,
+)
+from tests.integration import helpers_c1 as c1
 from tests.integration.helpers_c1 import (
-    DRIVER,
     LIMIT_CONTAINERS,
     MAX_CONTAINERS,
-    NOBODY,
-    PROPS,
     SPEC_ARGUMENTS,
     Observer,
-    add_match,
-    close_fds,
-    connect_errno,
     driver_call,
     list_servers,
-    observing,
+    socket_path_of,
+)
+from tests.support.bus import PrivateBus
+from tests.support.commands import (
+    NOBODY,
+    connect_errno,
+    gdbus_call,
     probe_as_nobody,
     reachable_by_others,
-    run_cmd,
     sasl_probe,
-    socket_path_of,
-    wait_disconnected,
-    wait_until,
 )
-from xdg_containers.privatebus import PrivateBus
+from tests.support.names import DRIVER, PROPS, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture
-async def observer(bus: PrivateBus) -> AsyncIterator[Observer]:
-    """A third connection to the real bus recording ServerRemoved and NameOwnerChanged."""
-    async with observing(bus.address) as obs:
-        yield obs
-
-
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
 GONE = (2, 111)  # ENOENT, ECONNREFUSED: what connecting to a stopped server gives
 
 
@@ -100,17 +98,8 @@ async def assert_gdbus_stop_denied_for_other_uid(bus: PrivateBus, server_path: s
     """upstream: a local attacker with another uid cannot stop our servers."""
     os.chmod(bus.tmpdir, 0o711)  # the bus socket itself is 0777, its dir 0700
     for member in ("StopListening", "StopServer"):
-        rc, out, err = await run_cmd(
-            "gdbus",
-            "call",
-            "--address",
-            bus.address,
-            "-d",
-            NAME,
-            "-o",
-            PATH,
-            "-m",
-            f"{IFACE}.{member}",
+        rc, out, err = await gdbus_call(
+            bus.address, PATH, f"{IFACE}.{member}",
             server_path,
             nobody=True,
         )
@@ -169,7 +158,7 @@ async def test_basic(
 
         # Broadcasts from the confined app and from an unconfined one both reach
         # a third connection, each with its own sender.
-        await add_match(observer.bus, "interface='com.example.Shouting'")
+        await c1.add_match(observer.bus, "interface='com.example.Shouting'")
         for who in (confined, manager_bus):
             before = len(observer.signals("com.example.Shouting", "Shouted"))
             await who.send(Message.new_signal("/", "com.example.Shouting", "Shouted"))
@@ -199,7 +188,7 @@ async def test_basic(
 
         # The socket is cleaned up when the bus goes away.
         bus.stop()
-        await wait_until(lambda: not os.path.exists(socket_path), "the socket to be unlinked")
+        await c1.wait_until(lambda: not os.path.exists(socket_path), "the socket to be unlinked")
         rc = await asyncio.to_thread(service.process.wait, 5)
         assert rc != 0, "the service must exit non-zero when it loses the bus"
         assert service.sockets() == []
@@ -225,18 +214,9 @@ async def test_wrong_uid(
         assert child.returncode == 0, child.stderr
         assert child.stdout.strip() == f"CLOSED {NOBODY} b''", child.stdout
         # A real client as that uid fails the same way (upstream: G_IO_ERROR_CLOSED).
-        rc, out, _err = await run_cmd(
-            "gdbus",
-            "call",
-            "--address",
-            results["Address"].value,
-            "-d",
-            DRIVER,
-            "-o",
-            "/org/freedesktop/DBus",
-            "-m",
-            "org.freedesktop.DBus.GetId",
-            nobody=True,
+        rc, out, _err = await gdbus_call(
+            results["Address"].value, "/org/freedesktop/DBus", "org.freedesktop.DBus.GetId",
+            dest=DRIVER, nobody=True,
         )
         assert rc != 0, out
     await observer.sync()
@@ -264,7 +244,7 @@ async def test_metadata(service_factory, manager_bus: MessageBus, runtime_dir: s
     try:
         # The confined app asks about itself.
         reply = await call(confined, "GetConnectionCredentials", "s", [confined.unique_name])
-        close_fds(reply)
+        c1.close_fds(reply)
         creds = ok(reply)[0]
         assert creds["org.freedesktop.DBus.Containers1.Path"].signature == "o"
         assert creds["org.freedesktop.DBus.Containers1.Path"].value == path
@@ -377,7 +357,7 @@ async def test_stop_server(
 
         # Connecting again fails (asynchronously for the notify/manager cases),
         # and the socket file is gone.
-        await wait_until(lambda: not os.path.exists(socket_path), "the socket to be unlinked")
+        await c1.wait_until(lambda: not os.path.exists(socket_path), "the socket to be unlinked")
         assert connect_errno(socket_path) in GONE
         with pytest.raises(OSError) as exc_info:
             late = await connect(address)
@@ -386,7 +366,7 @@ async def test_stop_server(
 
         if mode == "force":
             assert confined is not None
-            await wait_disconnected(confined)
+            await c1.wait_disconnected(confined)
         elif mode in ("explicitly", "via-notify", "not-with-manager", "with-manager"):
             assert confined is not None
             # The confined app still works...
@@ -481,12 +461,7 @@ async def test_invalid_nesting(service: ServiceProcess, manager_bus: MessageBus)
     )
     confined = await connect(results["Address"].value)
     try:
-        reply = await call(
-            confined,
-            "AddServer",
-            "sssa{sv}a{sv}",
-            ["com.example.NotFlatpak", "inner-app", "instance1", {}, {}],
-        )
+        reply = await add_server_reply(confined, "com.example.NotFlatpak", "inner-app", "instance1")
         error(reply, "AccessDenied")
         # Nor may it stop its own server.
         for member in ("StopServer", "StopListening"):
@@ -517,12 +492,7 @@ async def test_max_containers(
             manager_bus, "com.example.NotFlatpak", "sample-app", "instance1"
         )
         placeholders.append(path)
-    reply = await call(
-        manager_bus,
-        "AddServer",
-        "sssa{sv}a{sv}",
-        ["com.example.NotFlatpak", "sample-app", "instance1", {}, {}],
-    )
+    reply = await add_server_reply(manager_bus, "com.example.NotFlatpak", "sample-app", "instance1")
     error(reply, "LimitsExceeded")
     assert len(sp.sockets()) == 3
     ok(await call(manager_bus, "StopListening", "o", [placeholders[1]]))

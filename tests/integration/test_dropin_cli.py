@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import REPO, ServiceProcess
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 

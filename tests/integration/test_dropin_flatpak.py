@@ -22,8 +22,8 @@ import pytest
 
 from tests.conftest import ServiceProcess
 from tests.integration.flatpak_rig import APP, FlatpakRig, build_rig
+from tests.support.bus import PrivateBus
 from tests.support.packages import ensure_packages
-from xdg_containers.privatebus import PrivateBus
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,9 +15,9 @@ import tempfile
 import pytest
 
 from tests.conftest import ServiceProcess
+from tests.support.bus import PrivateBus
 from tests.support.dropin import dropin_programs
 from tests.support.packages import ensure_packages
-from xdg_containers.privatebus import PrivateBus
 
 pytestmark = pytest.mark.timeout(120)
 

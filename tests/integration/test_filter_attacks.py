@@ -17,27 +17,22 @@ from typing import Any
 import pytest
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 
-from tests.integration.filter_helpers import (
+from tests.integration.filter_helpers import Conn, Policy, World, barrier, wait_until, world_fixture
+from tests.support.names import (
     ACCESS_DENIED,
     DRIVER,
     DRIVER_PATH,
     NAME_HAS_NO_OWNER,
+    SERVER_IFACE,
     SERVICE_UNKNOWN,
-    Conn,
-    Policy,
-    RawClient,
-    World,
-    barrier,
-    driver_call,
-    string_body,
-    wait_until,
-    world_fixture,
 )
+from tests.support.processes import rss_kib
+from tests.support.rawconn import RawConn
+from tests.support.wire import METHOD_CALL, build_message, driver_call
 from tests.unit.test_matchrule import EAVESDROP_SPELLINGS
 
 MANAGER = "org.freedesktop.DBus.Containers1"
 MANAGER_PATH = "/org/freedesktop/DBus/Containers1"
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
 
 POLICY = Policy(
     levels={"org.test.Talk": "talk", "org.test.See": "see"},
@@ -358,29 +353,21 @@ def test_broadcast_rule_restricts_paths(setup: Setup) -> None:
 # -- repeated Hello ----------------------------------------------------------------------------
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.parametrize("which", BOTH)
 def test_hello_5000_times(setup: Setup, which: str) -> None:
     world = setup.world
     pid = world.service.process.pid
-    raw = RawClient(setup.address(which), timeout=20)
+    raw = RawConn(setup.address(which), timeout=20)
     other = world.connect(setup.address(which))
     try:
-        assert raw.auth().startswith(b"OK ")
+        raw.handshake()
         name = raw.hello()
-        rss_before = _rss_kib(pid)
+        rss_before = rss_kib(pid)
         raw.send(b"".join(driver_call(serial, "Hello") for serial in range(2, 5002)))
         raw.send(driver_call(6000, "GetId"))
         errors = 0
         while True:
-            msg = raw.read()
+            msg = raw.next_message()
             if msg.reply_serial == 6000:
                 assert msg.message_type == MessageType.METHOD_RETURN
                 break
@@ -389,15 +376,15 @@ def test_hello_5000_times(setup: Setup, which: str) -> None:
                 errors += 1
         assert errors == 5000
         # The connection is intact and still has its name.
-        raw.send(driver_call(6001, "GetNameOwner", signature="s", body=string_body(name)))
-        assert raw.read_reply(6001).body == [name]
+        raw.send(driver_call(6001, "GetNameOwner", "s", [name]))
+        assert raw.read_reply(6001).msg.body == [name]
         # Other connections are unaffected.
         assert other.call("org.test.Talk", "Hi").message_type == MessageType.METHOD_RETURN
         fresh = world.connect(setup.address(which))
         assert fresh.call("org.test.Talk", "Hi").message_type == MessageType.METHOD_RETURN
         fresh.close()
         assert world.service.process.poll() is None
-        grown = _rss_kib(pid) - rss_before
+        grown = rss_kib(pid) - rss_before
         assert grown < 20 * 1024, f"service RSS grew by {grown} KiB"
     finally:
         raw.close()
@@ -494,10 +481,9 @@ def test_hidden_names_never_leak(setup: Setup) -> None:
 def test_denied_calls_are_answered(setup: Setup) -> None:
     """Denied and allowed calls pipelined: each gets exactly its answer, never silence."""
     world = setup.world
-    raw = RawClient(setup.filtered)
+    raw = RawConn(setup.filtered)
     try:
-        raw.auth()
-        raw.hello()
+        raw.setup()
         plan = []
         batch = b""
         for i in range(60):
@@ -508,7 +494,7 @@ def test_denied_calls_are_answered(setup: Setup) -> None:
         raw.send(batch)
         got: list[tuple[int | None, str | None]] = []
         while len(got) < len(plan):
-            msg = raw.read()
+            msg = raw.next_message()
             if msg.message_type in (MessageType.METHOD_RETURN, MessageType.ERROR):
                 got.append((msg.reply_serial, msg.error_name))
                 if msg.message_type == MessageType.ERROR:
@@ -522,10 +508,8 @@ def test_denied_calls_are_answered(setup: Setup) -> None:
 
 
 def _raw_call(serial: int, dest: str, flags: MessageFlag = MessageFlag.NONE) -> bytes:
-    from tests.integration.filter_helpers import raw_message
-
-    return raw_message(
-        1,
+    return build_message(
+        METHOD_CALL,
         serial,
         [(1, "o", "/"), (2, "s", "org.test.Iface"), (3, "s", "Hi"), (6, "s", dest)],
         flags=int(flags),

@@ -14,18 +14,8 @@ from typing import Any
 import pytest
 from dbus_fast import MessageType
 
-from tests.integration.filter_helpers import (
-    ACCESS_DENIED,
-    DRIVER,
-    NAME_HAS_NO_OWNER,
-    SERVICE_UNKNOWN,
-    Conn,
-    Pair,
-    Policy,
-    World,
-    barrier,
-    world_fixture,
-)
+from tests.integration.filter_helpers import Conn, Pair, Policy, World, barrier, world_fixture
+from tests.support.names import ACCESS_DENIED, DRIVER, NAME_HAS_NO_OWNER, SERVICE_UNKNOWN
 
 CHURNS = 2000
 POLICY = Policy(

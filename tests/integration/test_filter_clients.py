@@ -12,17 +12,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.filter_helpers import (
+from tests.integration.filter_helpers import CLIENT_NAMES, Policy, World, runner, world_fixture
+from tests.support.names import (
     ACCESS_DENIED,
-    CLIENT_NAMES,
     DRIVER,
     DRIVER_PATH,
     NAME_HAS_NO_OWNER,
     SERVICE_UNKNOWN,
-    Policy,
-    World,
-    runner,
-    world_fixture,
 )
 
 

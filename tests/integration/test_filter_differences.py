@@ -20,20 +20,11 @@ from collections.abc import Iterator
 import pytest
 from dbus_fast import Message, MessageFlag, MessageType
 
-from tests.integration.filter_helpers import (
-    DRIVER,
-    DRIVER_PATH,
-    SERVICE_UNKNOWN,
-    Conn,
-    Pair,
-    Policy,
-    RawClient,
-    World,
-    barrier,
-    driver_call,
-    wait_until,
-    world_fixture,
-)
+from tests.integration import filter_helpers as fh
+from tests.integration.filter_helpers import Conn, Pair, Policy, World, barrier
+from tests.support.names import DRIVER, DRIVER_PATH, SERVICE_UNKNOWN
+from tests.support.rawconn import RawConn
+from tests.support.wire import driver_call
 
 POLICY = Policy(
     levels={"org.test.Talk": "talk", "org.test.Churn": "talk", "org.test.See": "see"},
@@ -46,7 +37,7 @@ POLICY = Policy(
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    yield from world_fixture()
+    yield from fh.world_fixture()
 
 
 @pytest.fixture(scope="module")
@@ -210,13 +201,12 @@ def test_reply_serial_does_not_turn_a_call_into_a_reply(world: World, pair: Pair
 def test_unknown_header_field_is_ignored(pair: Pair) -> None:
     """A header field code the proxy does not know (42): ours forwards, xdg-dbus-proxy hangs up."""
     for label, address in pair.items():
-        raw = RawClient(address)
+        raw = RawConn(address)
         try:
-            assert raw.auth().startswith(b"OK ")
-            raw.hello()
+            raw.setup()
             raw.send(driver_call(2, "GetId", extra=[(42, "s", "future field")]))
             if label == "ours":
-                reply = raw.read_reply(2)
+                reply = raw.read_reply(2).msg
                 assert reply.message_type == MessageType.METHOD_RETURN
                 assert len(reply.body[0]) == 32
             else:
@@ -238,17 +228,17 @@ def test_forged_ok_does_not_open_the_message_phase(pair: Pair) -> None:
     before authentication is an error, and nothing reaches the bus. Neither answers Hello.
     """
     for label, address in pair.items():
-        raw = RawClient(address, timeout=5)
+        raw = RawConn(address, timeout=5)
         try:
             forged = b"\0OK 0123456789abcdef0123456789abcdef\r\nBEGIN\r\n"
             raw.send(forged + driver_call(1, "Hello"))
             if label == "ours":
-                assert raw.stream.readline() == b'ERROR "unknown command"\r\n'
-                assert raw.stream.readline().startswith(b"ERROR")
+                assert raw.read_line() == b'ERROR "unknown command"\r\n'
+                assert raw.read_line().startswith(b"ERROR")
                 # Still in the handshake: a real AUTH now works, and the Hello sent before
                 # never produced a reply.
             else:
-                assert raw.stream.read() == b""  # closed, nothing answered
+                assert raw.read_line() == b"" and not raw.buf  # closed, nothing answered
         finally:
             raw.close()
 
@@ -280,19 +270,19 @@ def test_repeated_hello(world: World, pair: Pair) -> None:
     """
     per_hello = len(POLICY.levels) + len(POLICY.broadcasts)
     for label, address in pair.items():
-        raw = RawClient(address)
+        raw = RawConn(address)
         try:
-            raw.auth()
+            raw.handshake()
             name = raw.hello()
             before = _match_rules(world, name)
             raw.send(b"".join(driver_call(10 + i, "Hello", flags=1) for i in range(50)))
             if label == "ours":
                 raw.send(driver_call(100, "GetId"))
-                assert raw.read_reply(100).message_type == MessageType.METHOD_RETURN
+                assert raw.read_reply(100).msg.message_type == MessageType.METHOD_RETURN
                 assert _match_rules(world, name) == before
             else:
                 wanted = before + 50 * per_hello
-                wait_until(
+                fh.wait_until(
                     lambda name=name, wanted=wanted: _match_rules(world, name) == wanted,
                     what="xdg-dbus-proxy's 250 extra match rules",
                 )

@@ -24,21 +24,23 @@ import pytest
 from dbus_fast import MessageFlag, MessageType
 
 from tests.integration.filter_helpers import (
-    ACCESS_DENIED,
-    DRIVER,
-    DRIVER_PATH,
-    NAME_HAS_NO_OWNER,
-    SERVICE_UNKNOWN,
     Conn,
     Pair,
     Policy,
     World,
     barrier,
     normalise,
-    run_busctl,
     runner,
     wait_until,
     world_fixture,
+)
+from tests.support.clients import run_busctl
+from tests.support.names import (
+    ACCESS_DENIED,
+    DRIVER,
+    DRIVER_PATH,
+    NAME_HAS_NO_OWNER,
+    SERVICE_UNKNOWN,
 )
 
 CHILD_EXITED = "org.freedesktop.DBus.Error.Spawn.ChildExited"

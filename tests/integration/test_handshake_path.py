@@ -11,18 +11,19 @@ import subprocess
 import time
 from typing import Any
 
+import pytest
 from dbus_fast import Message, Variant
 
 from tests.conftest import ServiceProcess, add_server, call, connect, ok
-from tests.integration.test_hostile_wire import DRIVER, DRIVER_PATH, RawConn
 from tests.integration.test_spare_connections import (
     get_id,
     get_id_argv,
     settle_sockets,
     socket_count,
 )
-
-EXT = "org.freedesktop.XdgContainers1."
+from tests.support.names import EXT
+from tests.support.rawconn import RawConn
+from tests.support.wire import DRIVER, DRIVER_PATH
 
 
 def _wait_closed(conn: RawConn, timeout: float) -> float:
@@ -32,6 +33,13 @@ def _wait_closed(conn: RawConn, timeout: float) -> float:
     while conn.sock.recv(4096):
         pass
     return time.monotonic() - start
+
+
+@pytest.fixture
+async def address(service: ServiceProcess, manager_bus: Any) -> str:
+    """The address of a server minted for the test (on the default service)."""
+    _path, results = await add_server(manager_bus)
+    return str(results["Address"].value)
 
 
 async def test_auth_timeout_drops_slow_handshakes_but_not_finished_ones(
@@ -195,12 +203,10 @@ async def test_the_owner_change_feed_answers_calls_instead_of_leaving_them_waiti
 
 
 async def test_a_burst_of_clients_is_accepted_one_per_wake_up_and_all_served(
-    service: ServiceProcess, manager_bus: Any
+    service: ServiceProcess, manager_bus: Any, address: str
 ) -> None:
     # The listening socket is read one accept() per wake-up (level-triggered): 24
     # dbus-send clients started at once must all be accepted and answered.
-    _path, results = await add_server(manager_bus)
-    address = results["Address"].value
     procs = [
         subprocess.Popen(
             get_id_argv(address), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -235,13 +241,11 @@ async def test_the_hello_reply_comes_first_and_the_name_is_known_when_it_does(
 
 
 async def test_a_client_gone_right_after_its_hello_leaves_no_name_behind(
-    service: ServiceProcess, manager_bus: Any
+    service: ServiceProcess, manager_bus: Any, address: str
 ) -> None:
     # The Hello reply is written first, then the name is registered: a write that
     # finds the client gone closes the session, and the name must not be kept
     # (found in review: GetConnectionInfo answered for dead names, and memory grew).
-    _path, results = await add_server(manager_bus)
-    address = results["Address"].value
     names: list[str] = []
 
     def handler(msg: Message) -> None:
@@ -268,10 +272,8 @@ async def test_a_client_gone_right_after_its_hello_leaves_no_name_behind(
 
 
 async def test_one_spare_bus_connection_is_kept_while_clients_come_and_none_leaks(
-    service: ServiceProcess, manager_bus: Any
+    service: ServiceProcess, manager_bus: Any, address: str
 ) -> None:
-    _path, results = await add_server(manager_bus)
-    address = results["Address"].value
     pid = service.process.pid
     idle = socket_count(pid)  # listening sockets, the service's bus connections
     assert get_id(address).returncode == 0

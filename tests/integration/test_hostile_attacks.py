@@ -25,37 +25,31 @@ import pytest
 from dbus_fast import MessageType
 
 from tests.conftest import ServiceProcess
-from tests.integration.test_hostile_wire import (
+from tests.support.bus import PrivateBus
+from tests.support.names import EXT, MANAGER, MANAGER_PATH
+from tests.support.processes import fd_count, rss_kib, stable_fd_count, wait_for
+from tests.support.rawconn import RawConn, RawPeer, add_server, echo_handler
+from tests.support.sasl import auth_line
+from tests.support.sasl import opening as sasl_opening
+from tests.support.wire import (
     DRIVER,
     DRIVER_PATH,
-    EXT,
     F_DESTINATION,
     F_INTERFACE,
     F_MEMBER,
     F_PATH,
     F_REPLY_SERIAL,
     F_SIGNATURE,
-    MANAGER,
-    MANAGER_PATH,
     METHOD_CALL,
     METHOD_RETURN,
     NO_REPLY_EXPECTED,
-    RawConn,
-    RawPeer,
     Received,
-    add_server,
     build_message,
     driver_call,
-    echo_handler,
-    fd_count,
     method_call,
     method_return,
-    rss_kib,
     signal,
-    stable_fd_count,
-    wait_for,
 )
-from xdg_containers.privatebus import PrivateBus
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -63,12 +57,6 @@ MiB = 1024 * 1024
 LOCAL_PATH = "/org/freedesktop/DBus/Local"
 LOCAL_IFACE = "org.freedesktop.DBus.Local"
 ECHO = "org.test.Echo"
-
-
-def auth_line(uid: int | None = None) -> bytes:
-    """``AUTH EXTERNAL <hex uid>`` with CRLF."""
-    uid = os.getuid() if uid is None else uid
-    return b"AUTH EXTERNAL " + str(uid).encode().hex().encode() + b"\r\n"
 
 
 @dataclass
@@ -164,6 +152,21 @@ def slow_echo(bus: PrivateBus) -> Iterator[RawPeer]:
     peer.stop()
 
 
+def answer(conn: RawConn, data: bytes, expected: bytes) -> None:
+    """Send handshake bytes; the server's next line starts with ``expected``."""
+    conn.send(data)
+    line = conn.read_line()
+    assert line.startswith(expected), line
+
+
+def closed_once_the_line_ends(conn: RawConn, quiet: float) -> None:
+    """What was sent is an unfinished handshake line: nothing comes back for ``quiet``
+    seconds, and once the line ends its binary bytes get the connection closed."""
+    assert no_data_for(conn, quiet)
+    conn.send(b"\r\n")
+    assert read_all_until_eof(conn) == b""
+
+
 def read_all_until_eof(conn: RawConn, timeout: float = 5.0) -> bytes:
     """Everything the service still sends before it closes (fails if it does not close)."""
     data = bytes(conn.buf)
@@ -211,22 +214,16 @@ def test_bytes_before_the_nul(target: Target, opening: bytes) -> None:
 def test_begin_before_ok_is_refused_and_never_starts_messages(target: Target) -> None:
     with target.connect() as c:
         # A client that thinks it may skip AUTH: BEGIN and a Hello right away.
-        c.send(b"\0BEGIN\r\n" + driver_call(1, "Hello"))
-        assert c.read_line().startswith(b"ERROR")
+        answer(c, b"\0BEGIN\r\n" + driver_call(1, "Hello"), b"ERROR")
         # The Hello is an unfinished handshake line, not a message: no answer comes.
-        assert no_data_for(c, 0.5)
-        # Once its "line" ends, the binary bytes get the connection closed.
-        c.send(b"\r\n")
-        assert read_all_until_eof(c) == b""
+        closed_once_the_line_ends(c, 0.5)
     target.assert_healthy("handshake line has non-ASCII or control bytes")
 
 
 def test_begin_before_ok_then_a_proper_handshake_works(target: Target) -> None:
     with target.connect() as c:
-        c.send(b"\0BEGIN\r\n")
-        assert c.read_line().startswith(b"ERROR")
-        c.send(auth_line())
-        assert c.read_line().startswith(b"OK ")
+        answer(c, b"\0BEGIN\r\n", b"ERROR")
+        answer(c, auth_line(), b"OK ")
         c.send(b"BEGIN\r\n")
         assert c.hello().startswith(":")
     target.assert_healthy()
@@ -236,8 +233,8 @@ def test_begin_before_ok_then_a_proper_handshake_works(target: Target) -> None:
 def test_begin_followed_by_blanks_is_begin(target: Target, suffix: bytes) -> None:
     """dbus-daemon accepts ``BEGIN`` followed by blanks; so do we (SPEC §5)."""
     with target.connect() as c:
-        c.send(b"\0" + auth_line() + b"BEGIN" + suffix + b"\r\n" + driver_call(1, "Hello"))
-        assert c.read_line().startswith(b"OK ")
+        begin = b"BEGIN" + suffix + b"\r\n"
+        answer(c, b"\0" + auth_line() + begin + driver_call(1, "Hello"), b"OK ")
         reply = c.read_reply(1)
         assert reply.msg.message_type == MessageType.METHOD_RETURN
         assert str(reply.msg.body[0]).startswith(":")
@@ -247,29 +244,20 @@ def test_begin_followed_by_blanks_is_begin(target: Target, suffix: bytes) -> Non
 def test_lowercase_commands_are_not_commands(target: Target) -> None:
     uid_hex = str(os.getuid()).encode().hex().encode()
     with target.connect() as c:
-        c.send(b"\0auth external " + uid_hex + b"\r\n")
-        assert c.read_line().startswith(b"ERROR")
-        c.send(b"Auth EXTERNAL " + uid_hex + b"\r\n")
-        assert c.read_line().startswith(b"ERROR")
-        c.send(auth_line())
-        assert c.read_line().startswith(b"OK ")
-        c.send(b"negotiate_unix_fd\r\n")
-        assert c.read_line().startswith(b"ERROR")
+        answer(c, b"\0auth external " + uid_hex + b"\r\n", b"ERROR")
+        answer(c, b"Auth EXTERNAL " + uid_hex + b"\r\n", b"ERROR")
+        answer(c, auth_line(), b"OK ")
+        answer(c, b"negotiate_unix_fd\r\n", b"ERROR")
         # "begin" is not BEGIN: the Hello after it is read as an unfinished handshake line.
-        c.send(b"begin\r\n" + driver_call(1, "Hello"))
-        assert c.read_line().startswith(b"ERROR")
-        assert no_data_for(c, 0.3)
-        c.send(b"\r\n")
-        assert read_all_until_eof(c) == b""
+        answer(c, b"begin\r\n" + driver_call(1, "Hello"), b"ERROR")
+        closed_once_the_line_ends(c, 0.3)
     target.assert_healthy("handshake line has non-ASCII or control bytes")
 
 
 def test_lowercase_begin_then_begin_works(target: Target) -> None:
     with target.connect() as c:
-        c.send(b"\0" + auth_line())
-        assert c.read_line().startswith(b"OK ")
-        c.send(b"begin\r\n")
-        assert c.read_line().startswith(b"ERROR")
+        answer(c, b"\0" + auth_line(), b"OK ")
+        answer(c, b"begin\r\n", b"ERROR")
         c.send(b"BEGIN\r\n")
         assert c.hello().startswith(":")
     target.assert_healthy()
@@ -309,8 +297,7 @@ def test_a_uid_that_is_not_ours_is_rejected_not_accepted(target: Target) -> None
     with target.connect() as c:
         c.send(b"\0" + auth_line(uid=0 if os.getuid() else 1))
         assert c.read_line() == b"REJECTED EXTERNAL\r\n"
-        c.send(auth_line())
-        assert c.read_line().startswith(b"OK ")
+        answer(c, auth_line(), b"OK ")
     target.assert_healthy()
 
 
@@ -666,7 +653,7 @@ def test_disconnect_mid_handshake_releases_everything(target: Target) -> None:
     nothing: its session (client socket, bus socket, pidfd) goes at once."""
     pid = target.pid
     fds_before = target.settled_fd_count()
-    opening = b"\0" + auth_line() + b"NEGOTIATE_UNIX_FD\r\nBEGIN\r\n"
+    opening = sasl_opening(fds=True)
     for cut in (0, 1, 5, 20, len(opening) - 8, len(opening) - 2):
         with target.connect() as c:
             if cut:

@@ -22,18 +22,10 @@ import pytest
 from dbus_fast import MessageType
 
 from tests.conftest import ServiceProcess
-from tests.integration.test_hostile_wire import (
-    RawConn,
-    RawPeer,
-    Received,
-    add_server,
-    marshal,
-    method_call,
-    method_return,
-    rss_kib,
-    signal,
-)
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
+from tests.support.processes import rss_kib
+from tests.support.rawconn import RawConn, RawPeer, add_server
+from tests.support.wire import Received, marshal, method_call, method_return, signal
 
 pytestmark = pytest.mark.timeout(60)
 

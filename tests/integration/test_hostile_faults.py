@@ -16,22 +16,12 @@ import pytest
 from dbus_fast import MessageType
 
 from tests.conftest import ServiceProcess
-from tests.integration.test_hostile_wire import (
-    DRIVER,
-    DRIVER_PATH,
-    MANAGER,
-    MANAGER_PATH,
-    RawConn,
-    RawPeer,
-    Received,
-    add_server,
-    driver_call,
-    echo_handler,
-    fd_count,
-    method_call,
-    wait_for,
-)
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
+from tests.support.names import DRIVER, DRIVER_PATH, MANAGER, MANAGER_PATH
+from tests.support.processes import fd_count, wait_for
+from tests.support.rawconn import RawConn, RawPeer, add_server, echo_handler
+from tests.support.sasl import opening
+from tests.support.wire import Received, driver_call, method_call
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -174,8 +164,7 @@ def test_half_close_right_after_a_fully_pipelined_start(
     peer = RawPeer(bus.address, SLOW, late_echo(0.2))
     try:
         with RawConn(address) as c:
-            uid = str(os.getuid()).encode().hex().encode()
-            data = b"\0AUTH EXTERNAL " + uid + b"\r\nBEGIN\r\n" + driver_call(1, "Hello")
+            data = opening() + driver_call(1, "Hello")
             data += b"".join(
                 method_call(2 + i, SLOW, "/", "org.test.I", "Echo", "s", [f"p{i}"])
                 for i in range(3)

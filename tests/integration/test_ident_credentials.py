@@ -24,26 +24,17 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, error, ok
-from tests.integration.helpers_c1 import (
-    DRIVER,
-    NOBODY,
-    PROPS,
-    Observer,
-    as_nobody_kwargs,
-    build_hello,
-    close_fds,
-    driver_call,
-    observing,
-    reachable_by_others,
-    run_cmd,
-    socket_path_of,
-    stdlib_python,
-)
-from xdg_containers.privatebus import PrivateBus
+from tests.integration.helpers_c1 import DRIVER, Observer, close_fds, driver_call, socket_path_of
+from tests.support.bus import PrivateBus
+from tests.support.clients import CLI_ARGV, Call
+from tests.support.commands import NOBODY, probe_as_nobody, reachable_by_others, run_cmd
+from tests.support.names import PROPS, SERVER_IFACE
+from tests.support.processes import fdinfo_pid
+from tests.support.sasl import opening
+from tests.support.wire import driver_call as driver_call_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
 PATH_KEY = "org.freedesktop.DBus.Containers1.Path"
 SO_PEERSEC = 31
 APP = "org.example.IdentApp"
@@ -59,18 +50,12 @@ sys.stdin.read()
 """
 
 
-@pytest.fixture
-async def observer(bus: PrivateBus) -> AsyncIterator[Observer]:
-    """A third connection to the real bus recording NameOwnerChanged and ServerRemoved."""
-    async with observing(bus.address) as obs:
-        yield obs
-
-
 @asynccontextmanager
 async def child_client(
     *addresses: str, **popen: Any
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, list[str]]]:
-    """Run the confined-client child; yields (process, its unique names, one per address)."""
+    """Run the confined-client child; yields (process, its unique names, one per address).
+    Leaving the block normally ends the child as ``end_child`` does."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -91,6 +76,8 @@ async def child_client(
         names = line.decode().split()
         assert len(names) == len(addresses), names
         yield proc, names
+        if proc.returncode is None:
+            await end_child(proc)  # a clean exit of its own, checked
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -103,15 +90,6 @@ async def end_child(proc: asyncio.subprocess.Process) -> None:
     proc.stdin.close()
     rc = await asyncio.wait_for(proc.wait(), 10)
     assert rc == 0, rc
-
-
-def fdinfo_pid(fd: int) -> int:
-    """The ``Pid:`` line of a pidfd's /proc/self/fdinfo entry."""
-    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
-    raise AssertionError(f"fd {fd} is not a pidfd (no Pid: in fdinfo)")
 
 
 def spawn_on_pid(pid: int) -> subprocess.Popen[bytes]:
@@ -162,6 +140,25 @@ async def credentials(bus: MessageBus, name: str) -> Message:
     return await call(bus, "GetConnectionCredentials", "s", [name])
 
 
+@asynccontextmanager
+async def held_credentials(
+    bus: MessageBus, name: str
+) -> AsyncIterator[tuple[dict[str, Variant], Message]]:
+    """GetConnectionCredentials(name), which must succeed: (the dict, the reply); the fds
+    the reply carried are closed on exit."""
+    reply = await credentials(bus, name)
+    try:
+        yield dict(ok(reply)[0]), reply
+    finally:
+        close_fds(reply)
+
+
+async def our_credentials(bus: MessageBus, name: str) -> dict[str, Variant]:
+    """The service's GetConnectionCredentials(name), which must succeed (fds closed)."""
+    async with held_credentials(bus, name) as (creds, _):
+        return creds
+
+
 async def bus_credentials(bus: MessageBus, name: str) -> dict[str, Variant]:
     """What the real bus says about ``name`` (dbus-daemon's GetConnectionCredentials)."""
     reply = await driver_call(bus, "GetConnectionCredentials", "s", [name])
@@ -176,30 +173,28 @@ async def test_process_fd_and_pid_name_the_confined_child(
     service: ServiceProcess, manager_bus: MessageBus
 ) -> None:
     path, results = await add_server(manager_bus, app_id=APP)
-    async with child_client(results["Address"].value) as (child, (name,)):
-        reply = await credentials(manager_bus, name)
-        try:
-            creds = ok(reply)[0]
-            assert creds["ProcessID"].signature == "u"
-            pid = creds["ProcessID"].value
-            assert pid == child.pid
-            # Not the service that accepted the socket, not the launcher, not the bus.
-            assert pid != service.process.pid
-            assert pid != os.getpid()
-            bus_pid = ok(
-                await driver_call(manager_bus, "GetConnectionUnixProcessID", "s", [DRIVER])
-            )[0]
-            assert pid != bus_pid
-            fd = process_fd(reply)
-            assert fdinfo_pid(fd) == child.pid
-            # A live process: the pidfd is not readable yet, signal 0 reaches it.
-            assert select.select([fd], [], [], 0)[0] == []
-            signal.pidfd_send_signal(fd, 0)
-            assert creds[PATH_KEY] == Variant("o", path)
-            assert creds["UnixUserID"] == Variant("u", os.getuid())
-        finally:
-            close_fds(reply)
-        await end_child(child)
+    address = results["Address"].value
+    async with (
+        child_client(address) as (child, (name,)),
+        held_credentials(manager_bus, name) as (creds, reply),
+    ):
+        assert creds["ProcessID"].signature == "u"
+        pid = creds["ProcessID"].value
+        assert pid == child.pid
+        # Not the service that accepted the socket, not the launcher, not the bus.
+        assert pid != service.process.pid
+        assert pid != os.getpid()
+        bus_pid = ok(
+            await driver_call(manager_bus, "GetConnectionUnixProcessID", "s", [DRIVER])
+        )[0]
+        assert pid != bus_pid
+        fd = process_fd(reply)
+        assert fdinfo_pid(fd) == child.pid
+        # A live process: the pidfd is not readable yet, signal 0 reaches it.
+        assert select.select([fd], [], [], 0)[0] == []
+        signal.pidfd_send_signal(fd, 0)
+        assert creds[PATH_KEY] == Variant("o", path)
+        assert creds["UnixUserID"] == Variant("u", os.getuid())
 
 
 async def test_pidfd_reports_the_exit_and_cannot_be_fooled_by_pid_reuse(
@@ -274,7 +269,6 @@ async def test_caller_without_fd_negotiation_gets_the_reply_without_process_fd(
             ok(await driver_call(no_fds, "GetId"))
         finally:
             no_fds.disconnect()
-        await end_child(child)
 
 
 @pytest.mark.parametrize("tool", ["gdbus", "busctl", "dbus-send"])
@@ -285,42 +279,8 @@ async def test_cli_callers_get_the_credentials_without_error(
     ProcessFD); what matters is that none gets an error and the values are right."""
     path, results = await add_server(manager_bus, app_id=APP)
     async with child_client(results["Address"].value) as (child, (name,)):
-        if tool == "gdbus":
-            cmd = [
-                "gdbus",
-                "call",
-                "--address",
-                bus.address,
-                "-d",
-                NAME,
-                "-o",
-                PATH,
-                "-m",
-                f"{IFACE}.GetConnectionCredentials",
-                name,
-            ]
-        elif tool == "busctl":
-            cmd = [
-                "busctl",
-                f"--address={bus.address}",
-                "call",
-                NAME,
-                PATH,
-                IFACE,
-                "GetConnectionCredentials",
-                "s",
-                name,
-            ]
-        else:
-            cmd = [
-                "dbus-send",
-                f"--bus={bus.address}",
-                "--print-reply",
-                f"--dest={NAME}",
-                PATH,
-                f"{IFACE}.GetConnectionCredentials",
-                f"string:{name}",
-            ]
+        call = Call(bus.address, NAME, PATH, IFACE, "GetConnectionCredentials", "s", [name])
+        cmd = CLI_ARGV[tool](call)
         rc, out, err = await run_cmd(*cmd)
         assert rc == 0, err
         assert "Error" not in err, err
@@ -331,7 +291,6 @@ async def test_cli_callers_get_the_credentials_without_error(
             assert f"'ProcessID': <uint32 {child.pid}>" in out, out
         elif tool == "busctl":
             assert f'"ProcessID" u {child.pid}' in out, out
-        await end_child(child)
 
 
 # -- UnixUserID / UnixGroupIDs / LinuxSecurityLabel / Path ----------------------------------
@@ -351,11 +310,7 @@ async def test_user_groups_label_and_path_match_what_the_bus_says(
         child,
         (direct, proxied),
     ):
-        reply = await credentials(manager_bus, proxied)
-        try:
-            ours = dict(ok(reply)[0])
-        finally:
-            close_fds(reply)
+        ours = await our_credentials(manager_bus, proxied)
         theirs = await bus_credentials(manager_bus, direct)
         assert ours["UnixUserID"] == Variant("u", os.getuid()) == theirs["UnixUserID"]
         assert ours["UnixGroupIDs"].signature == "au"
@@ -382,7 +337,6 @@ async def test_user_groups_label_and_path_match_what_the_bus_says(
             PATH_KEY,
         }, sorted(ours)
         assert "ProcessFD" in ours
-        await end_child(child)
 
 
 async def test_path_names_the_right_server_and_outlives_stop_listening(
@@ -396,15 +350,10 @@ async def test_path_names_the_right_server_and_outlives_stop_listening(
     ):
         ok(await call(manager_bus, "StopListening", "o", [path_a]))
         for name, path in ((in_a, path_a), (in_b, path_b)):
-            reply = await credentials(manager_bus, name)
-            try:
-                creds = ok(reply)[0]
+            async with held_credentials(manager_bus, name) as (creds, reply):
                 assert creds[PATH_KEY] == Variant("o", path)
                 assert creds["ProcessID"] == Variant("u", child.pid)
                 assert fdinfo_pid(process_fd(reply)) == child.pid
-            finally:
-                close_fds(reply)
-        await end_child(child)
 
 
 # -- errors: exactly GetConnectionInfo's -----------------------------------------------------
@@ -439,11 +388,7 @@ async def test_errors_are_exactly_get_connection_info_errors(
         # The confined connection, by unique and by well-known name: both succeed.
         for name in (confined.unique_name, "org.example.ConfinedApp"):
             info = ok(await call(manager_bus, "GetConnectionInfo", "s", [name]))
-            reply = await credentials(manager_bus, name)
-            try:
-                creds = ok(reply)[0]
-            finally:
-                close_fds(reply)
+            creds = await our_credentials(manager_bus, name)
             assert creds[PATH_KEY].value == info[0]
             assert creds["ProcessID"] == Variant("u", os.getpid())
     finally:
@@ -469,16 +414,12 @@ async def test_confined_client_may_ask_about_itself_only(
     try:
         assert (await me.request_name("org.example.SelfApp")).value == 1
         for name in (me.unique_name, "org.example.SelfApp"):
-            reply = await credentials(me, name)
-            try:
-                creds = ok(reply)[0]
+            async with held_credentials(me, name) as (creds, reply):
                 assert creds["ProcessID"] == Variant("u", os.getpid())
                 assert creds["UnixUserID"] == Variant("u", os.getuid())
                 assert creds[PATH_KEY] == Variant("o", path)
                 # The pidfd crosses the proxy too (both sides negotiated fds).
                 assert fdinfo_pid(process_fd(reply)) == os.getpid()
-            finally:
-                close_fds(reply)
         # Anything else is AccessDenied, whether it exists, is confined or not, and
         # whether the server filters or not (the same question gets the same answer).
         others = (
@@ -506,31 +447,6 @@ async def test_confined_client_may_ask_about_itself_only(
 # -- another uid is refused before anything reaches the bus -------------------------------------
 
 
-#: Runs as another uid: connects, *claims the creator's uid* (argv[2]), and pipelines
-#: NEGOTIATE_UNIX_FD, BEGIN and a Hello (hex in argv[3]); prints what came back.
-_OTHER_UID_CHILD = r"""
-import binascii, os, socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.settimeout(3)
-s.connect(sys.argv[1])
-data = b""
-try:
-    s.sendall(b"\0AUTH EXTERNAL " + sys.argv[2].encode().hex().encode() + b"\r\n"
-              + b"NEGOTIATE_UNIX_FD\r\nBEGIN\r\n" + binascii.unhexlify(sys.argv[3]))
-    while True:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-except (BrokenPipeError, ConnectionResetError):
-    pass
-except socket.timeout:
-    print("TIMEOUT", repr(data))
-    sys.exit(2)
-print("CLOSED", os.getuid(), repr(data))
-"""
-
-
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a child as another uid")
 async def test_other_uid_is_refused_before_reaching_the_bus(
     service: ServiceProcess, manager_bus: MessageBus, observer: Observer, runtime_dir: str
@@ -538,22 +454,9 @@ async def test_other_uid_is_refused_before_reaching_the_bus(
     path, results = await add_server(manager_bus, app_id=APP)
     socket_path = socket_path_of(results)
     with reachable_by_others(socket_path, runtime_dir):
-        child = await asyncio.to_thread(
-            subprocess.run,
-            [
-                stdlib_python(),
-                "-I",
-                "-c",
-                _OTHER_UID_CHILD,
-                socket_path,
-                str(os.getuid()),
-                build_hello().hex(),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            **as_nobody_kwargs(),
-        )
+        # Claims the creator's uid and pipelines NEGOTIATE_UNIX_FD, BEGIN and a Hello.
+        claim = opening(os.getuid(), fds=True) + driver_call_bytes(1, "Hello")
+        child = await asyncio.to_thread(probe_as_nobody, socket_path, claim)
     assert child.returncode == 0, child.stderr
     # Closed without a word: no SASL answer, no Hello reply.
     assert child.stdout.strip() == f"CLOSED {NOBODY} b''", child.stdout

@@ -32,7 +32,9 @@ from dbus_fast import Message, Variant
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, ok
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
+from tests.support.names import FILTER, POLICY
+from tests.support.processes import fdinfo_pid
 
 pytestmark = [pytest.mark.glib, pytest.mark.timeout(60)]
 
@@ -40,17 +42,6 @@ PORTAL_NAME = "org.example.IdentPortal"
 PORTAL_PATH = "/org/example/IdentPortal"
 PORTAL_IFACE = "org.example.IdentPortal"
 NOT_CONTAINER = "org.freedesktop.DBus.Error.NotContainer"
-FILTER = "org.freedesktop.XdgContainers1.Filter"
-POLICY = "org.freedesktop.XdgContainers1.Policy"
-
-
-def fdinfo_pid(fd: int) -> int:
-    """``Pid:`` of a pidfd (-1 once the process is gone)."""
-    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
-    raise AssertionError(f"fd {fd} is not a pidfd")
 
 
 @dataclass
@@ -259,6 +250,19 @@ def flatpak_like() -> dict[str, Variant]:
     }
 
 
+
+async def add_flatpak_app(
+    manager: MessageBus, app_id: str, instance: str, desktop_file: str, network: bool
+) -> tuple[str, dict[str, Variant]]:
+    """AddServer as flatpak would (``flatpak_like``), with the metadata the portal reads."""
+    metadata = {
+        "DesktopFile": Variant("s", desktop_file),
+        "NetworkAccess": Variant("b", network),
+    }
+    return await add_server(
+        manager, "org.flatpak", app_id, instance, metadata=metadata, named=flatpak_like()
+    )
+
 # -- the portal tells a confined app from a host app --------------------------------------
 
 
@@ -267,17 +271,8 @@ async def test_portal_identifies_confined_and_host_callers(
 ) -> None:
     loop = asyncio.get_running_loop()
     assert loop.__class__.__name__ == "GLibEventLoop", "this test must run on asyncio-glib"
-    metadata = {
-        "DesktopFile": Variant("s", "org.example.Photos.desktop"),
-        "NetworkAccess": Variant("b", False),
-    }
-    path, results = await add_server(
-        manager_bus,
-        "org.flatpak",
-        "org.example.Photos",
-        "1234",
-        metadata=metadata,
-        named=flatpak_like(),
+    path, results = await add_flatpak_app(
+        manager_bus, "org.example.Photos", "1234", "org.example.Photos.desktop", network=False
     )
     confined = await connect(results["Address"].value)
     host = await connect(bus.address)
@@ -332,17 +327,8 @@ sys.stdin.read()
 async def test_portal_gets_the_pidfd_of_a_confined_app_process(
     service: ServiceProcess, manager_bus: MessageBus, portal: Portal
 ) -> None:
-    metadata = {
-        "DesktopFile": Variant("s", "org.example.Chat.desktop"),
-        "NetworkAccess": Variant("b", True),
-    }
-    _path, results = await add_server(
-        manager_bus,
-        "org.flatpak",
-        "org.example.Chat",
-        "77",
-        metadata=metadata,
-        named=flatpak_like(),
+    _path, results = await add_flatpak_app(
+        manager_bus, "org.example.Chat", "77", "org.example.Chat.desktop", network=True
     )
     app = subprocess.Popen(
         [
@@ -398,14 +384,7 @@ async def test_portal_keeps_apps_apart(
     """Two instances of different apps, one without metadata (NetworkAccess unset means no
     network, DesktopFile unset means empty); a stopped-listening server still identifies its
     live connection."""
-    p1, r1 = await add_server(
-        manager_bus,
-        "org.flatpak",
-        "org.example.One",
-        "a",
-        metadata={"DesktopFile": Variant("s", "one.desktop"), "NetworkAccess": Variant("b", True)},
-        named=flatpak_like(),
-    )
+    p1, r1 = await add_flatpak_app(manager_bus, "org.example.One", "a", "one.desktop", True)
     p2, r2 = await add_server(
         manager_bus,
         "io.snapcraft",
@@ -419,20 +398,9 @@ async def test_portal_keeps_apps_apart(
         ok(await call(manager_bus, "StopListening", "o", [p1]))
         replies = await asyncio.gather(*(request(c) for c in (one, two, one, two)))
         vals = [{k: v.value for k, v in ok(r)[0].items()} for r in replies]
-        for v in vals[0::2]:
-            assert (v["kind"], v["app_id"], v["desktop_file"], v["network"]) == (
-                "org.flatpak",
-                "org.example.One",
-                "one.desktop",
-                True,
-            )
-        for v in vals[1::2]:
-            assert (v["kind"], v["app_id"], v["desktop_file"], v["network"]) == (
-                "io.snapcraft",
-                "two",
-                "",
-                False,
-            )
+        seen = [(v["kind"], v["app_id"], v["desktop_file"], v["network"]) for v in vals]
+        one_info = ("org.flatpak", "org.example.One", "one.desktop", True)
+        assert seen == [one_info, ("io.snapcraft", "two", "", False)] * 2
         await portal.wait_for(lambda: len(portal.identified) == 4)
         assert {i.server for i in portal.identified} == {p1, p2}
         assert all(i.pid_from_pidfd and not i.errors for i in portal.identified)

@@ -12,17 +12,14 @@ import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import ServiceProcess, add_server, call, connect, error, ok
-from tests.integration.helpers_c1 import add_match, driver_call, name_has_owner, run_cmd
-from xdg_containers.privatebus import PrivateBus
+from tests.conftest import ServiceProcess, add_server, call, confined_client, connect, error, ok
+from tests.integration.helpers_c1 import add_match, driver_call, name_has_owner
+from tests.support.bus import PrivateBus
+from tests.support.commands import gdbus_call
+from tests.support.names import BROADCAST, CALL, FILTER, POLICY, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(60)
 
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
-FILTER = "org.freedesktop.XdgContainers1.Filter"
-POLICY = "org.freedesktop.XdgContainers1.Policy"
-CALL = "org.freedesktop.XdgContainers1.Call"
-BROADCAST = "org.freedesktop.XdgContainers1.Broadcast"
 
 PEER_A = "org.example.IdentPolicyA"
 PEER_B = "org.example.IdentPolicyB"
@@ -118,9 +115,11 @@ async def test_tighten_hides_a_talk_peer_from_the_live_connection(
     service: ServiceProcess, manager_bus: MessageBus, peers: tuple[Peer, Peer]
 ) -> None:
     a, _b = peers
-    path, results = await add_server(manager_bus, named=filtered({PEER_A: "talk", PEER_B: "talk"}))
-    client = await connect(results["Address"].value)
-    try:
+    async with confined_client(manager_bus, named=filtered({PEER_A: "talk", PEER_B: "talk"})) as (
+        path,
+        _,
+        client,
+    ):
         await assert_can_talk(client, PEER_A)
         await assert_can_talk(client, PEER_B)
         calls_before = len(a.calls)
@@ -129,17 +128,13 @@ async def test_tighten_hides_a_talk_peer_from_the_live_connection(
         await assert_hidden(client, PEER_A)
         assert len(a.calls) == calls_before
         await assert_can_talk(client, PEER_B)
-    finally:
-        client.disconnect()
 
 
 async def test_loosen_lets_a_hidden_peer_through_on_the_live_connection(
     service: ServiceProcess, manager_bus: MessageBus, peers: tuple[Peer, Peer]
 ) -> None:
     _a, b = peers
-    path, results = await add_server(manager_bus, named=filtered({PEER_A: "talk"}))
-    client = await connect(results["Address"].value)
-    try:
+    async with confined_client(manager_bus, named=filtered({PEER_A: "talk"})) as (path, _, client):
         await assert_can_talk(client, PEER_A)
         await assert_hidden(client, PEER_B)
         assert b.calls == []
@@ -147,8 +142,6 @@ async def test_loosen_lets_a_hidden_peer_through_on_the_live_connection(
         await assert_can_talk(client, PEER_B)
         assert b.calls == ["Ping"]
         await assert_can_talk(client, PEER_A)
-    finally:
-        client.disconnect()
 
 
 async def test_loosening_never_reveals_past_broadcasts(
@@ -183,9 +176,7 @@ async def test_call_rules_via_set_policy(
     service: ServiceProcess, manager_bus: MessageBus, peers: tuple[Peer, Peer]
 ) -> None:
     _a, b = peers
-    path, results = await add_server(manager_bus, named=filtered({}))
-    client = await connect(results["Address"].value)
-    try:
+    async with confined_client(manager_bus, named=filtered({})) as (path, _, client):
         await assert_hidden(client, PEER_B)
         ok(
             await set_policy(
@@ -199,8 +190,6 @@ async def test_call_rules_via_set_policy(
         error(await ping(client, PEER_B, "Other"), "AccessDenied")
         assert PEER_B in await list_names(client)
         assert b.calls == ["Ping"]
-    finally:
-        client.disconnect()
 
 
 # -- switching the filter on and off -------------------------------------------------------------
@@ -231,9 +220,7 @@ async def test_enabling_filter_applies_to_the_live_connection(
 async def test_disabling_filter_applies_to_the_live_connection(
     service: ServiceProcess, manager_bus: MessageBus, peers: tuple[Peer, Peer]
 ) -> None:
-    path, results = await add_server(manager_bus, named=filtered({PEER_A: "talk"}))
-    client = await connect(results["Address"].value)
-    try:
+    async with confined_client(manager_bus, named=filtered({PEER_A: "talk"})) as (path, _, client):
         await assert_hidden(client, PEER_B)
         # Empty named arguments: Filter defaults to false, the server is unfiltered again.
         ok(await set_policy(manager_bus, path, {}))
@@ -242,8 +229,6 @@ async def test_disabling_filter_applies_to_the_live_connection(
         await assert_hidden(client, PEER_B)
         ok(await set_policy(manager_bus, path, {FILTER: Variant("b", False)}))
         await assert_can_talk(client, PEER_B)
-    finally:
-        client.disconnect()
 
 
 # -- invalid arguments leave the policy as it was ------------------------------------------------
@@ -252,9 +237,7 @@ async def test_disabling_filter_applies_to_the_live_connection(
 async def test_invalid_set_policy_arguments(
     service: ServiceProcess, manager_bus: MessageBus, peers: tuple[Peer, Peer]
 ) -> None:
-    path, results = await add_server(manager_bus, named=filtered({PEER_A: "talk"}))
-    client = await connect(results["Address"].value)
-    try:
+    async with confined_client(manager_bus, named=filtered({PEER_A: "talk"})) as (path, _, client):
         cases: list[tuple[dict[str, Variant], list[str]]] = [
             # Policy (or Call/Broadcast) without Filter=true: a silent unfiltered proxy.
             ({FILTER: Variant("b", False), POLICY: Variant("a{ss}", {PEER_B: "talk"})}, [POLICY]),
@@ -286,8 +269,6 @@ async def test_invalid_set_policy_arguments(
             # Nothing changed: A still talk, B still hidden.
             await assert_can_talk(client, PEER_A)
             await assert_hidden(client, PEER_B)
-    finally:
-        client.disconnect()
 
 
 async def test_set_policy_signature_and_server_checks(
@@ -298,32 +279,15 @@ async def test_set_policy_signature_and_server_checks(
     reply = await call(manager_bus, "SetPolicy", "s", ["x"], path=path, interface=SERVER_IFACE)
     error(reply, "InvalidArgs")
     # Works from the command line too (gdbus can spell a{sv}).
-    rc, _out, err = await run_cmd(
-        "gdbus",
-        "call",
-        "--address",
-        service.bus_address,
-        "-d",
-        "org.freedesktop.DBus.Containers1",
-        "-o",
+    address, set_policy = service.bus_address, f"{SERVER_IFACE}.SetPolicy"
+    rc, _out, err = await gdbus_call(
+        address,
         path,
-        "-m",
-        f"{SERVER_IFACE}.SetPolicy",
+        set_policy,
         "{'org.freedesktop.XdgContainers1.Filter': <true>, "
         "'org.freedesktop.XdgContainers1.Policy': <{'org.example.X': 'see'}>}",
     )
     assert rc == 0, err
-    rc, _out, err = await run_cmd(
-        "gdbus",
-        "call",
-        "--address",
-        service.bus_address,
-        "-d",
-        "org.freedesktop.DBus.Containers1",
-        "-o",
-        path,
-        "-m",
-        f"{SERVER_IFACE}.SetPolicy",
-        "{'org.freedesktop.XdgContainers1.Policy': <{'org.example.X': 'see'}>}",
-    )
+    policy_without_filter = "{'org.freedesktop.XdgContainers1.Policy': <{'org.example.X': 'see'}>}"
+    rc, _out, err = await gdbus_call(address, path, set_policy, policy_without_filter)
     assert rc != 0 and "org.freedesktop.DBus.Error.InvalidArgs" in err, err

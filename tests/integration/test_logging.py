@@ -7,8 +7,8 @@ import asyncio
 from dbus_fast import Variant
 
 from tests.conftest import ServiceProcess, add_server, call, connect, error, ok
+from tests.support.names import FILTER
 
-FILTER = "org.freedesktop.XdgContainers1.Filter"
 LOG = "org.freedesktop.XdgContainers1.Log"
 
 

@@ -225,7 +225,7 @@ def test_installed_dropin_runs(installed_at_prefix: Path, tmp_path: Path) -> Non
     """bin/xdg-containers-dbus-proxy (SPEC 11) is the C front (anchor=enabled builds C),
     which execs libexec's Python drop-in (-IS: no site before the sync byte); its
     in-process mode finds dbus-fast all the same."""
-    from xdg_containers.privatebus import PrivateBus
+    from tests.support.bus import started_bus
 
     dropin = installed_at_prefix / "bin" / "xdg-containers-dbus-proxy"
     assert os.access(dropin, os.X_OK)
@@ -233,8 +233,7 @@ def test_installed_dropin_runs(installed_at_prefix: Path, tmp_path: Path) -> Non
     script = installed_at_prefix / "libexec" / "xdg-containers-dbus-proxy-py"
     assert script.read_text().startswith(f"#!{sys.executable} -IS\n")
     assert "xdg-containers-dbus-proxy" in run([str(dropin), "--version"], cwd=tmp_path).stdout
-    bus = PrivateBus()
-    bus.start()
+    bus = started_bus()
     try:
         r, w = os.pipe()
         path = tmp_path / "proxy"

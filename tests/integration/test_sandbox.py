@@ -12,19 +12,10 @@ import pytest
 from dbus_fast.aio import MessageBus
 
 from tests.conftest import ServiceProcess, connect, start_service
-from tests.integration.test_cli_common import (
-    cli,
-    cli_argv,
-    cli_env,
-    client_argv,
-    driver_call,
-    list_servers,
-    read_report,
-    report_of,
-    wait_until,
-)
-from xdg_containers.launcher import sandbox_command
-from xdg_containers.privatebus import PrivateBus
+from tests.integration import test_cli_common as common
+from tests.integration.test_cli_common import cli, cli_env, client_argv, driver_call, report_of
+from tests.support.bus import PrivateBus
+from xdg_containers.launcher_sandbox import sandbox_command
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -52,7 +43,7 @@ async def test_sandbox_hides_the_real_bus(
     open(os.path.join(runtime_dir, "wayland-0"), "w").close()
     before = sorted(os.listdir(runtime_dir))
     proc = subprocess.Popen(
-        cli_argv(
+        common.cli_argv(
             *RUN,
             "--sandbox",
             "--metadata",
@@ -65,7 +56,7 @@ async def test_sandbox_hides_the_real_bus(
         text=True,
     )
     try:
-        report = await read_report(proc)
+        report = await common.read_report(proc)
         # the host bus is out of reach from inside
         assert report["tries"][real].startswith("failed"), report["tries"]
         # the minted socket sits where the session bus usually is
@@ -109,12 +100,12 @@ async def test_sandbox_hides_the_real_bus(
         private.close()
     # nothing was created on the host side, and the server is gone
     assert sorted(os.listdir(runtime_dir)) == before
-    await wait_until(lambda: _no_servers(manager_bus), "the server to go")
+    await common.wait_until(lambda: _no_servers(manager_bus), "the server to go")
 
 
 async def _no_servers(bus: MessageBus) -> bool:
     """True when no server is left."""
-    return await list_servers(bus) == []
+    return await common.list_servers(bus) == []
 
 
 @pytest.mark.parametrize(
@@ -145,11 +136,10 @@ async def test_sandbox_with_filter(service: ServiceProcess, manager_bus: Message
 
 
 async def test_sandbox_system_bus(
-    runtime_dir: str, bus: PrivateBus, manager_bus: MessageBus
+    runtime_dir: str, bus: PrivateBus, manager_bus: MessageBus, other_bus: PrivateBus
 ) -> None:
     """--sandbox --system-bus: the system bus is a minted socket too; the real one is hidden."""
-    system = PrivateBus()
-    system.start()
+    system = other_bus
     env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": system.address}
     sp = start_service(bus.address, runtime_dir, env=env)
     try:
@@ -173,12 +163,9 @@ async def test_sandbox_system_bus(
             "unix:path=/run/dbus/system_bus_socket",
             f"unix:path={runtime_dir}/system_bus_socket",
         )
-        await wait_until(lambda: _no_servers(manager_bus), "the servers to go")
+        await common.wait_until(lambda: _no_servers(manager_bus), "the servers to go")
     finally:
-        rc = sp.terminate()
-        system.stop()
-        os.unlink(sp.log_path)
-    assert rc == 0
+        sp.finish()
 
 
 # -- the bwrap command line itself ----------------------------------------------------------

@@ -18,28 +18,25 @@ import pytest
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import IFACE, NAME, PATH, ServiceProcess, add_server, call, connect, error, ok
+from tests.conftest import ServiceProcess, add_server, call, confined_client, connect, error, ok
 from tests.integration.budget_helpers import bystander_running, report
-from tests.integration.helpers_c1 import run_cmd
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
+from tests.support.commands import gdbus_call, run_cmd
+from tests.support.names import BUS_ARG, MANAGER, MANAGER_PATH
 from xdg_containers.wire.address import parse_address
 
 pytestmark = pytest.mark.timeout(60)
 
-BUS_ARG = "org.freedesktop.XdgContainers1.Bus"
 
 
 @pytest.fixture
 def dead_socket() -> Iterator[str]:
     """A socket file nobody listens on (bound, then closed)."""
-    d = tempfile.mkdtemp(prefix="xdgc-dead-")
-    path = os.path.join(d, "sock")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(path)
-    s.close()
-    yield path
-    os.unlink(path)
-    os.rmdir(d)
+    with tempfile.TemporaryDirectory(prefix="xdgc-dead-") as d:
+        path = os.path.join(d, "sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.bind(path)
+        yield path
 
 
 def _unused_tcp_port() -> int:
@@ -59,9 +56,8 @@ async def test_unreachable_bus_is_invalid_args(
     bystander = await connect(str(results["Address"].value))
     try:
         async with bystander_running(bystander) as by:
-            rc, _out, err = await run_cmd(
-                "gdbus", "call", "--address", bus.address, "--dest", NAME,
-                "--object-path", PATH, "--method", f"{IFACE}.AddServer",
+            rc, _out, err = await gdbus_call(
+                bus.address, MANAGER_PATH, f"{MANAGER}.AddServer",
                 "org.example.T", "org.example.App", "i", "{}",
                 f"{{'{BUS_ARG}': <'unix:path={missing}'>}}",
             )
@@ -69,7 +65,8 @@ async def test_unreachable_bus_is_invalid_args(
             assert "org.freedesktop.DBus.Error.InvalidArgs" in err, err
             assert f"unix:path={missing}" in err and "No such file or directory" in err, err
             rc, _out, err = await run_cmd(
-                "busctl", f"--address={bus.address}", "call", NAME, PATH, IFACE, "AddServer",
+                "busctl", f"--address={bus.address}", "call", MANAGER, MANAGER_PATH, MANAGER,
+                "AddServer",
                 "sssa{sv}a{sv}", "org.example.T", "org.example.App", "i", "0",
                 "1", BUS_ARG, "s", f"unix:path={dead_socket}",
             )
@@ -98,15 +95,10 @@ async def test_bus_with_a_dead_entry_first_is_accepted(
     service: ServiceProcess, bus: PrivateBus, manager_bus: MessageBus, dead_socket: str
 ) -> None:
     """As a client does, the service uses the first entry that answers."""
-    path, results = await add_server(
-        manager_bus, named={BUS_ARG: Variant("s", f"unix:path={dead_socket};{bus.address}")}
-    )
-    client = await connect(str(results["Address"].value))
-    try:
+    named = {BUS_ARG: Variant("s", f"unix:path={dead_socket};{bus.address}")}
+    async with confined_client(manager_bus, named=named) as (path, _, client):
         info = ok(await call(manager_bus, "GetConnectionInfo", "s", [client.unique_name]))
         assert info[0] == path
-    finally:
-        client.disconnect()
 
 
 def _spellings(address: str) -> list[str]:

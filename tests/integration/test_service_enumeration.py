@@ -21,17 +21,15 @@ from dbus_fast.aio import MessageBus
 
 from tests.conftest import NAME, PATH, ServiceProcess, add_server, call, connect, ok
 from tests.integration.budget_helpers import bystander_running, report
-from tests.integration.helpers_c1 import add_match, driver_call, run_cmd, socket_path_of
-from xdg_containers.privatebus import PrivateBus
+from tests.integration.helpers_c1 import add_match, driver_call, socket_path_of
+from tests.support.bus import PrivateBus
+from tests.support.commands import run_cmd
+from tests.support.names import FILTER, POLICY, PROPS, SERVER_IFACE
 
 pytestmark = pytest.mark.timeout(60)
 
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
-PROPS = "org.freedesktop.DBus.Properties"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
-FILTER = "org.freedesktop.XdgContainers1.Filter"
-POLICY = "org.freedesktop.XdgContainers1.Policy"
 
 
 class Recorder:

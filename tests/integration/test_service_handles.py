@@ -24,17 +24,11 @@ from dbus_fast import MessageType
 
 from tests.conftest import ServiceProcess
 from tests.integration.budget_helpers import MAX_BYSTANDER_RTT, peak_rss_kib
-from tests.integration.test_hostile_wire import (
-    EXT,
-    MANAGER,
-    MANAGER_PATH,
-    NO_REPLY_EXPECTED,
-    RawConn,
-    add_server,
-    unix_path,
-    wait_for,
-)
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus
+from tests.support.names import EXT, MANAGER, MANAGER_PATH
+from tests.support.processes import wait_for
+from tests.support.rawconn import RawConn, add_server
+from tests.support.wire import NO_REPLY_EXPECTED, unix_path
 
 pytestmark = pytest.mark.timeout(60)
 

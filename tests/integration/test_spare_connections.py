@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import ServiceProcess, add_server
-from tests.integration.test_hostile_wire import RawConn
-from xdg_containers.privatebus import PrivateBus
+from tests.support.bus import PrivateBus, started_bus
+from tests.support.rawconn import RawConn
+from tests.support.sasl import BEGIN, NEGOTIATE, opening
 
 DRIVER = "org.freedesktop.DBus"
 
@@ -25,8 +26,7 @@ DRIVER = "org.freedesktop.DBus"
 @pytest.fixture
 def bus(runtime_dir: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBus]:
     """A private dbus-daemon that drops unfinished handshakes after 300 ms."""
-    b = PrivateBus(limits={"auth_timeout": 300})
-    b.start()
+    b = started_bus(limits={"auth_timeout": 300})
     monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", b.address)
     yield b
     b.stop()
@@ -89,15 +89,15 @@ async def test_a_spare_dropped_under_a_client_is_replaced_without_it_noticing(
     assert get_id(address).returncode == 0  # a client came: a spare is made as it ends
     time.sleep(0.05)
     slow = RawConn(address)
-    slow.sock.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
+    slow.sock.sendall(opening(begin=False))
     assert slow.read_line().startswith(b"OK ")
     # The bus drops the spare under the session, which starts again (its own log line:
     # the check at take, which logs differently, saw a live spare).
     service.wait_for_log("closed a spare connection under the client", timeout=5)
     assert "closed an idle connection after" not in service.log()
-    slow.sock.sendall(b"NEGOTIATE_UNIX_FD\r\n")
+    slow.sock.sendall(NEGOTIATE)
     assert slow.read_line() == b"AGREE_UNIX_FD\r\n"
-    slow.sock.sendall(b"BEGIN\r\n")
+    slow.sock.sendall(BEGIN)
     name = slow.hello()
     assert name.startswith(":")
     assert len(slow.driver("GetId").body[0]) == 32

@@ -1,11 +1,12 @@
-"""BufferBudget (proxy/budget.py): whole-MiB accounting, pausing over the limit, resuming
+"""BufferBudget (core/budget.py): whole-MiB accounting, pausing over the limit, resuming
 under 3/4 of it, and always one holder left making progress."""
 
 from __future__ import annotations
 
 import pytest
 
-from xdg_containers.proxy.budget import CHUNK, BufferBudget, budget_for
+from xdg_containers.core.budget import CHUNK, BufferBudget
+from xdg_containers.proxy.budget import budget_for
 
 
 class Holder:

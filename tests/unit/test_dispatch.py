@@ -30,6 +30,27 @@ def _spin(loop: asyncio.AbstractEventLoop, until: asyncio.Future[object]) -> obj
     return loop.run_until_complete(asyncio.wait_for(until, 5))
 
 
+#: A connected socket pair.
+Pair = tuple[socket.socket, socket.socket]
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    """A connected socket pair, closed after the test; the first end non-blocking (the one
+    the selector watches)."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def _resolve(done: asyncio.Future[object]) -> None:
+    """Resolve ``done`` the first time a callback gets what the test waits for."""
+    if not done.done():
+        done.set_result(None)
+
+
 def test_plain_loops_have_no_dispatching_selector() -> None:
     lp = asyncio.new_event_loop()
     try:
@@ -38,17 +59,17 @@ def test_plain_loops_have_no_dispatching_selector() -> None:
         lp.close()
 
 
-def test_watched_reader_runs_and_unwatch_stops_it(loop: asyncio.AbstractEventLoop) -> None:
+def test_watched_reader_runs_and_unwatch_stops_it(
+    loop: asyncio.AbstractEventLoop, pair: Pair
+) -> None:
     sel = _selector(loop)
-    a, b = socket.socketpair()
-    a.setblocking(False)
+    a, b = pair
     got: list[bytes] = []
     done: asyncio.Future[object] = loop.create_future()
 
     def on_read() -> None:
         got.append(a.recv(100))
-        if not done.done():
-            done.set_result(None)
+        _resolve(done)
 
     sel.watch(a.fileno(), on_read, None)
     b.send(b"one")
@@ -59,14 +80,13 @@ def test_watched_reader_runs_and_unwatch_stops_it(loop: asyncio.AbstractEventLoo
     loop.run_until_complete(asyncio.sleep(0.05))
     assert got == [b"one"]  # unwatched: not read again
     assert a.recv(100) == b"two"
-    a.close()
-    b.close()
 
 
-def test_writer_callback_and_switching_masks(loop: asyncio.AbstractEventLoop) -> None:
+def test_writer_callback_and_switching_masks(
+    loop: asyncio.AbstractEventLoop, pair: Pair
+) -> None:
     sel = _selector(loop)
-    a, b = socket.socketpair()
-    a.setblocking(False)
+    a, b = pair
     calls: list[str] = []
     done: asyncio.Future[object] = loop.create_future()
 
@@ -78,15 +98,12 @@ def test_writer_callback_and_switching_masks(loop: asyncio.AbstractEventLoop) ->
     def on_read() -> None:
         calls.append("r")
         a.recv(10)
-        if not done.done():
-            done.set_result(None)
+        _resolve(done)
 
     sel.watch(a.fileno(), None, on_write)
     _spin(loop, done)
     assert calls == ["w", "r"]
     sel.watch(a.fileno(), None, None)
-    a.close()
-    b.close()
 
 
 def test_a_failing_callback_is_logged_and_others_still_run(
@@ -105,8 +122,7 @@ def test_a_failing_callback_is_logged_and_others_still_run(
 
     def good() -> None:
         a2.recv(10)
-        if not done.done():
-            done.set_result(None)
+        _resolve(done)
 
     sel.watch(a1.fileno(), bad, None)
     sel.watch(a2.fileno(), good, None)
@@ -137,8 +153,7 @@ def test_a_reused_fd_number_is_registered_again(loop: asyncio.AbstractEventLoop)
     done: asyncio.Future[object] = loop.create_future()
 
     def on_write() -> None:
-        if not done.done():
-            done.set_result(None)
+        _resolve(done)
 
     sel.watch(fd, None, on_write)  # different mask: modify fails, register again
     _spin(loop, done)
@@ -201,14 +216,13 @@ def test_an_endpoint_on_a_reused_fd_number_is_not_deaf(loop: asyncio.AbstractEve
         s.close()
 
 
-def _time_until_done(loop: asyncio.AbstractEventLoop, schedule: str) -> float:
+def _time_until_done(loop: asyncio.AbstractEventLoop, pair: Pair, schedule: str) -> float:
     """A direct callback gives asyncio work (a timer or a ready handle) while the loop
     waits with a long timeout: that work must run at once, not when the wait ends."""
     import time
 
     sel = _selector(loop)
-    a, b = socket.socketpair()
-    a.setblocking(False)
+    a, b = pair
     done: asyncio.Future[object] = loop.create_future()
     far = loop.call_later(30, lambda: None)  # the loop's wait timeout is now ~30 s
 
@@ -235,28 +249,29 @@ def _time_until_done(loop: asyncio.AbstractEventLoop, schedule: str) -> float:
     finally:
         far.cancel()
         sel.watch(a.fileno(), None, None)
-        a.close()
-        b.close()
 
 
-def test_a_timer_set_by_a_direct_callback_fires_on_time(loop: asyncio.AbstractEventLoop) -> None:
-    assert _time_until_done(loop, "timer") < 2
+def test_a_timer_set_by_a_direct_callback_fires_on_time(
+    loop: asyncio.AbstractEventLoop, pair: Pair
+) -> None:
+    assert _time_until_done(loop, pair, "timer") < 2
 
 
 def test_a_handle_scheduled_by_a_direct_callback_runs_at_once(
-    loop: asyncio.AbstractEventLoop,
+    loop: asyncio.AbstractEventLoop, pair: Pair
 ) -> None:
-    assert _time_until_done(loop, "soon") < 2
+    assert _time_until_done(loop, pair, "soon") < 2
 
 
-def test_many_direct_wakeups_in_one_select_call(loop: asyncio.AbstractEventLoop) -> None:
+def test_many_direct_wakeups_in_one_select_call(
+    loop: asyncio.AbstractEventLoop, pair: Pair
+) -> None:
     """Ping-pong through a watched socket: every message is handled although asyncio
     itself has nothing to do between them."""
     import threading
 
     sel = _selector(loop)
-    a, b = socket.socketpair()
-    a.setblocking(False)
+    a, b = pair
     count = 0
     done: asyncio.Future[object] = loop.create_future()
 
@@ -282,8 +297,6 @@ def test_many_direct_wakeups_in_one_select_call(loop: asyncio.AbstractEventLoop)
     _spin(loop, done)
     t.join()
     assert count == 200
-    a.close()
-    b.close()
 
 
 def test_a_later_fd_runs_after_the_others_ready_with_it(loop: asyncio.AbstractEventLoop) -> None:

@@ -7,26 +7,8 @@ import struct
 import pytest
 
 from tests.unit.test_header import make_message
-from xdg_containers.proxy.fastpath import scan_calls, scan_replies
-from xdg_containers.wire.header import (
-    ERROR,
-    FIELD_DESTINATION,
-    FIELD_ERROR_NAME,
-    FIELD_INTERFACE,
-    FIELD_MEMBER,
-    FIELD_PATH,
-    FIELD_REPLY_SERIAL,
-    FIELD_SENDER,
-    FIELD_SIGNATURE,
-    FIELD_UNIX_FDS,
-    MAX_HEADER_FIELDS_BYTES,
-    METHOD_CALL,
-    METHOD_RETURN,
-    NO_REPLY_EXPECTED,
-    SIGNAL,
-    MessageError,
-    parse_header,
-)
+from xdg_containers.core.fastpath import scan_calls, scan_replies
+from xdg_containers.wire import header as h
 from xdg_containers.wire.types import BodyWriter
 
 MAX = 1 << 20
@@ -34,7 +16,9 @@ ECHO = "com.example.Echo"
 
 
 #: Header-field types; a bytes value stands for an unknown field of type "ay".
-_FIELD_SIGS = {FIELD_REPLY_SERIAL: "u", FIELD_UNIX_FDS: "u", FIELD_SIGNATURE: "g", FIELD_PATH: "o"}
+_FIELD_SIGS = {
+    h.FIELD_REPLY_SERIAL: "u", h.FIELD_UNIX_FDS: "u", h.FIELD_SIGNATURE: "g", h.FIELD_PATH: "o"
+}
 
 
 def msg(
@@ -52,7 +36,7 @@ def msg(
         for code, value in fields
     ]
     data = make_message(not big_endian, mtype, serial, wire, flags=flags, body_bytes=body)
-    parse_header(data)  # every message built here is valid
+    h.parse_header(data)  # every message built here is valid
     return data
 
 
@@ -60,10 +44,10 @@ def call(serial: int, member: str = "Ping", flags: int = 0, **kw: object) -> byt
     body = BodyWriter()
     body.string("payload")
     return msg(
-        METHOD_CALL,
+        h.METHOD_CALL,
         serial,
-        [(FIELD_PATH, "/"), (FIELD_INTERFACE, "org.example.I"), (FIELD_MEMBER, member),
-         (FIELD_DESTINATION, ECHO), (FIELD_SIGNATURE, "s")],
+        [(h.FIELD_PATH, "/"), (h.FIELD_INTERFACE, "org.example.I"), (h.FIELD_MEMBER, member),
+         (h.FIELD_DESTINATION, ECHO), (h.FIELD_SIGNATURE, "s")],
         body.bytes(),
         flags,
         **kw,  # type: ignore[arg-type]
@@ -77,8 +61,8 @@ def fields_of(data: bytes) -> bytes:
 
 def libdbus_reply(rs: int, sender: str = ":1.7", dest: str = ":1.42") -> bytes:
     return msg(
-        METHOD_RETURN, 900 + rs,
-        [(FIELD_DESTINATION, dest), (FIELD_REPLY_SERIAL, rs), (FIELD_SENDER, sender)],
+        h.METHOD_RETURN, 900 + rs,
+        [(h.FIELD_DESTINATION, dest), (h.FIELD_REPLY_SERIAL, rs), (h.FIELD_SENDER, sender)],
     )
 
 
@@ -86,9 +70,9 @@ def gdbus_reply(rs: int, sender: str = ":1.8") -> bytes:
     body = BodyWriter()
     body.string("pong")
     return msg(
-        METHOD_RETURN, 700 + rs,
-        [(FIELD_REPLY_SERIAL, rs), (FIELD_DESTINATION, ":1.42"), (FIELD_SENDER, sender),
-         (FIELD_SIGNATURE, "s")],
+        h.METHOD_RETURN, 700 + rs,
+        [(h.FIELD_REPLY_SERIAL, rs), (h.FIELD_DESTINATION, ":1.42"), (h.FIELD_SENDER, sender),
+         (h.FIELD_SIGNATURE, "s")],
         body.bytes(),
     )
 
@@ -97,7 +81,7 @@ def gdbus_reply(rs: int, sender: str = ":1.8") -> bytes:
 
 
 def test_known_calls_are_taken_whole_and_replies_owed_only_when_expected() -> None:
-    a, b, c = call(1), call(2, flags=NO_REPLY_EXPECTED), call(3)
+    a, b, c = call(1), call(2, flags=h.NO_REPLY_EXPECTED), call(3)
     passes = {fields_of(a): ECHO}
     pos, count, owed = scan_calls(a + b + c, MAX, passes)
     assert (pos, count) == (len(a + b + c), 3)
@@ -126,7 +110,7 @@ def test_calls_that_only_look_alike_are_not_taken() -> None:
     passes = {fields_of(a): ECHO}
     # Same field bytes, but a signal: never judged as a call.
     sig = bytearray(a)
-    sig[1] = SIGNAL
+    sig[1] = h.SIGNAL
     assert scan_calls(bytes(sig), MAX, passes)[0] == 0
     # Serial 0, another protocol version, big-endian: the general path rejects or judges them.
     for offset, value in ((8, 0), (3, 2)):
@@ -156,9 +140,9 @@ def test_replies_in_either_field_order_are_taken_with_their_serial_and_sender() 
 
 def test_error_replies_are_taken_too() -> None:
     err = msg(
-        ERROR, 50,
-        [(FIELD_ERROR_NAME, "org.example.Error.Nope"), (FIELD_REPLY_SERIAL, 12),
-         (FIELD_DESTINATION, ":1.42"), (FIELD_SENDER, ":1.9")],
+        h.ERROR, 50,
+        [(h.FIELD_ERROR_NAME, "org.example.Error.Nope"), (h.FIELD_REPLY_SERIAL, 12),
+         (h.FIELD_DESTINATION, ":1.42"), (h.FIELD_SENDER, ":1.9")],
     )
     assert [(rs, s) for _e, rs, s in scan_replies(err, MAX)] == [(12, ":1.9")]
 
@@ -176,9 +160,9 @@ def test_driver_replies_fd_replies_and_calls_go_to_the_general_path() -> None:
     from_driver = libdbus_reply(3, sender="org.freedesktop.DBus")
     assert scan_replies(from_driver, MAX) == []
     with_fds = msg(
-        METHOD_RETURN, 77,
-        [(FIELD_DESTINATION, ":1.42"), (FIELD_REPLY_SERIAL, 4), (FIELD_SENDER, ":1.7"),
-         (FIELD_UNIX_FDS, 1)],
+        h.METHOD_RETURN, 77,
+        [(h.FIELD_DESTINATION, ":1.42"), (h.FIELD_REPLY_SERIAL, 4), (h.FIELD_SENDER, ":1.7"),
+         (h.FIELD_UNIX_FDS, 1)],
     )
     assert scan_replies(with_fds, MAX) == []
     assert scan_replies(call(1), MAX) == []
@@ -195,12 +179,12 @@ def test_bytes_that_only_look_like_a_reply_serial_are_not_trusted() -> None:
     # that, at that offset, look like a reply-serial field claiming serial 0x1092.
     payload = b"zzzz" + b"\x05\x01u\x00" + struct.pack("<I", 0x1092) + b"tail"
     real = msg(
-        METHOD_RETURN, 61,
-        [(10, payload), (FIELD_DESTINATION, ":1.42"), (FIELD_REPLY_SERIAL, 3),
-         (FIELD_SENDER, ":1.7")],
+        h.METHOD_RETURN, 61,
+        [(10, payload), (h.FIELD_DESTINATION, ":1.42"), (h.FIELD_REPLY_SERIAL, 3),
+         (h.FIELD_SENDER, ":1.7")],
     )
     assert real[at : at + 4] == b"\x05\x01u\x00"
-    assert parse_header(real).reply_serial == 3
+    assert h.parse_header(real).reply_serial == 3
     for _ in range(2):  # learning it once must not make it pass later either
         found = scan_replies(real, MAX)
         assert [rs for _e, rs, _s in found] in ([], [3])
@@ -209,7 +193,7 @@ def test_bytes_that_only_look_like_a_reply_serial_are_not_trusted() -> None:
 def test_malformed_reply_headers_are_left_for_the_general_path() -> None:
     good = libdbus_reply(9)
     bad = bytearray(good)
-    # Corrupt the sender field's signature: parse_header would reject the message.
+    # Corrupt the sender field's signature: h.parse_header would reject the message.
     i = bytes(bad).index(b"\x07\x01s\x00")
     bad[i + 2] = ord("u")
     assert scan_replies(bytes(bad), MAX) == []
@@ -219,11 +203,11 @@ def test_malformed_reply_headers_are_left_for_the_general_path() -> None:
 def test_a_reply_with_an_oversized_field_array_is_left_for_the_general_path() -> None:
     """The framing path closes a stream whose header-field array exceeds 64 MiB; the fast
     path, which does not go through it, must not forward such a reply either."""
-    fields_len = MAX_HEADER_FIELDS_BYTES + 8
+    fields_len = h.MAX_HEADER_FIELDS_BYTES + 8
     data = bytearray(16 + fields_len)
-    struct.pack_into("<BBBBIII", data, 0, ord("l"), METHOD_RETURN, 0, 1, 0, 77, fields_len)
+    struct.pack_into("<BBBBIII", data, 0, ord("l"), h.METHOD_RETURN, 0, 1, 0, 77, fields_len)
     data[16:24] = b"\x05\x01u\x00" + struct.pack("<I", 5)
     raw = bytes(data)
-    with pytest.raises(MessageError, match="too long"):
-        parse_header(raw)
+    with pytest.raises(h.MessageError, match="too long"):
+        h.parse_header(raw)
     assert scan_replies(raw, 1 << 30) == []

@@ -13,6 +13,8 @@ from dbus_fast import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.processes import fd_is_open
+from tests.support.wire import method_call
 from xdg_containers.wire.build import build_message, bus_call
 from xdg_containers.wire.framing import (
     MAX_FDS_PER_MESSAGE,
@@ -34,24 +36,10 @@ LIMIT = 128 * 1024 * 1024
 
 
 def be_message(serial: int, member: str, payload: bytes = b"", unix_fds: int = 0) -> bytes:
-    """A big-endian method call with an ``ay`` body, marshalled by hand."""
-    fa = bytearray()
-
-    def field(code: int, sig: bytes, value: bytes, align: int) -> None:
-        fa.extend(b"\0" * (-(16 + len(fa)) % 8))
-        fa.extend(bytes([code, len(sig)]) + sig + b"\0")
-        fa.extend(b"\0" * (-(16 + len(fa)) % align))
-        fa.extend(value)
-
-    field(1, b"o", struct.pack(">I", 2) + b"/p\0", 4)
-    field(3, b"s", struct.pack(">I", len(member)) + member.encode() + b"\0", 4)
-    field(8, b"g", b"\x02ay\0", 1)
-    if unix_fds:
-        field(9, b"u", struct.pack(">I", unix_fds), 4)
-    body = struct.pack(">I", len(payload)) + payload
-    head = struct.pack(">BBBBIII", ord("B"), 1, 0, 1, len(body), serial, len(fa)) + fa
-    head += b"\0" * (-len(head) % 8)
-    return bytes(head) + body
+    """A big-endian method call with an ``ay`` body (tests/support/wire.py)."""
+    return method_call(
+        serial, None, "/p", None, member, "ay", [payload], little=False, unix_fds=unix_fds
+    )
 
 
 def le_message(serial: int, payload: bytes = b"", unix_fds: int = 0) -> bytes:
@@ -279,14 +267,6 @@ def _identity(fd: int) -> tuple[int, int] | None:
     return st_.st_dev, st_.st_ino
 
 
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 def test_fds_claimed_by_their_message(pipes: list[int]) -> None:
     first = be_message(1, "WithFds", unix_fds=2)
     second = le_message(2, unix_fds=1)
@@ -353,9 +333,9 @@ def test_close_closes_held_fds(pipes: list[int]) -> None:
     reader = MessageReader(LIMIT)
     reader.feed(le_message(1, unix_fds=4)[:30], pipes[:4])
     reader.feed(b"", pipes[4:])
-    assert all(is_open(fd) for fd in pipes)
+    assert all(fd_is_open(fd) for fd in pipes)
     reader.close()
-    assert not any(is_open(fd) for fd in pipes)
+    assert not any(fd_is_open(fd) for fd in pipes)
     assert reader.buffered == 0
     reader.close()  # idempotent
 
@@ -366,9 +346,9 @@ def test_close_leaves_claimed_fds_alone(pipes: list[int]) -> None:
     assert reader.next_message() is not None
     assert reader.take_fds(1) == pipes[:1]
     reader.close()
-    assert is_open(pipes[0])
-    assert not is_open(pipes[1])
-    assert not is_open(pipes[2])
+    assert fd_is_open(pipes[0])
+    assert not fd_is_open(pipes[1])
+    assert not fd_is_open(pipes[2])
 
 
 # -- reading large messages straight into their own buffer ----------------------------------

@@ -19,28 +19,12 @@ from dbus_fast._private.unmarshaller import Unmarshaller
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.names import DRIVER, DRIVER_PATH
+from tests.support.wire import build_message, marshal
+from xdg_containers.compat import dbusfast
 from xdg_containers.wire import build
-from xdg_containers.wire.header import (
-    ERROR,
-    FIELD_DESTINATION,
-    FIELD_ERROR_NAME,
-    FIELD_INTERFACE,
-    FIELD_MEMBER,
-    FIELD_PATH,
-    FIELD_REPLY_SERIAL,
-    FIELD_SENDER,
-    FIELD_SIGNATURE,
-    FIELD_UNIX_FDS,
-    METHOD_CALL,
-    METHOD_RETURN,
-    NO_AUTO_START,
-    NO_REPLY_EXPECTED,
-    SIGNAL,
-    Header,
-    MessageError,
-    message_length,
-    parse_header,
-)
+from xdg_containers.wire import header as h
+from xdg_containers.wire.header import Header, MessageError, message_length, parse_header
 from xdg_containers.wire.types import (
     BodyWriter,
     SignatureError,
@@ -50,113 +34,7 @@ from xdg_containers.wire.types import (
     skip_value,
 )
 
-# -- a reference marshaller (both byte orders) ------------------------------------------
-
-_FIXED = {
-    "y": ("B", 1),
-    "b": ("I", 4),
-    "n": ("h", 2),
-    "q": ("H", 2),
-    "i": ("i", 4),
-    "u": ("I", 4),
-    "x": ("q", 8),
-    "t": ("Q", 8),
-    "d": ("d", 8),
-    "h": ("I", 4),
-}
-
-
-def _type_end(sig: str, i: int) -> int:
-    c = sig[i]
-    if c == "a":
-        return _type_end(sig, i + 1)
-    if c in "({":
-        close = ")" if c == "(" else "}"
-        j = i + 1
-        while sig[j] != close:
-            j = _type_end(sig, j)
-        return j + 1
-    return i + 1
-
-
-def split_types(sig: str) -> list[str]:
-    """Split a signature into its single complete types."""
-    out = []
-    i = 0
-    while i < len(sig):
-        j = _type_end(sig, i)
-        out.append(sig[i:j])
-        i = j
-    return out
-
-
-def _align_of(t: str) -> int:
-    c = t[0]
-    if c in "({":
-        return 8
-    if c in "aso":
-        return 4
-    if c in "gv":
-        return 1
-    return _FIXED[c][1]
-
-
-class Writer:
-    """Marshal values of any signature; ``base`` is the absolute offset of buf[0]."""
-
-    def __init__(self, little: bool, base: int = 0) -> None:
-        self.e = "<" if little else ">"
-        self.buf = bytearray()
-        self.base = base
-
-    def align(self, n: int) -> None:
-        self.buf.extend(b"\0" * (-(self.base + len(self.buf)) % n))
-
-    def write(self, sig: str, values: list[Any]) -> None:
-        types = split_types(sig)
-        assert len(types) == len(values), (sig, values)
-        for t, v in zip(types, values, strict=True):
-            self.write_one(t, v)
-
-    def write_one(self, t: str, v: Any) -> None:
-        c = t[0]
-        if c in _FIXED:
-            fmt, size = _FIXED[c]
-            self.align(size)
-            self.buf.extend(struct.pack(self.e + fmt, v))
-        elif c in "so":
-            raw = v.encode() if isinstance(v, str) else v
-            self.align(4)
-            self.buf.extend(struct.pack(self.e + "I", len(raw)) + raw + b"\0")
-        elif c == "g":
-            raw = v.encode()
-            self.buf.extend(bytes([len(raw)]) + raw + b"\0")
-        elif c == "v":
-            inner_sig, inner = v
-            self.write_one("g", inner_sig)
-            self.write_one(inner_sig, inner)
-        elif c == "a":
-            elem = t[1:]
-            self.align(4)
-            len_pos = len(self.buf)
-            self.buf.extend(b"\0\0\0\0")
-            self.align(_align_of(elem))
-            start = len(self.buf)
-            items = v.items() if isinstance(v, dict) else v
-            for item in items:
-                self.write_one(elem, item)
-            struct.pack_into(self.e + "I", self.buf, len_pos, len(self.buf) - start)
-        elif c in "({":
-            self.align(8)
-            self.write(t[1:-1], list(v))
-        else:
-            raise AssertionError(f"type {t!r}")
-
-
-def marshal(sig: str, values: list[Any], little: bool = True, base: int = 0) -> bytes:
-    w = Writer(little, base)
-    w.write(sig, values)
-    return bytes(w.buf)
+# -- the reference marshaller (tests/support/wire.py, both byte orders) --------------------
 
 
 def make_message(
@@ -172,33 +50,26 @@ def make_message(
 ) -> bytes:
     """A whole message; ``fields`` are (code, variant signature, value) in wire order."""
     raw_body = body_bytes if body_bytes is not None else marshal(body_sig, body or [], little)
-    w = Writer(little)
-    w.write_one("y", ord("l") if little else ord("B"))
-    w.write_one("y", mtype)
-    w.write_one("y", flags)
-    w.write_one("y", version)
-    w.write_one("u", len(raw_body))
-    w.write_one("u", serial)
-    w.write_one("a(yv)", [(code, (sig, value)) for code, sig, value in fields])
-    w.align(8)
-    return bytes(w.buf) + raw_body
+    return build_message(
+        mtype, serial, fields, raw_body, flags=flags, little=little, version=version
+    )
 
 
 def call_fields() -> list[tuple[int, str, Any]]:
     """The fields a method call needs."""
-    return [(FIELD_PATH, "o", "/org/example/Obj"), (FIELD_MEMBER, "s", "Frob")]
+    return [(h.FIELD_PATH, "o", "/org/example/Obj"), (h.FIELD_MEMBER, "s", "Frob")]
 
 
 ALL_FIELDS: list[tuple[int, str, Any]] = [
-    (FIELD_PATH, "o", "/org/example/Obj"),
-    (FIELD_INTERFACE, "s", "org.example.Iface"),
-    (FIELD_MEMBER, "s", "Frob"),
-    (FIELD_ERROR_NAME, "s", "org.example.Error.Oops"),
-    (FIELD_REPLY_SERIAL, "u", 0xDEADBEEF),
-    (FIELD_DESTINATION, "s", "org.example.Dest"),
-    (FIELD_SENDER, "s", ":1.42"),
-    (FIELD_SIGNATURE, "g", "sa{sv}"),
-    (FIELD_UNIX_FDS, "u", 3),
+    (h.FIELD_PATH, "o", "/org/example/Obj"),
+    (h.FIELD_INTERFACE, "s", "org.example.Iface"),
+    (h.FIELD_MEMBER, "s", "Frob"),
+    (h.FIELD_ERROR_NAME, "s", "org.example.Error.Oops"),
+    (h.FIELD_REPLY_SERIAL, "u", 0xDEADBEEF),
+    (h.FIELD_DESTINATION, "s", "org.example.Dest"),
+    (h.FIELD_SENDER, "s", ":1.42"),
+    (h.FIELD_SIGNATURE, "g", "sa{sv}"),
+    (h.FIELD_UNIX_FDS, "u", 3),
 ]
 ALL_BODY = ["héllo", {"k": ("i", -5), "n": ("as", ["a", "b"])}]
 
@@ -218,25 +89,26 @@ def test_reference_marshaller_matches_dbus_fast() -> None:
     golden = bytes(msg._marshall(False))
     mine = make_message(
         True,
-        METHOD_CALL,
+        h.METHOD_CALL,
         99,
         [
-            (FIELD_PATH, "o", "/org/example/Obj"),
-            (FIELD_INTERFACE, "s", "org.example.Iface"),
-            (FIELD_MEMBER, "s", "Frob"),
-            (FIELD_DESTINATION, "s", "org.example.Dest"),
-            (FIELD_SIGNATURE, "g", "sa{sv}u"),
+            (h.FIELD_PATH, "o", "/org/example/Obj"),
+            (h.FIELD_INTERFACE, "s", "org.example.Iface"),
+            (h.FIELD_MEMBER, "s", "Frob"),
+            (h.FIELD_DESTINATION, "s", "org.example.Dest"),
+            (h.FIELD_SIGNATURE, "g", "sa{sv}u"),
         ],
         "sa{sv}u",
         ["x" * 300, {}, 7],
-        flags=NO_AUTO_START,
+        flags=h.NO_AUTO_START,
     )
     assert mine == golden
 
 
 @pytest.mark.parametrize("little", [True, False])
 def test_reference_marshaller_big_endian_decodes_with_dbus_fast(little: bool) -> None:
-    raw = make_message(little, METHOD_CALL, 7, ALL_FIELDS[:3] + ALL_FIELDS[5:8], "sa{sv}", ALL_BODY)
+    fields = ALL_FIELDS[:3] + ALL_FIELDS[5:8]
+    raw = make_message(little, h.METHOD_CALL, 7, fields, "sa{sv}", ALL_BODY)
     msg = Unmarshaller(io.BytesIO(raw)).unmarshall()
     assert msg is not None
     assert msg.member == "Frob"
@@ -341,12 +213,8 @@ def test_golden_hex_vector() -> None:
     )
     assert raw == bytes(GOLDEN[0]._marshall(False))
     hdr = parse_header(raw)
-    assert (hdr.path, hdr.interface, hdr.member, hdr.destination) == (
-        "/org/freedesktop/DBus",
-        "org.freedesktop.DBus",
-        "Hello",
-        "org.freedesktop.DBus",
-    )
+    routing = (hdr.path, hdr.interface, hdr.member, hdr.destination)
+    assert routing == (DRIVER_PATH, DRIVER, "Hello", DRIVER)
     assert (hdr.serial, hdr.flags, hdr.body_length) == (1, 0, 0)
     assert hdr.body_offset == len(raw) == 128
     assert message_length(raw[:16]) == 128
@@ -359,18 +227,18 @@ def test_golden_hex_vector() -> None:
 def test_every_header_field_both_endiannesses(little: bool) -> None:
     raw = make_message(
         little,
-        METHOD_CALL,
+        h.METHOD_CALL,
         0x01020304,
         ALL_FIELDS,
         "sa{sv}",
         ALL_BODY,
-        flags=NO_REPLY_EXPECTED | NO_AUTO_START,
+        flags=h.NO_REPLY_EXPECTED | h.NO_AUTO_START,
     )
     hdr = parse_header(raw)
     assert hdr == Header(
         little_endian=little,
-        message_type=METHOD_CALL,
-        flags=NO_REPLY_EXPECTED | NO_AUTO_START,
+        message_type=h.METHOD_CALL,
+        flags=h.NO_REPLY_EXPECTED | h.NO_AUTO_START,
         serial=0x01020304,
         body_length=len(marshal("sa{sv}", ALL_BODY, little)),
         body_offset=hdr.body_offset,
@@ -391,15 +259,15 @@ def test_every_header_field_both_endiannesses(little: bool) -> None:
 
 @pytest.mark.parametrize("little", [True, False])
 def test_big_and_little_endian_agree(little: bool) -> None:
-    le = parse_header(make_message(True, ERROR, 9, ALL_FIELDS[3:], "s", ["x"]))
-    other = parse_header(make_message(little, ERROR, 9, ALL_FIELDS[3:], "s", ["x"]))
+    le = parse_header(make_message(True, h.ERROR, 9, ALL_FIELDS[3:], "s", ["x"]))
+    other = parse_header(make_message(little, h.ERROR, 9, ALL_FIELDS[3:], "s", ["x"]))
     assert other.little_endian is little
     other.little_endian = True
     assert other == le
 
 
 def test_fields_in_any_order() -> None:
-    raw = make_message(False, METHOD_CALL, 5, list(reversed(ALL_FIELDS)))
+    raw = make_message(False, h.METHOD_CALL, 5, list(reversed(ALL_FIELDS)))
     hdr = parse_header(raw)
     assert hdr.path == "/org/example/Obj"
     assert hdr.unix_fds == 3
@@ -407,7 +275,7 @@ def test_fields_in_any_order() -> None:
 
 
 def test_accepts_bytearray_and_memoryview() -> None:
-    raw = make_message(True, SIGNAL, 1, ALL_FIELDS[:3])
+    raw = make_message(True, h.SIGNAL, 1, ALL_FIELDS[:3])
     for data in (bytearray(raw), memoryview(raw)):
         hdr = parse_header(data)
         assert (hdr.path, hdr.interface, hdr.member) == (
@@ -418,11 +286,11 @@ def test_accepts_bytearray_and_memoryview() -> None:
 
 
 def test_expects_reply() -> None:
-    call = parse_header(make_message(True, METHOD_CALL, 1, call_fields()))
+    call = parse_header(make_message(True, h.METHOD_CALL, 1, call_fields()))
     assert call.expects_reply is True
-    noreply = parse_header(make_message(True, METHOD_CALL, 1, call_fields(), flags=1))
+    noreply = parse_header(make_message(True, h.METHOD_CALL, 1, call_fields(), flags=1))
     assert noreply.expects_reply is False
-    sig = parse_header(make_message(True, SIGNAL, 1, ALL_FIELDS[:3]))
+    sig = parse_header(make_message(True, h.SIGNAL, 1, ALL_FIELDS[:3]))
     assert sig.expects_reply is False
 
 
@@ -463,13 +331,13 @@ UNKNOWN_VALUES: list[tuple[str, Any]] = [
 def test_unknown_header_fields_are_skipped(little: bool, code: int, sig: str, value: Any) -> None:
     fields = [
         (code, sig, value),
-        (FIELD_PATH, "o", "/real/path"),
+        (h.FIELD_PATH, "o", "/real/path"),
         (code, sig, value),
-        (FIELD_MEMBER, "s", "RealMember"),
-        (FIELD_DESTINATION, "s", "org.real.Dest"),
+        (h.FIELD_MEMBER, "s", "RealMember"),
+        (h.FIELD_DESTINATION, "s", "org.real.Dest"),
         (code, sig, value),
     ]
-    raw = make_message(little, METHOD_CALL, 77, fields, "s", ["body"])
+    raw = make_message(little, h.METHOD_CALL, 77, fields, "s", ["body"])
     hdr = parse_header(raw)
     assert hdr.path == "/real/path"
     assert hdr.member == "RealMember"
@@ -515,9 +383,9 @@ def test_any_unknown_field_is_skipped(
     little: bool, code: int, unknown: list[tuple[str, Any]]
 ) -> None:
     fields = [(code, t, v) for t, v in unknown]
-    fields.insert(1, (FIELD_PATH, "o", "/p"))
-    fields.append((FIELD_MEMBER, "s", "M"))
-    raw = make_message(little, METHOD_CALL, 3, fields)
+    fields.insert(1, (h.FIELD_PATH, "o", "/p"))
+    fields.append((h.FIELD_MEMBER, "s", "M"))
+    raw = make_message(little, h.METHOD_CALL, 3, fields)
     hdr = parse_header(raw)
     assert (hdr.path, hdr.member, hdr.body_offset) == ("/p", "M", len(raw))
 
@@ -533,37 +401,37 @@ def test_skip_value_matches_marshalled_length(little: bool, tv: tuple[str, Any],
 # -- rejections ---------------------------------------------------------------------------
 
 WRONG_TYPES = [
-    (FIELD_PATH, "s", "/p"),
-    (FIELD_INTERFACE, "o", "/org/x"),
-    (FIELD_MEMBER, "o", "/M"),
-    (FIELD_ERROR_NAME, "g", "s"),
-    (FIELD_REPLY_SERIAL, "i", 5),
-    (FIELD_REPLY_SERIAL, "t", 5),
-    (FIELD_DESTINATION, "as", ["org.x"]),
-    (FIELD_SENDER, "v", ("s", ":1.1")),
-    (FIELD_SIGNATURE, "s", "s"),
-    (FIELD_UNIX_FDS, "q", 1),
+    (h.FIELD_PATH, "s", "/p"),
+    (h.FIELD_INTERFACE, "o", "/org/x"),
+    (h.FIELD_MEMBER, "o", "/M"),
+    (h.FIELD_ERROR_NAME, "g", "s"),
+    (h.FIELD_REPLY_SERIAL, "i", 5),
+    (h.FIELD_REPLY_SERIAL, "t", 5),
+    (h.FIELD_DESTINATION, "as", ["org.x"]),
+    (h.FIELD_SENDER, "v", ("s", ":1.1")),
+    (h.FIELD_SIGNATURE, "s", "s"),
+    (h.FIELD_UNIX_FDS, "q", 1),
 ]
 
 
 @pytest.mark.parametrize("little", [True, False])
 @pytest.mark.parametrize("field", WRONG_TYPES, ids=[f"{c}-{s}" for c, s, _ in WRONG_TYPES])
 def test_known_field_with_wrong_type_is_rejected(little: bool, field: tuple[int, str, Any]) -> None:
-    fields = [*call_fields(), (FIELD_REPLY_SERIAL, "u", 1), field]
-    raw = make_message(little, METHOD_CALL, 1, fields)
+    fields = [*call_fields(), (h.FIELD_REPLY_SERIAL, "u", 1), field]
+    raw = make_message(little, h.METHOD_CALL, 1, fields)
     with pytest.raises(MessageError, match="header field"):
         parse_header(raw)
 
 
 MISSING = [
-    (METHOD_CALL, [(FIELD_MEMBER, "s", "M")]),
-    (METHOD_CALL, [(FIELD_PATH, "o", "/p")]),
-    (SIGNAL, [(FIELD_PATH, "o", "/p"), (FIELD_MEMBER, "s", "M")]),
-    (SIGNAL, [(FIELD_INTERFACE, "s", "a.b"), (FIELD_MEMBER, "s", "M")]),
-    (SIGNAL, [(FIELD_PATH, "o", "/p"), (FIELD_INTERFACE, "s", "a.b")]),
-    (ERROR, [(FIELD_REPLY_SERIAL, "u", 3)]),
-    (ERROR, [(FIELD_ERROR_NAME, "s", "a.b.E")]),
-    (METHOD_RETURN, [(FIELD_DESTINATION, "s", ":1.1")]),
+    (h.METHOD_CALL, [(h.FIELD_MEMBER, "s", "M")]),
+    (h.METHOD_CALL, [(h.FIELD_PATH, "o", "/p")]),
+    (h.SIGNAL, [(h.FIELD_PATH, "o", "/p"), (h.FIELD_MEMBER, "s", "M")]),
+    (h.SIGNAL, [(h.FIELD_INTERFACE, "s", "a.b"), (h.FIELD_MEMBER, "s", "M")]),
+    (h.SIGNAL, [(h.FIELD_PATH, "o", "/p"), (h.FIELD_INTERFACE, "s", "a.b")]),
+    (h.ERROR, [(h.FIELD_REPLY_SERIAL, "u", 3)]),
+    (h.ERROR, [(h.FIELD_ERROR_NAME, "s", "a.b.E")]),
+    (h.METHOD_RETURN, [(h.FIELD_DESTINATION, "s", ":1.1")]),
 ]
 
 
@@ -575,7 +443,7 @@ def test_missing_required_fields(little: bool, mtype: int, fields: list[Any]) ->
 
 
 def test_method_call_needs_no_interface() -> None:
-    hdr = parse_header(make_message(True, METHOD_CALL, 1, call_fields()))
+    hdr = parse_header(make_message(True, h.METHOD_CALL, 1, call_fields()))
     assert hdr.interface is None
     assert hdr.destination is None
 
@@ -583,18 +451,18 @@ def test_method_call_needs_no_interface() -> None:
 @pytest.mark.parametrize("little", [True, False])
 def test_serial_zero_rejected(little: bool) -> None:
     with pytest.raises(MessageError, match="serial 0"):
-        parse_header(make_message(little, METHOD_CALL, 0, call_fields()))
+        parse_header(make_message(little, h.METHOD_CALL, 0, call_fields()))
 
 
 @pytest.mark.parametrize("little", [True, False])
 def test_reply_serial_zero_rejected(little: bool) -> None:
     with pytest.raises(MessageError, match="reply serial 0"):
-        parse_header(make_message(little, METHOD_RETURN, 1, [(FIELD_REPLY_SERIAL, "u", 0)]))
+        parse_header(make_message(little, h.METHOD_RETURN, 1, [(h.FIELD_REPLY_SERIAL, "u", 0)]))
 
 
 @pytest.mark.parametrize("byte", [b"b", b"L", b"\0", b"\xff"])
 def test_bad_endianness(byte: bytes) -> None:
-    raw = byte + make_message(True, METHOD_CALL, 1, call_fields())[1:]
+    raw = byte + make_message(True, h.METHOD_CALL, 1, call_fields())[1:]
     with pytest.raises(MessageError, match="endianness"):
         parse_header(raw)
     with pytest.raises(MessageError, match="endianness"):
@@ -604,7 +472,7 @@ def test_bad_endianness(byte: bytes) -> None:
 @pytest.mark.parametrize("little", [True, False])
 @pytest.mark.parametrize("version", [0, 2, 255])
 def test_bad_protocol_version(little: bool, version: int) -> None:
-    raw = make_message(little, METHOD_CALL, 1, call_fields(), version=version)
+    raw = make_message(little, h.METHOD_CALL, 1, call_fields(), version=version)
     with pytest.raises(MessageError, match="version"):
         parse_header(raw)
     with pytest.raises(MessageError, match="version"):
@@ -618,15 +486,15 @@ def test_unknown_message_type_rejected(mtype: int) -> None:
 
 
 def test_length_must_match() -> None:
-    raw = make_message(True, METHOD_CALL, 1, call_fields(), "s", ["abc"])
+    raw = make_message(True, h.METHOD_CALL, 1, call_fields(), "s", ["abc"])
     for bad in (raw[:-1], raw + b"\0", raw[:15]):
         with pytest.raises(MessageError):
             parse_header(bad)
 
 
 def test_message_length_with_offset_and_trailing_data() -> None:
-    a = make_message(True, METHOD_CALL, 1, call_fields(), "s", ["abc"])
-    b = make_message(False, SIGNAL, 2, ALL_FIELDS[:3], "ay", [[1] * 1000])
+    a = make_message(True, h.METHOD_CALL, 1, call_fields(), "s", ["abc"])
+    b = make_message(False, h.SIGNAL, 2, ALL_FIELDS[:3], "ay", [[1] * 1000])
     stream = a + b + b"junk"
     assert message_length(stream) == len(a)
     assert message_length(stream, len(a)) == len(b)
@@ -646,14 +514,14 @@ def test_message_length_rejects_huge_field_array(little: bool) -> None:
 @pytest.mark.parametrize("little", [True, False])
 def test_non_utf8_string_field_rejected(little: bool) -> None:
     raw = make_message(
-        little, METHOD_CALL, 1, [*call_fields(), (FIELD_DESTINATION, "s", b"\xff\xfe")]
+        little, h.METHOD_CALL, 1, [*call_fields(), (h.FIELD_DESTINATION, "s", b"\xff\xfe")]
     )
     with pytest.raises(MessageError, match="UTF-8"):
         parse_header(raw)
 
 
 def _corrupt_path_length(little: bool, new_len: int) -> bytes:
-    raw = bytearray(make_message(little, METHOD_CALL, 1, call_fields()))
+    raw = bytearray(make_message(little, h.METHOD_CALL, 1, call_fields()))
     # The first field is PATH at offset 16: code, 1, 'o', 0, then the u32 length at 20.
     assert raw[16:20] == b"\x01\x01o\0"
     struct.pack_into("<I" if little else ">I", raw, 20, new_len)
@@ -700,7 +568,7 @@ def test_field_code_zero_rejected(little: bool) -> None:
     # message") and libdbus rejects it (DBUS_INVALID_HEADER_FIELD_CODE); skipping it also
     # lets zero padding be misread as empty fields without notice. Fix: before the
     # _EXPECTED_SIG lookup, `if code == 0: raise MessageError("header field code 0")`.
-    raw = make_message(little, METHOD_CALL, 1, [(0, "s", "x"), *call_fields()])
+    raw = make_message(little, h.METHOD_CALL, 1, [(0, "s", "x"), *call_fields()])
     with pytest.raises(MessageError):
         parse_header(raw)
 
@@ -709,9 +577,9 @@ def test_field_code_zero_rejected(little: bool) -> None:
 @pytest.mark.parametrize(
     "field",
     [
-        (FIELD_DESTINATION, "s", "org.other.Dest"),
-        (FIELD_PATH, "o", "/other"),
-        (FIELD_UNIX_FDS, "u", 9),
+        (h.FIELD_DESTINATION, "s", "org.other.Dest"),
+        (h.FIELD_PATH, "o", "/other"),
+        (h.FIELD_UNIX_FDS, "u", 9),
     ],
 )
 def test_known_field_twice_rejected(little: bool, field: tuple[int, str, Any]) -> None:
@@ -722,19 +590,19 @@ def test_known_field_twice_rejected(little: bool, field: tuple[int, str, Any]) -
     # of the known codes seen and raise MessageError on a repeat.
     fields = [
         *call_fields(),
-        (FIELD_DESTINATION, "s", "org.allowed.Dest"),
-        (FIELD_UNIX_FDS, "u", 0),
+        (h.FIELD_DESTINATION, "s", "org.allowed.Dest"),
+        (h.FIELD_UNIX_FDS, "u", 0),
         field,
     ]
     with pytest.raises(MessageError):
-        parse_header(make_message(little, METHOD_CALL, 1, fields))
+        parse_header(make_message(little, h.METHOD_CALL, 1, fields))
 
 
 def test_deeply_nested_variants_rejected() -> None:
     value: Any = ("y", 1)
     for _ in range(70):
         value = ("v", value)
-    raw = make_message(True, METHOD_CALL, 1, [(50, "v", value[1]), *call_fields()])
+    raw = make_message(True, h.METHOD_CALL, 1, [(50, "v", value[1]), *call_fields()])
     with pytest.raises(MessageError, match="deeply"):
         parse_header(raw)
 
@@ -745,7 +613,7 @@ def test_deeply_nested_variants_rejected() -> None:
     edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
 )
 def test_corrupted_messages_raise_only_message_error(little: bool, edits: list[Any]) -> None:
-    raw = bytearray(make_message(little, ERROR, 5, ALL_FIELDS, "s", ["body"]))
+    raw = bytearray(make_message(little, h.ERROR, 5, ALL_FIELDS, "s", ["body"]))
     for index, byte in edits:
         raw[index % len(raw)] = byte
     try:
@@ -780,7 +648,7 @@ def _dbus_fast_parse(raw: bytes) -> Message:
 def test_error_reply_fields_and_body() -> None:
     raw = build.error_reply(17, 4, ":1.9", "org.freedesktop.DBus.Error.AccessDenied", "no, é")
     hdr = parse_header(raw)
-    assert hdr.message_type == ERROR
+    assert hdr.message_type == h.ERROR
     assert hdr.serial == 17
     assert hdr.reply_serial == 4
     assert hdr.destination == ":1.9"
@@ -805,16 +673,12 @@ def test_error_reply_without_destination() -> None:
 
 
 def test_bus_call_parses_back() -> None:
-    raw = build.bus_call(2**32 - 1, "Ping", "org.freedesktop.DBus.Peer", flags=NO_REPLY_EXPECTED)
+    raw = build.bus_call(2**32 - 1, "Ping", "org.freedesktop.DBus.Peer", flags=h.NO_REPLY_EXPECTED)
     hdr = parse_header(raw)
-    assert (hdr.path, hdr.interface, hdr.member, hdr.destination) == (
-        "/org/freedesktop/DBus",
-        "org.freedesktop.DBus.Peer",
-        "Ping",
-        "org.freedesktop.DBus",
-    )
+    routing = (hdr.path, hdr.interface, hdr.member, hdr.destination)
+    assert routing == (DRIVER_PATH, "org.freedesktop.DBus.Peer", "Ping", DRIVER)
     assert hdr.serial == 2**32 - 1
-    assert hdr.flags == NO_REPLY_EXPECTED
+    assert hdr.flags == h.NO_REPLY_EXPECTED
     assert hdr.body_length == 0
     assert hdr.body_offset == len(raw)
     msg = _dbus_fast_parse(raw)
@@ -829,7 +693,7 @@ def test_method_return_parses_back() -> None:
     raw = build.method_return(3, 2, "org.freedesktop.DBus", ":1.5", "asu", w.bytes())
     hdr = parse_header(raw)
     assert (hdr.message_type, hdr.reply_serial, hdr.sender, hdr.destination, hdr.signature) == (
-        METHOD_RETURN,
+        h.METHOD_RETURN,
         2,
         "org.freedesktop.DBus",
         ":1.5",
@@ -850,26 +714,19 @@ def test_method_return_without_optional_fields() -> None:
 def test_build_message_matches_dbus_fast_bytes() -> None:
     """Field order differs only by sorting; for sorted fields the bytes equal dbus-fast's."""
     raw = build.build_message(
-        METHOD_CALL,
+        h.METHOD_CALL,
         12,
         {
-            FIELD_PATH: "/x",
-            FIELD_INTERFACE: "a.b",
-            FIELD_MEMBER: "M",
-            FIELD_DESTINATION: "c.d",
-            FIELD_SIGNATURE: "s",
+            h.FIELD_PATH: "/x",
+            h.FIELD_INTERFACE: "a.b",
+            h.FIELD_MEMBER: "M",
+            h.FIELD_DESTINATION: "c.d",
+            h.FIELD_SIGNATURE: "s",
         },
         marshal("s", ["hi"]),
     )
-    golden = Message(
-        destination="c.d",
-        path="/x",
-        interface="a.b",
-        member="M",
-        signature="s",
-        body=["hi"],
-        serial=12,
-    )
+    golden = Message(destination="c.d", path="/x", interface="a.b", member="M", signature="s",
+                     body=["hi"], serial=12)
     assert raw == bytes(golden._marshall(False))
 
 
@@ -906,7 +763,9 @@ def test_string_array_matches_dbus_fast(lead: list[int], items: list[str]) -> No
         w.byte(b)
     w.string_array(items)
     sig = "y" * len(lead) + "as"
-    assert w.bytes() == bytes(Marshaller(sig, [*lead, items]).marshall())
+    if dbusfast.text_ok() or all(i.isascii() for i in items):
+        # dbus-fast < 2.12 writes string lengths in characters: no reference for the rest.
+        assert w.bytes() == bytes(Marshaller(sig, [*lead, items]).marshall())
     assert read_string_array(w.bytes(), len(lead), True) == (items, len(w.bytes()))
 
 

@@ -6,6 +6,7 @@ from dbus_fast import Message, MessageType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.wire import build_message, marshal
 from xdg_containers.wire import header
 from xdg_containers.wire.header import parse_header
 
@@ -74,32 +75,8 @@ def test_same_fields_different_type_are_not_confused() -> None:
 
 def _relayed_reply(reply_serial: int) -> bytes:
     """A reply laid out as libdbus sends it and dbus-daemon relays it: the serial not first."""
-    import struct
-
-    from xdg_containers.wire.types import BodyWriter
-
-    h = BodyWriter()
-    h.buf.extend(b"\0" * 16)
-    for code, sig, val in [(6, "s", ":1.5"), (5, "u", reply_serial), (8, "g", "s"),
-                           (7, "s", ":1.3")]:
-        h._align(8)
-        h.byte(code)
-        h.signature(sig)
-        if sig == "u":
-            assert isinstance(val, int)
-            h.uint32(val)
-        elif sig == "g":
-            assert isinstance(val, str)
-            h.signature(val)
-        else:
-            assert isinstance(val, str)
-            h.string(val)
-    fields_len = len(h.buf) - 16
-    h._align(8)
-    body = BodyWriter()
-    body.string("hello")
-    struct.pack_into("<BBBBIII", h.buf, 0, ord("l"), 2, 0, 1, len(body.bytes()), 9, fields_len)
-    return bytes(h.buf) + body.bytes()
+    fields = [(6, "s", ":1.5"), (5, "u", reply_serial), (8, "g", "s"), (7, "s", ":1.3")]
+    return build_message(2, 9, fields, marshal("s", ["hello"]))
 
 
 def test_relayed_replies_share_one_cache_entry_and_keep_their_serials() -> None:

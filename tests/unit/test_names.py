@@ -104,32 +104,23 @@ PATHS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "valid"), WELL_KNOWN)
-def test_well_known_names(name: str, valid: bool) -> None:
-    assert is_valid_well_known_name(name) is valid
-    assert is_valid_bus_name(name) is valid
+#: Each table of names with the validators that must all give its verdict.
+CHECKS: dict[str, tuple[list[tuple[str, bool]], tuple[Callable[[str], bool], ...]]] = {
+    "well-known": (WELL_KNOWN, (is_valid_well_known_name, is_valid_bus_name)),
+    "unique": (UNIQUE, (is_valid_unique_name, is_valid_bus_name)),
+    "interface": (INTERFACES, (is_valid_interface_name, is_valid_error_name)),
+    "member": (MEMBERS, (is_valid_member_name,)),
+    "path": (PATHS, (is_valid_object_path,)),
+}
 
 
-@pytest.mark.parametrize(("name", "valid"), UNIQUE)
-def test_unique_names(name: str, valid: bool) -> None:
-    assert is_valid_unique_name(name) is valid
-    assert is_valid_bus_name(name) is valid
-
-
-@pytest.mark.parametrize(("name", "valid"), INTERFACES)
-def test_interface_names(name: str, valid: bool) -> None:
-    assert is_valid_interface_name(name) is valid
-    assert is_valid_error_name(name) is valid
-
-
-@pytest.mark.parametrize(("name", "valid"), MEMBERS)
-def test_member_names(name: str, valid: bool) -> None:
-    assert is_valid_member_name(name) is valid
-
-
-@pytest.mark.parametrize(("path", "valid"), PATHS)
-def test_object_paths(path: str, valid: bool) -> None:
-    assert is_valid_object_path(path) is valid
+@pytest.mark.parametrize(
+    ("kind", "name", "valid"),
+    [(kind, name, valid) for kind, (table, _) in CHECKS.items() for name, valid in table],
+)
+def test_names(kind: str, name: str, valid: bool) -> None:
+    for check in CHECKS[kind][1]:
+        assert check(name) is valid, check.__name__
 
 
 def test_unique_and_well_known_are_disjoint() -> None:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from xdg_containers.policy import policy_from_named_arguments
-from xdg_containers.policy.tracker import NameTracker
-from xdg_containers.proxy.decision import (
+from xdg_containers.core.decision import (
     ACCESS_DENIED,
     BUS_NAME,
     INVALID_ARGS,
@@ -19,8 +17,10 @@ from xdg_containers.proxy.decision import (
     Verdict,
     deny,
 )
-from xdg_containers.proxy.pending import MAX_SAME_SERIAL, PendingCalls
-from xdg_containers.proxy.policy_filter import PolicyFilter
+from xdg_containers.core.pending import MAX_SAME_SERIAL, PendingCalls
+from xdg_containers.core.policy_filter import PolicyFilter
+from xdg_containers.policy import policy_from_named_arguments
+from xdg_containers.policy.tracker import NameTracker
 from xdg_containers.wire.build import bus_call
 from xdg_containers.wire.header import parse_header
 from xdg_containers.wire.names import is_too_long, shorten

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from xdg_containers.core.basic_filter import BasicFilter
+from xdg_containers.core.policy_filter import PolicyFilter
 from xdg_containers.policy import Level, Policy
 from xdg_containers.policy.tracker import NameTracker
-from xdg_containers.proxy.basic_filter import BasicFilter
-from xdg_containers.proxy.policy_filter import PolicyFilter
 from xdg_containers.wire.header import parse_header
 
 

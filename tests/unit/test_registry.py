@@ -48,6 +48,13 @@ def new_server(reg: ServerRegistry, uid: int = 1000, name: str = ":1.1") -> Any:
     return server
 
 
+
+def with_server() -> tuple[Any, Events, Any]:
+    """A registry, its recorded events and one server in it."""
+    reg = registry()
+    ev = Events(reg)
+    return reg, ev, new_server(reg)
+
 def test_paths_count_from_c0() -> None:
     reg = registry()
     paths = [reg.allocate_path() for _ in range(3)]
@@ -175,9 +182,7 @@ def test_server_finished_for_unknown_server() -> None:
 
 
 def test_listening_changed_fires() -> None:
-    reg = registry()
-    ev = Events(reg)
-    a = new_server(reg)
+    reg, ev, a = with_server()
     a.listening = False
     reg.listening_changed(a)
     assert ev.listening == [a]
@@ -185,9 +190,7 @@ def test_listening_changed_fires() -> None:
 
 
 def test_sessions() -> None:
-    reg = registry()
-    ev = Events(reg)
-    a = new_server(reg)
+    reg, ev, a = with_server()
     s1: Any = FakeSession(":1.50", a)
     s2: Any = FakeSession(":1.51", a)
     assert reg.is_confined(":1.50") is False
@@ -208,9 +211,7 @@ def test_sessions() -> None:
 
 
 def test_session_closed_twice_or_unnamed() -> None:
-    reg = registry()
-    ev = Events(reg)
-    a = new_server(reg)
+    reg, ev, a = with_server()
     s: Any = FakeSession(":1.60", a)
     reg.session_named(s)
     reg.session_closed(s)
@@ -221,9 +222,7 @@ def test_session_closed_twice_or_unnamed() -> None:
 
 
 def test_session_closed_does_not_drop_another_with_the_same_name() -> None:
-    reg = registry()
-    ev = Events(reg)
-    a = new_server(reg)
+    reg, ev, a = with_server()
     live: Any = FakeSession(":1.70", a)
     stale: Any = FakeSession(":1.70", a)
     reg.session_named(live)

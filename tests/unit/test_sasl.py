@@ -79,6 +79,13 @@ TRANSCRIPTS = [
 ]
 
 
+def authenticated_server() -> SaslServer:
+    """A server that has answered our AUTH EXTERNAL with OK (BEGIN not sent yet)."""
+    srv = server()
+    assert srv.feed(b"\0AUTH EXTERNAL " + UID_HEX + b"\r\n") == OK
+    return srv
+
+
 @pytest.mark.parametrize(
     ("client", "expected", "fds"), [t[1:] for t in TRANSCRIPTS], ids=[t[0] for t in TRANSCRIPTS]
 )
@@ -200,16 +207,14 @@ def test_negotiate_before_auth_is_an_error() -> None:
 
 @pytest.mark.parametrize("suffix", [b" ", b"\t", b" \t ", b"\t\t"])
 def test_begin_with_trailing_blanks(suffix: bytes) -> None:
-    srv = server()
-    srv.feed(b"\0AUTH EXTERNAL " + UID_HEX + b"\r\n")
+    srv = authenticated_server()
     assert srv.feed(b"BEGIN" + suffix + b"\r\n" + HELLO) == b""
     assert srv.done
     assert srv.leftover == HELLO
 
 
 def test_begin_with_an_argument_is_not_begin() -> None:
-    srv = server()
-    srv.feed(b"\0AUTH EXTERNAL " + UID_HEX + b"\r\n")
+    srv = authenticated_server()
     assert srv.feed(b"BEGIN now\r\n").startswith(b"ERROR")
     assert not srv.done
 
@@ -298,8 +303,7 @@ def test_unknown_commands_get_error(line: bytes) -> None:
 
 
 def test_lowercase_begin_is_not_begin() -> None:
-    srv = server()
-    srv.feed(b"\0AUTH EXTERNAL " + UID_HEX + b"\r\n")
+    srv = authenticated_server()
     assert srv.feed(b"begin\r\n").startswith(b"ERROR")
     assert not srv.done
 
@@ -351,8 +355,7 @@ def test_cancel_rejects(before: bytes) -> None:
 
 
 def test_auth_again_after_ok_starts_over() -> None:
-    srv = server()
-    srv.feed(b"\0AUTH EXTERNAL " + UID_HEX + b"\r\n")
+    srv = authenticated_server()
     assert srv.feed(b"AUTH EXTERNAL 31303031\r\n") == REJECTED
     assert srv.feed(b"BEGIN\r\n").startswith(b"ERROR")
     assert not srv.done

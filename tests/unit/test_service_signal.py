@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from xdg_containers.core.basic_filter import BasicFilter
+from xdg_containers.core.decision import Verdict
+from xdg_containers.core.policy_filter import PolicyFilter
 from xdg_containers.policy import Level, Policy
 from xdg_containers.policy.tracker import NameTracker
-from xdg_containers.proxy.basic_filter import BasicFilter
-from xdg_containers.proxy.decision import Verdict
-from xdg_containers.proxy.policy_filter import PolicyFilter
 from xdg_containers.wire.build import build_message
 from xdg_containers.wire.header import SIGNAL, parse_header
 

@@ -14,10 +14,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.sasl import opening
 from xdg_containers.proxy import spare as spare_mod
 from xdg_containers.proxy.spare import MAX_AGE, SpareBusConnections, spares_for
 
-AUTH = b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n"
+AUTH = opening(begin=False)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ closing (the anchor died or quit) is the server's end: ``on_lost`` runs once.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import collections
 import functools
@@ -20,6 +19,7 @@ from collections.abc import Callable
 
 from ..proxy.dispatch import direct_selector, watch_reads
 from ..wire.address import escape_value
+from .program import received_fds
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +75,6 @@ def check_upstream_socket(fd: int) -> socket.socket:
         raise AnchorError(f"cannot inspect the anchor's socket: {exc.strerror}") from exc
     sock.setblocking(False)
     return sock
-
-
-def _received_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
 
 
 def parse_answer(data: bytes, fds: list[int], truncated: bool) -> socket.socket:
@@ -184,7 +174,7 @@ class AnchorLink:
         except OSError as exc:
             self._lost(f"read failed: {exc.strerror}")
             return
-        fds = _received_fds(anc)
+        fds = received_fds(anc)
         if not data and not fds:
             self._lost("it closed the connector")
             return

@@ -46,6 +46,17 @@ _MS_PRIVATE = 1 << 18
 _MNT_DETACH = 2
 
 
+
+def received_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds of every SCM_RIGHTS message in ``recvmsg``'s ancillary data."""
+    fds: list[int] = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
 def unescape(value: str) -> str:
     """Undo D-Bus address escaping (``%2f`` -> ``/``)."""
     if "%" not in value:
@@ -200,12 +211,7 @@ def zygote(ctl: socket.socket, kind: str) -> int:
             return 1
         if not data:
             return 0
-        fds: list[int] = []
-        for level, ctype, payload in anc:
-            if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                fds.extend(arr)
+        fds = received_fds(anc)
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)

@@ -56,9 +56,10 @@ def configure_logging(log_messages: bool) -> None:
 async def _sync_names(address: str, tracker: NameTracker) -> None:
     """The current owner of every well-known name (the tracker's start state)."""
     from dbus_fast import Message, MessageType
-    from dbus_fast.aio import MessageBus
 
-    bus = await MessageBus(bus_address=address).connect()
+    from ..compat.dbusfast import connect_bus
+
+    bus = await connect_bus(address)
     try:
 
         async def driver(member: str, sig: str = "", body: list[object] | None = None) -> Message:

@@ -10,6 +10,7 @@ service (backed.py, no asyncio) or, when it cannot be reached within 2 s or
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -61,10 +62,8 @@ def listen_at(path: str) -> socket.socket:
 
 def _unlink_all(paths: list[str]) -> None:
     for path in paths:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
 
 
 def _terminate(_signum: int, _frame: object) -> None:

@@ -368,21 +368,13 @@ class Policy:
         return grant.level >= Level.TALK or bool(grant.calls) or bool(grant.broadcasts)
 
     def any_call_allowed(
-        self,
-        names: Iterable[str],
-        interface: str | None,
-        member: str | None,
-        path: str | None,
+        self, names: Iterable[str], interface: str | None, member: str | None, path: str | None
     ) -> bool:
         """call_allowed() over every name a peer owns or owned (xdg-dbus-proxy merges them)."""
         return any(self.call_allowed(n, interface, member, path) for n in names)
 
     def any_broadcast_allowed(
-        self,
-        names: Iterable[str],
-        interface: str | None,
-        member: str | None,
-        path: str | None,
+        self, names: Iterable[str], interface: str | None, member: str | None, path: str | None
     ) -> bool:
         """broadcast_allowed() over every name a peer owns or owned (merged, as upstream)."""
         return any(self.broadcast_allowed(n, interface, member, path) for n in names)

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..compat import aio
+
 log = logging.getLogger(__name__)
 
 Callback = Callable[[], None]
@@ -27,7 +29,7 @@ _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 
 
-class DispatchingSelector(selectors.EpollSelector):
+class DispatchingSelector(aio.EpollSelector):
     """EpollSelector plus fds whose callbacks run directly inside ``select``."""
 
     def __init__(self) -> None:
@@ -48,7 +50,7 @@ class DispatchingSelector(selectors.EpollSelector):
         that is nobody's round trip, such as the owner-change feed).
         """
         mask = (_EPOLLIN if reader is not None else 0) | (_EPOLLOUT if writer is not None else 0)
-        epoll: select.epoll = self._selector  # type: ignore[attr-defined]
+        epoll = self.epoll
         entry = self._direct.get(fd)
         if not mask:
             if entry is not None:
@@ -88,13 +90,13 @@ class DispatchingSelector(selectors.EpollSelector):
             # Round up to the millisecond, as EpollSelector does, to wait at least timeout.
             wait = math.ceil(timeout * 1e3) * 1e-3
         direct = self._direct
-        fd_to_key = self._fd_to_key  # type: ignore[attr-defined]
-        poll = self._selector.poll  # type: ignore[attr-defined]
+        fd_to_key = self.fd_to_key
+        poll = self.epoll.poll
         loop = self.loop
         ready: list[tuple[selectors.SelectorKey, int]] = []
         deadline = 0.0
         if loop is not None:
-            timers = len(loop._scheduled)  # type: ignore[attr-defined]
+            timers = aio.scheduled_timers(loop)
             if wait > 0:
                 deadline = time.monotonic() + wait
         while True:
@@ -128,7 +130,7 @@ class DispatchingSelector(selectors.EpollSelector):
                         self._drop_failed(fd)
             if ready or not fd_event_list or loop is None or wait == 0:
                 return ready
-            if loop._ready or loop._stopping or len(loop._scheduled) != timers:  # type: ignore[attr-defined]
+            if aio.has_new_work(loop, timers):
                 return ready
             if wait > 0:
                 wait = deadline - time.monotonic()
@@ -193,13 +195,14 @@ def watch_reads(
 
 def direct_selector(loop: asyncio.AbstractEventLoop) -> DispatchingSelector | None:
     """The loop's DispatchingSelector, or None when the loop uses another selector."""
-    selector = getattr(loop, "_selector", None)
+    selector = aio.selector_of(loop)
     return selector if isinstance(selector, DispatchingSelector) else None
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """A selector event loop whose selector can dispatch proxy sockets directly."""
     selector = DispatchingSelector()
-    loop = asyncio.SelectorEventLoop(selector)
-    selector.loop = loop
+    loop = aio.selector_loop(selector)
+    # Peeking at the loop's private fields is the fast path (compat/aio.py).
+    selector.loop = loop if aio.loop_peekable(loop) else None  # type: ignore[assignment]
     return loop

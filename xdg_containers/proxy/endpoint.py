@@ -11,11 +11,11 @@ from __future__ import annotations
 import array
 import asyncio
 import logging
-import os
 import socket
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
+from ..core.fds import close_fds as close_fds
 from ..wire.address import AddressError, parse_address
 from .dispatch import direct_selector
 
@@ -30,15 +30,6 @@ _MAX_BATCH_BYTES = 4 * 1024 * 1024
 # Plain ints: testing an IntFlag member costs a microsecond per read.
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
-
-
-def close_fds(fds: Sequence[int]) -> None:
-    """Close fds we hold a copy of, ignoring ones already gone."""
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 class ConnectError(Exception):

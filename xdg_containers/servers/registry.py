@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from ..config import Limits
 
 if TYPE_CHECKING:
-    from ..proxy.session import Session
     from .server import ContainerServer
+    from .server import ServerSession as Session
 
 SERVER_PATH_PREFIX = "/org/freedesktop/DBus/Containers1/c"
 

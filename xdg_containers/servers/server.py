@@ -16,12 +16,12 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..anchor.link import anchor_request
 from ..config import Limits
+from ..core.basic_filter import BasicFilter
 from ..deadlines import DeadlineQueue
-from ..proxy.basic_filter import BasicFilter
 from ..proxy.budget import budget_for
 from ..proxy.dispatch import direct_selector, watch_reads
 from ..proxy.peercred import read_peer_credentials
@@ -34,7 +34,6 @@ from ..wire.names import shorten
 if TYPE_CHECKING:
     from ..anchor.link import AnchorLink
     from ..policy import Policy
-    from .registry import ServerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +98,34 @@ def runtime_socket_dir() -> str:
     return path
 
 
+class ServerSession(Session):
+    """A session of a ContainerServer: the service asks it which server it came through."""
+
+    __slots__ = ()
+    server: ContainerServer
+
+
+class Registry(Protocol):
+    """What a server tells the registry of all servers (servers/registry.py), which
+    imports this module, not the other way round."""
+
+    @property
+    def limits(self) -> Limits:
+        """The service's limits."""
+
+    def session_named(self, session: ServerSession) -> None:
+        """A session learned its unique name."""
+
+    def session_closed(self, session: ServerSession) -> None:
+        """A session ended."""
+
+    def listening_changed(self, server: ContainerServer) -> None:
+        """A server started or stopped listening."""
+
+    def server_finished(self, server: ContainerServer) -> None:
+        """A server was removed and its last session ended."""
+
+
 class ContainerServer:
     """A live server: listening socket plus the sessions accepted on it."""
 
@@ -106,9 +133,9 @@ class ContainerServer:
         self,
         spec: ServerSpec,
         path: str,
-        registry: ServerRegistry,
+        registry: Registry,
         service_names: Callable[[], frozenset[str]],
-        filter_factory: Callable[[Session, FilterSettings], MessageFilter] | None = None,
+        filter_factory: Callable[[ServerSession, FilterSettings], MessageFilter] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         """Prepare a server; call ``listen_new`` or ``listen_on`` to start it."""
@@ -120,7 +147,7 @@ class ContainerServer:
         self.guid = secrets.token_hex(16)
         self.socket_path: str | None = None
         self.listening = False
-        self.sessions: set[Session] = set()
+        self.sessions: set[ServerSession] = set()
         self.messages_forwarded = 0
         self.messages_denied = 0
         self._service_names = service_names
@@ -130,17 +157,19 @@ class ContainerServer:
         self.spares = spares_for(self.loop)  # ready bus connections, shared by all servers
         self._basic_passes: dict[bytes, str] = {}  # shared by the unfiltered connections
         # Sessions from accept until their Hello went to the bus (the auth timeout).
-        self._handshakes: DeadlineQueue[Session] = DeadlineQueue(
-            self.loop, self.limits.auth_timeout / 1000, Session.handshake_expired
+        self._handshakes: DeadlineQueue[ServerSession] = DeadlineQueue(
+            self.loop, self.limits.auth_timeout / 1000, ServerSession.handshake_expired
         )
         # Sessions holding a message the client has not finished sending.
-        self.partials: DeadlineQueue[Session] = DeadlineQueue(
-            self.loop, self.limits.idle_partial_message_timeout / 1000, Session.partial_expired
+        self.partials: DeadlineQueue[ServerSession] = DeadlineQueue(
+            self.loop,
+            self.limits.idle_partial_message_timeout / 1000,
+            ServerSession.partial_expired,
         )
-        # Bytes held by the connections of every server (proxy/budget.py).
+        # Bytes held by the connections of every server (core/budget.py).
         self.budget = budget_for(self.loop, self.limits.max_buffered_bytes)
         self._accept_paused: asyncio.TimerHandle | None = None
-        self._starting: Session | None = None  # the session being started by accept
+        self._starting: ServerSession | None = None  # the session being started by accept
         self._notify_fd: int | None = None
         #: Makes this server's bus connections (SPEC 10); None: this process is the anchor.
         self.anchor: AnchorLink | None = None
@@ -367,7 +396,7 @@ class ContainerServer:
             conn.close()
             return
         conn.setblocking(False)
-        session = Session(self, conn, creds, self.loop)
+        session = ServerSession(self, conn, creds, self.loop)
         self.sessions.add(session)
         self._starting = session
         session.start()
@@ -424,7 +453,7 @@ class ContainerServer:
 
     # -- callbacks from sessions -----------------------------------------------------------
 
-    def make_filter(self, session: Session) -> MessageFilter:
+    def make_filter(self, session: ServerSession) -> MessageFilter:
         """The filter for a new session, following the current settings."""
         if self.spec.filter.enabled and self._filter_factory is not None:
             return self._filter_factory(session, self.spec.filter)
@@ -438,19 +467,19 @@ class ContainerServer:
                 continue
             session.replace_filter(self.make_filter(session))
 
-    def handshake_started(self, session: Session) -> None:
+    def handshake_started(self, session: ServerSession) -> None:
         """A new session's auth timeout starts now."""
         self._handshakes.add(session)
 
-    def handshake_done(self, session: Session) -> None:
+    def handshake_done(self, session: ServerSession) -> None:
         """The session's Hello went to the bus: no auth timeout any more."""
         self._handshakes.discard(session)
 
-    def session_named(self, session: Session) -> None:
+    def session_named(self, session: ServerSession) -> None:
         """A session learned its unique name."""
         self.registry.session_named(session)
 
-    def session_closed(self, session: Session) -> None:
+    def session_closed(self, session: ServerSession) -> None:
         """A session ended."""
         self.sessions.discard(session)
         self._handshakes.discard(session)
@@ -463,7 +492,7 @@ class ContainerServer:
         self.messages_denied += 1
 
     def log_denial(
-        self, session: Session, direction: str, hdr: Header, verdict: str, reason: str
+        self, session: ServerSession, direction: str, hdr: Header, verdict: str, reason: str
     ) -> None:
         """Log a denial at info level, rate-limited so a client cannot flood the journal.
 

@@ -143,6 +143,11 @@ def same_bus(a: str, b: str) -> bool:
     return any(_entry_keys(e) & keys_a for e in eb)
 
 
+def _os_error_text(exc: OSError) -> str:
+    """The errno's text (asyncio's for tcp is "Connect call failed (...)"), else the error's."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
 async def probe_address(address: str, timeout: float) -> str | None:
     """Connect to each entry of ``address`` in turn (as a client would) and close again.
 
@@ -159,7 +164,13 @@ async def probe_address(address: str, timeout: float) -> str | None:
         except AddressError as exc:
             failures.append(f"{text}: {exc}")
             continue
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            # (Inside the try: socket() itself fails where the family is not allowed,
+            # e.g. EAFNOSUPPORT for tcp under the unit's RestrictAddressFamilies=AF_UNIX.)
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        except OSError as exc:
+            failures.append(f"{text}: {_os_error_text(exc)}")
+            continue
         sock.setblocking(False)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
@@ -167,8 +178,7 @@ async def probe_address(address: str, timeout: float) -> str | None:
         except TimeoutError:
             failures.append(f"{text}: no answer within {timeout:g} s")
         except OSError as exc:
-            # (asyncio's text for tcp is "Connect call failed (...)": say the errno's.)
-            failures.append(f"{text}: {os.strerror(exc.errno) if exc.errno else exc}")
+            failures.append(f"{text}: {_os_error_text(exc)}")
         finally:
             sock.close()
     return "; ".join(failures)

@@ -211,7 +211,7 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
 def reply_serial_offset(data: bytes | bytearray | memoryview) -> tuple[Header, int | None]:
     """Parse a whole message like ``parse_header``, plus where its reply-serial field starts.
 
-    Uncached: for learning the shape of a message once (see proxy/fastpath.py).
+    Uncached: for learning the shape of a message once (see core/fastpath.py).
     """
     little, u32, _endian, mtype, flags, body_len, serial, body_offset, end = _fixed_part(data)
     return _parse_fields(data, little, u32, mtype, flags, serial, body_len, body_offset, end)

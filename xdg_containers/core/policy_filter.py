@@ -31,39 +31,20 @@ from .basic_filter import service_signal
 from .decision import (
     ACCESS_DENIED,
     BUS_NAME,
-    INVALID_ARGS,
     NAME_HAS_NO_OWNER,
     SERVICE_UNKNOWN,
     Decision,
     always_forbidden,
-    answer,
     deny,
     drop,
     first_string_arg,
     remember_pass,
     replace,
 )
+from .policy_driver import driver_call
 
-DRIVER_IFACE = "org.freedesktop.DBus"
-PEER_IFACE = "org.freedesktop.DBus.Peer"
-INTROSPECT_IFACE = "org.freedesktop.DBus.Introspectable"
-
-#: Bus-driver calls that reveal nothing about other names.
-_DRIVER_SAFE = frozenset({"Hello", "AddMatch", "RemoveMatch", "GetId"})
-#: Bus-driver calls whose first argument names a peer that must be visible.
-_DRIVER_NAME_QUERIES = frozenset(
-    {
-        "GetConnectionUnixUser",
-        "GetConnectionUnixProcessID",
-        "GetConnectionCredentials",
-        "GetAdtAuditSessionData",
-        "GetConnectionSELinuxSecurityContext",
-        "GetConnectionAppArmorSecurityContext",
-    }
-)
 #: Calls to our own service a confined connection may make whatever the policy says.
 _SELF_QUERIES = frozenset({"GetConnectionInfo", "GetServerInfo", "GetConnectionCredentials"})
-_OWN_METHODS = frozenset({"RequestName", "ReleaseName", "ListQueuedOwners"})
 #: Bounds on per-connection bookkeeping (memory per connection is bounded).
 _MAX_EXPECTED_REPLIES = 16384
 _MAX_SEEN_PEERS = 4096
@@ -93,27 +74,6 @@ def _policy_rules(policy: Policy) -> tuple[str, ...]:
 def _add_match(rule: str) -> bytes:
     return bus_call(INTERNAL_SERIAL, "AddMatch", flags=NO_REPLY_EXPECTED, arg=rule)
 
-
-#: What the bus answers a driver call naming an invalid (over-long) bus name with; the
-#: proxy answers the same before any policy lookup, so filtered and unfiltered agree.
-_INVALID_NAME_ERRORS = {
-    "RequestName": INVALID_ARGS,
-    "ReleaseName": INVALID_ARGS,
-    "StartServiceByName": SERVICE_UNKNOWN,
-}
-
-
-def _invalid_name(member: str, name: str) -> Decision:
-    """The answer to a driver call whose name argument is over 255 bytes (no valid name)."""
-    why = (
-        f"{member}: {_s(name, 64)} is not a valid bus name "
-        f"({len(name.encode('utf-8', 'surrogatepass'))} bytes, more than {MAX_NAME_LENGTH})"
-    )
-    if member == "NameHasOwner":
-        body = BodyWriter()
-        body.uint32(0)
-        return answer("b", body.bytes(), why)
-    return deny(_INVALID_NAME_ERRORS.get(member, NAME_HAS_NO_OWNER), why)
 
 
 class PolicyFilter:
@@ -316,7 +276,7 @@ class PolicyFilter:
         if dest is None:
             return deny(ACCESS_DENIED, "method calls need a destination")
         if dest == BUS_NAME:
-            return self._driver_call(hdr, data)
+            return driver_call(self, hdr, data)
         if dest in self.service_names and hdr.member in _SELF_QUERIES:
             if self._about_self(hdr, data):
                 return None
@@ -341,65 +301,6 @@ class PolicyFilter:
         if arg is None or hdr.signature == "o":
             return True  # GetServerInfo(path): the service checks it is the client's own
         return self._is_ours(arg)
-
-    def _driver_call(self, hdr: Header, data: Raw) -> Decision | None:
-        iface = hdr.interface
-        member = hdr.member or ""
-        if iface == PEER_IFACE:
-            if member in ("Ping", "GetMachineId"):
-                return None
-            return deny(ACCESS_DENIED, f"{iface}.{_s(member)} is not allowed")
-        if iface == INTROSPECT_IFACE:
-            if member == "Introspect":
-                return None
-            return deny(ACCESS_DENIED, f"{iface}.{_s(member)} is not allowed")
-        if iface not in (None, DRIVER_IFACE):
-            return deny(
-                ACCESS_DENIED,
-                f"{_s(iface)}.{_s(member)} on the bus driver is not allowed in a container",
-            )
-        if member in _DRIVER_SAFE:
-            return None
-        if member in ("ListNames", "ListActivatableNames"):
-            return None  # the reply is filtered
-        if member in ("NameHasOwner", "GetNameOwner") or member in _DRIVER_NAME_QUERIES:
-            name = first_string_arg(hdr, data)
-            if name is None:
-                return None  # wrong signature: the bus answers InvalidArgs
-            if is_too_long(name):
-                return _invalid_name(member, name)
-            if self._visible(name):
-                return None
-            if member == "NameHasOwner":
-                body = BodyWriter()
-                body.uint32(0)
-                return answer("b", body.bytes(), f"NameHasOwner({name}): hidden name")
-            if member == "GetNameOwner":
-                return deny(
-                    NAME_HAS_NO_OWNER,
-                    f"Could not get owner of name '{name}': no such name",
-                )
-            return deny(SERVICE_UNKNOWN, f"The name {name} is not visible from this container")
-        if member in _OWN_METHODS or member == "StartServiceByName":
-            name = first_string_arg(hdr, data)
-            if name is None:
-                return None
-            if is_too_long(name):
-                return _invalid_name(member, name)
-            if member == "StartServiceByName":
-                if self.policy.start_service_allowed(name):
-                    return None
-            elif self.level_of(name) >= Level.OWN and not name.startswith(":"):
-                return None
-            if not self._visible(name):
-                return deny(SERVICE_UNKNOWN, f"The name {name} is not visible from this container")
-            return deny(
-                ACCESS_DENIED, f"{member}({name}) is not allowed by this container's policy"
-            )
-        return deny(
-            ACCESS_DENIED,
-            f"org.freedesktop.DBus.{_s(member)} is not allowed from inside a container",
-        )
 
     # -- bus -> client ---------------------------------------------------------------------
 
