@@ -146,3 +146,34 @@ def test_store_skips_what_it_cannot_trust_and_says_why(tmp_path: Path) -> None:
 
 def test_a_missing_directory_is_an_empty_registry(tmp_path: Path) -> None:
     assert RegistryStore(str(tmp_path / "none")).load() == ([], [])
+
+
+def test_the_service_keeps_no_fd_and_skips_a_server_it_cannot_store(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    from xdg_containers.service.persistence import Persistence
+
+    spec = SimpleNamespace(
+        container_type="org.flatpak", app_id="org.example.App", instance_id="1",
+        metadata={"Handle": Variant("h", 3)},
+        creator={"UnixUserID": Variant("u", 0), "ProcessFD": Variant("h", 5)},
+        creator_uid=0, creator_name=":1.1", bus_address="unix:path=/b", stop_on_disconnect=True,
+        log_messages=False, policy_arguments={},
+    )
+    server: Any = SimpleNamespace(
+        path="/org/freedesktop/DBus/Containers1/c4", listening=True, guid="f" * 32,
+        socket_path="/run/s", spec=spec,
+    )
+    keep = Persistence(RegistryStore(str(tmp_path / "reg")))
+    keep.save(server)
+    assert "not kept for a restart: a file descriptor cannot be stored" in caplog.text
+    assert keep.store is not None and keep.store.load() == ([], [])
+    spec.metadata = {}
+    keep.save(server)
+    (rec,) = keep.store.load()[0]
+    assert rec.creator == {"UnixUserID": Variant("u", 0)}
+    server.listening = False
+    keep.forget(server)
+    assert keep.store.load() == ([], [])

@@ -35,6 +35,8 @@ class ServerSpec:
     filter: FilterSettings = field(default_factory=FilterSettings)
     #: False when ``bus_address`` is another bus than the service's own.
     on_service_bus: bool = True
+    #: Filter/Policy/Call/Broadcast as last given (AddServer, SetPolicy): kept for the record
+    policy_arguments: dict[str, Any] = field(default_factory=dict)
 
 
 def runtime_socket_dir() -> str:

@@ -21,6 +21,7 @@ from xdg_containers.servers.registry import ServerRegistry
 from xdg_containers.servers.server import ServerSession as Session
 from xdg_containers.servers.spec import FilterSettings
 from xdg_containers.service import errors
+from xdg_containers.service.persistence import Persistence
 from xdg_containers.service.zygote import AnchorFactory
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class ServiceContext:
         self.filter_factory = filter_factory
         #: Starts the anchors of servers created without a Connector (SPEC 10).
         self.anchors = AnchorFactory(asyncio.get_running_loop())
+        #: The on-disk registry (the daemon gives it its store once it knows the bus id).
+        self.persistence = Persistence(None)
         tracker.on_unique_gone.append(self.peer_left)
         #: The exported object of each live server, by path.
         self.server_objects: dict[str, ServiceInterface] = {}

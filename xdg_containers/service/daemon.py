@@ -13,7 +13,7 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-from dbus_fast import BusType, RequestNameReply
+from dbus_fast import BusType, DBusError, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 from dbus_fast.service import ServiceInterface
@@ -35,6 +35,7 @@ from xdg_containers.service import (
     ServiceContext,
     install_dispatch_hooks,
 )
+from xdg_containers.service.persistence import Persistence, store_for_bus
 from xdg_containers.wire.address import session_bus_address, system_bus_address
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class Service:
         self.registry.on_removed.append(self._server_removed)
         self.registry.on_connections_changed.append(self._connections_changed)
         self.registry.on_listening_changed.append(self._listening_changed)
+        await self._open_store(ctx)
         # Owner changes come on a connection of their own (io/ownerfeed.py); subscribed
         # (the bus answered the AddMatch) before the current owners are listed, so
         # no change falls between the two.
@@ -182,8 +184,17 @@ class Service:
         if not self._feed_gone.done():
             self._feed_gone.set_result(reason)
 
+    async def _open_store(self, ctx: ServiceContext) -> None:
+        """Keep the registry on disk, in a directory of this bus's own (by its id)."""
+        try:
+            reply = await ctx.bus_call("GetId", "", [])
+            ctx.persistence = Persistence(store_for_bus(str(reply.body[0])))
+        except (OSError, ValueError, DBusError) as exc:
+            log.warning("servers will not be kept for a restart: %s", exc)
+
     def _server_removed(self, server: ContainerServer) -> None:
         assert self.bus is not None and self.manager is not None and self.ctx is not None
+        self.ctx.persistence.forget(server)
         log.info("%s: removed", server.path)
         self.manager.ServerRemoved(server.path)
         self.ctx.server_objects.pop(server.path, None)
@@ -214,6 +225,8 @@ class Service:
             obj.emit_properties_changed({"Connections": names})
 
     def _listening_changed(self, server: ContainerServer) -> None:
+        if self.ctx is not None:
+            self.ctx.persistence.forget(server)
         obj = self._object(server)
         if obj is not None:
             obj.emit_properties_changed({"Listening": server.listening})

@@ -16,6 +16,7 @@ from xdg_containers.io.anchor_link import AnchorLink
 from xdg_containers.servers.arguments import (
     CONNECTOR,
     FD_ARGUMENTS,
+    POLICY_ARGUMENTS,
     SUPPORTED_ARGUMENTS,
     ArgumentError,
     parse_named_arguments,
@@ -39,6 +40,7 @@ from xdg_containers.service.checks import (
 )
 from xdg_containers.service.context import INTERFACE, ServiceContext, current_message
 from xdg_containers.service.objects import credentials_dict, export_server_object, server_info_tuple
+from xdg_containers.service.persistence import policy_arguments
 from xdg_containers.service.zygote import AnchorStartError
 from xdg_containers.wire.address import same_bus
 from xdg_containers.wire.names import is_valid_interface_name
@@ -158,6 +160,7 @@ class ManagerInterface(ServiceInterface):
                 log_messages=parsed.log,
                 filter=FilterSettings(parsed.filter, parsed.policy),
                 on_service_bus=same_bus(bus_address, ctx.bus_address),
+                policy_arguments=policy_arguments(named_arguments, POLICY_ARGUMENTS),
             )
             if parsed.connector is not None:
                 anchor = AnchorLink(
@@ -207,6 +210,7 @@ class ManagerInterface(ServiceInterface):
         )
         if parsed.stop_on_disconnect and ctx.tracker.is_gone(sender):
             server.stop_listening()
+        ctx.persistence.save(server)
         results: dict[str, Variant] = {}
         if server.socket_path is not None:
             results["Address"] = Variant("s", server.address)

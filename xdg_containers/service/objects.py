@@ -135,6 +135,8 @@ class ServerObject(ServiceInterface):
         except ArgumentError as exc:
             raise errors.invalid_args(str(exc)) from exc
         server.set_filter(FilterSettings(enabled, policy))
+        server.spec.policy_arguments = dict(named_arguments)
+        self.ctx.persistence.save(server)
 
 
 def export_server_object(ctx: ServiceContext, server: ContainerServer) -> ServerObject:
