@@ -75,3 +75,16 @@ async def test_records_follow_add_set_policy_and_stop_listening(
     rc, _, err = await gdbus_call(bus.address, other, f"{SERVER_IFACE}.Stop")
     assert rc == 0, err
     assert store.load() == ([], [])
+
+
+async def test_a_clean_stop_leaves_no_record(
+    service: ServiceProcess, manager_bus: MessageBus, bus: PrivateBus, runtime_dir: str
+) -> None:
+    """SIGTERM stops every server first: nothing is left to bring back (only a crash
+    leaves records)."""
+    store = await store_of(bus, runtime_dir)
+    await add_server(manager_bus, app_id="org.example.One")
+    await add_server(manager_bus, app_id="org.example.Two")
+    assert len(store.load()[0]) == 2
+    assert service.stop() == 0
+    assert store.load() == ([], [])
