@@ -56,10 +56,10 @@ class RegistryStore:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o600)
         try:
+            # No fsync: the rename is atomic against a crash of this process, and the
+            # runtime directory does not outlive a reboot (power loss loses it anyway).
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, target)
         except BaseException:
             try:
