@@ -15,10 +15,8 @@ from dbus_fast.aio import MessageBus
 from tests.conftest import ServiceProcess, add_server
 from tests.support.bus import PrivateBus
 from tests.support.commands import gdbus_call, run_cmd
-from tests.support.names import FILTER
+from tests.support.names import FILTER, SERVER_IFACE
 from xdg_containers.servers.store import RegistryStore
-
-SERVER_IFACE = "org.freedesktop.DBus.Containers1.Server"
 
 
 async def store_of(bus: PrivateBus, runtime_dir: str) -> RegistryStore:

@@ -91,7 +91,8 @@ def test_a_record_round_trips() -> None:
     ("metadata", {"a": 1}, "metadata"), ("extra", 1, "unknown field"),
     ("policy_arguments", [["org.freedesktop.XdgContainers1.Policy", ["a{ss}", []]]],
      "without org.freedesktop.XdgContainers1.Filter"),
-    ("policy_arguments", [["StopOnDisconnect", ["b", True]]], "SetPolicy does not take"),
+    ("policy_arguments", [["StopOnDisconnect", ["b", True]]],
+     "unsupported named argument 'StopOnDisconnect'"),
 ])
 def test_records_that_do_not_fit_are_refused_naming_the_field(
     field: str, value: Any, says: str

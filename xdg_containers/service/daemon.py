@@ -194,7 +194,6 @@ class Service:
 
     def _server_removed(self, server: ContainerServer) -> None:
         assert self.bus is not None and self.manager is not None and self.ctx is not None
-        self.ctx.persistence.forget(server)
         log.info("%s: removed", server.path)
         self.manager.ServerRemoved(server.path)
         self.ctx.server_objects.pop(server.path, None)

@@ -40,7 +40,6 @@ from xdg_containers.service.checks import (
 )
 from xdg_containers.service.context import INTERFACE, ServiceContext, current_message
 from xdg_containers.service.objects import credentials_dict, export_server_object, server_info_tuple
-from xdg_containers.service.persistence import policy_arguments
 from xdg_containers.service.zygote import AnchorStartError
 from xdg_containers.wire.address import same_bus
 from xdg_containers.wire.names import is_valid_interface_name
@@ -160,7 +159,9 @@ class ManagerInterface(ServiceInterface):
                 log_messages=parsed.log,
                 filter=FilterSettings(parsed.filter, parsed.policy),
                 on_service_bus=same_bus(bus_address, ctx.bus_address),
-                policy_arguments=policy_arguments(named_arguments, POLICY_ARGUMENTS),
+                policy_arguments={
+                    k: v for k, v in named_arguments.items() if k in POLICY_ARGUMENTS
+                },
             )
             if parsed.connector is not None:
                 anchor = AnchorLink(

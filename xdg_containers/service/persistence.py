@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import os
 
-from dbus_fast import Variant
-
 from xdg_containers.servers.record import ServerRecord
 from xdg_containers.servers.server import ContainerServer
 from xdg_containers.servers.store import RegistryStore, default_directory
@@ -81,10 +79,3 @@ class Persistence:
             self.store.remove(server.path)
         except OSError as exc:
             log.warning("%s: cannot remove its record: %s", server.path, exc)
-
-
-def policy_arguments(named_arguments: dict[str, Variant], keys: tuple[str, ...]) -> dict[
-    str, Variant
-]:
-    """The SetPolicy subset of AddServer's named arguments, as given (for the record)."""
-    return {k: v for k, v in named_arguments.items() if k in keys}
