@@ -300,7 +300,10 @@ async def connect_bus(
         return await bus.connect()
     except BaseException:
         try:
-            bus.disconnect()  # closes the socket an old constructor opened
+            bus.disconnect()
         except Exception:
             pass
+        sock = getattr(bus, "_sock", None)  # an old constructor's, which disconnect() keeps
+        if sock is not None:
+            sock.close()
         raise
