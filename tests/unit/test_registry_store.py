@@ -80,6 +80,51 @@ def test_a_record_round_trips() -> None:
     r = record()
     assert record_from_json(json.loads(json.dumps(r.to_json()))) == r
     assert r.number == 3
+    r = record(connector=True, stop_on_notify=True, socket_id=(2049, 77))
+    assert record_from_json(json.loads(json.dumps(r.to_json()))) == r
+
+
+def test_fields_added_later_in_version_1_may_be_absent() -> None:
+    data = record().to_json()
+    for later in ("connector", "stop_on_notify", "socket_id"):
+        del data[later]
+    r = record_from_json(data)
+    assert (r.connector, r.stop_on_notify, r.socket_id) == (False, False, None)
+
+
+def test_rebind_takes_only_sockets_this_service_mints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record's socket path is untrusted: nothing outside our socket directory, nothing
+    not named as we name sockets, no live socket, no file that is not a socket."""
+    import socket
+
+    from xdg_containers.servers.spec import runtime_socket_dir
+    from xdg_containers.service.restore import RestoreError, rebind
+
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    directory = runtime_socket_dir()
+    for bad in ("/tmp/dbus-0123456789abcdef", f"{directory}/other",
+                f"{directory}/../dbus-0123456789abcdef"):
+        with pytest.raises(RestoreError, match="not a socket this service mints"):
+            rebind(bad)
+    path = f"{directory}/dbus-0123456789abcdef"
+    live = rebind(path)  # a fresh path
+    with pytest.raises(RestoreError, match="already listens"):
+        rebind(path)
+    live.close()  # leaves a stale socket file: replaced
+    again = rebind(path)
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)
+    client.close()
+    again.close()
+    os.unlink(path)
+    with open(path, "w"):
+        pass
+    with pytest.raises(RestoreError, match="not a socket"):
+        rebind(path)
 
 
 @pytest.mark.parametrize(("field", "value", "says"), [
@@ -93,6 +138,9 @@ def test_a_record_round_trips() -> None:
      "without org.freedesktop.XdgContainers1.Filter"),
     ("policy_arguments", [["StopOnDisconnect", ["b", True]]],
      "unsupported named argument 'StopOnDisconnect'"),
+    ("connector", 1, "true or false"), ("stop_on_notify", None, "true or false"),
+    ("socket_id", [1], r"\[device, inode\]"), ("socket_id", [1, -2], "inode"),
+    ("socket_id", "1:2", "inode"),
 ])
 def test_records_that_do_not_fit_are_refused_naming_the_field(
     field: str, value: Any, says: str
@@ -154,18 +202,18 @@ def test_the_service_keeps_no_fd_and_skips_a_server_it_cannot_store(
 ) -> None:
     from types import SimpleNamespace
 
+    from xdg_containers.servers.spec import ServerSpec
     from xdg_containers.service.persistence import Persistence
 
-    spec = SimpleNamespace(
+    spec = ServerSpec(
         container_type="org.flatpak", app_id="org.example.App", instance_id="1",
         metadata={"Handle": Variant("h", 3)},
         creator={"UnixUserID": Variant("u", 0), "ProcessFD": Variant("h", 5)},
         creator_uid=0, creator_name=":1.1", bus_address="unix:path=/b", stop_on_disconnect=True,
-        log_messages=False, policy_arguments={},
     )
     server: Any = SimpleNamespace(
         path="/org/freedesktop/DBus/Containers1/c4", listening=True, guid="f" * 32,
-        socket_path="/run/s", spec=spec,
+        socket_path="/run/s", spec=spec, socket_id=(1, 2),
     )
     keep = Persistence(RegistryStore(str(tmp_path / "reg")))
     keep.save(server)

@@ -53,6 +53,14 @@ class ServerRecord:
     log_messages: bool = False
     #: SetPolicy's keys (Filter, Policy, Call, Broadcast) as last given
     policy_arguments: dict[str, Variant] = field(default_factory=dict)
+    #: the anchor was the launcher's (Connector): after a crash only the launcher can
+    #: bring it back (by calling AddServer again), the service cannot
+    connector: bool = False
+    #: the launcher's StopOnNotify fd ended the server's listening: lost in a crash
+    stop_on_notify: bool = False
+    #: (st_dev, st_ino) of the listening socket: a launcher's re-registration with the
+    #: same socket (ListenFD) is recognised by it
+    socket_id: tuple[int, int] | None = None
 
     @property
     def number(self) -> int:
@@ -77,6 +85,9 @@ class ServerRecord:
             "stop_on_disconnect": self.stop_on_disconnect,
             "log_messages": self.log_messages,
             "policy_arguments": encode("a{sv}", self.policy_arguments),
+            "connector": self.connector,
+            "stop_on_notify": self.stop_on_notify,
+            "socket_id": list(self.socket_id) if self.socket_id is not None else None,
         }
 
 
@@ -129,6 +140,9 @@ def record_from_json(data: Any) -> ServerRecord:
         stop_on_disconnect=_flag(data, "stop_on_disconnect"),
         log_messages=_flag(data, "log_messages"),
         policy_arguments=policy_arguments,
+        connector=_flag(data, "connector", False),
+        stop_on_notify=_flag(data, "stop_on_notify", False),
+        socket_id=_socket_id(data.get("socket_id")),
     )
 
 
@@ -147,11 +161,21 @@ def _text(data: dict[str, Any], key: str) -> str:
     return value
 
 
-def _flag(data: dict[str, Any], key: str) -> bool:
-    value = data.get(key)
+def _flag(data: dict[str, Any], key: str, default: bool | None = None) -> bool:
+    # A default: the field came after version 1's first release (absent means it).
+    value = data.get(key, default)
     if type(value) is not bool:
         raise RecordError(f"{key} must be true or false")
     return value
+
+
+def _socket_id(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 2
+            or any(type(v) is not int or not 0 <= v < 2**64 for v in value)):
+        raise RecordError("socket_id must be null or [device, inode]")
+    return (value[0], value[1])
 
 
 def _dict(data: dict[str, Any], key: str) -> dict[str, Variant]:

@@ -59,6 +59,10 @@ class ServerRegistry:
         self._next += 1
         return path
 
+    def reserve(self, path: str) -> None:
+        """``path`` (``...cN``) is taken by a restored server: never hand it out again."""
+        self._next = max(self._next, int(path[len(SERVER_PATH_PREFIX):]) + 1)
+
     def add(self, server: ContainerServer) -> None:
         """Register a server that has started listening."""
         self.check_can_add(server.creator_uid)

@@ -93,6 +93,8 @@ class ContainerServer:
         self.loop = loop or asyncio.get_running_loop()
         self.guid = secrets.token_hex(16)
         self.socket_path: str | None = None
+        #: (st_dev, st_ino) of the listening socket, to recognise it after a restart
+        self.socket_id: tuple[int, int] | None = None
         self.listening = False
         self.sessions: set[ServerSession] = set()
         self.messages_forwarded = 0
@@ -200,6 +202,8 @@ class ContainerServer:
 
     def _start(self, sock: socket.socket) -> None:
         sock.setblocking(False)
+        st = os.fstat(sock.fileno())
+        self.socket_id = (st.st_dev, st.st_ino)
         self._listen_sock = sock
         self.listening = True
         # Accept straight from epoll_wait, like the proxied sockets' reads.

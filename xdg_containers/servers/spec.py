@@ -37,6 +37,10 @@ class ServerSpec:
     on_service_bus: bool = True
     #: Filter/Policy/Call/Broadcast as last given (AddServer, SetPolicy): kept for the record
     policy_arguments: dict[str, Any] = field(default_factory=dict)
+    #: the anchor is the launcher's (Connector), not one the service started
+    connector: bool = False
+    #: the server stops listening when the launcher's StopOnNotify fd fires
+    stop_on_notify: bool = False
 
 
 def runtime_socket_dir() -> str:

@@ -36,6 +36,7 @@ from xdg_containers.service import (
     install_dispatch_hooks,
 )
 from xdg_containers.service.persistence import Persistence, store_for_bus
+from xdg_containers.service.restore import restore_from_disk
 from xdg_containers.wire.address import session_bus_address, system_bus_address
 
 log = logging.getLogger(__name__)
@@ -149,10 +150,17 @@ class Service:
             ) from exc
         self.feed = feed
         await self._sync_names(ctx)
+        # Servers of a run that crashed come back before the name is taken, so that the
+        # call that activated us finds them; never while another service owns the name.
+        if not self.tracker.owner_of(NAME):
+            restored = await restore_from_disk(ctx)
+            if restored:
+                log.info("brought back %d server(s) of an earlier run", restored)
         remove_stale_sockets()
         reply = await bus.request_name(NAME, NameFlag.DO_NOT_QUEUE)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-            bus.disconnect()
+            ctx.persistence = Persistence(None)  # the records are the name owner's
+            self.shutdown()
             raise ServiceError(
                 f"the name {NAME} is already owned on this bus: another xdg-containers "
                 "(or a dbus-daemon with Containers1) serves it; use that one, or stop it "

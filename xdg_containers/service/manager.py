@@ -162,6 +162,8 @@ class ManagerInterface(ServiceInterface):
                 policy_arguments={
                     k: v for k, v in named_arguments.items() if k in POLICY_ARGUMENTS
                 },
+                connector=parsed.connector is not None,
+                stop_on_notify=parsed.stop_on_notify is not None,
             )
             if parsed.connector is not None:
                 anchor = AnchorLink(

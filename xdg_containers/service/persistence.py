@@ -49,6 +49,9 @@ def record_of(server: ContainerServer) -> ServerRecord:
         stop_on_disconnect=spec.stop_on_disconnect,
         log_messages=spec.log_messages,
         policy_arguments=dict(spec.policy_arguments),
+        connector=spec.connector,
+        stop_on_notify=spec.stop_on_notify,
+        socket_id=server.socket_id,
     )
 
 
