@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--ready-fd", type=int, metavar="N", help="write READY=1 to fd N once serving"
     )
+    serve.add_argument(
+        "--replace", action="store_true",
+        help="take over from the running service: its name, servers and sockets; it keeps "
+        "forwarding its live connections until they close, then exits (upgrades, reload)",
+    )
 
     from xdg_containers.app.launcher import add_run_parser
     from xdg_containers.cli.admin import add_admin_parsers
@@ -131,7 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tune_malloc()
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(serve(address, bus_type, limits, args.ready_fd))
+            return runner.run(serve(address, bus_type, limits, args.ready_fd,
+                                    replace=args.replace))
     except ServiceError as exc:
         print(f"xdg-containers: {exc}", file=sys.stderr)
         return exc.exit_code

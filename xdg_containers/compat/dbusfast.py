@@ -307,3 +307,14 @@ async def connect_bus(
         if sock is not None:
             sock.close()
         raise
+
+
+def redispatch(bus: MessageBus, msg: Message) -> None:
+    """Run a received message through the bus's handlers and object dispatch again (a call
+    held while ``serve --replace`` took the servers over). dbus-fast has no public API
+    for it: ``MessageBus._process_message`` is what its reader calls for each message."""
+    process = getattr(bus, "_process_message", None)
+    if process is None:
+        raise RuntimeError("dbus-fast: MessageBus._process_message is gone; held calls "
+                           "cannot be dispatched (update compat/dbusfast.py)")
+    process(msg)

@@ -132,6 +132,11 @@ class AnchorLink:
         self._direct = direct_selector(loop)
         watch_reads(loop, self._direct, sock.fileno(), self._readable)
 
+    @property
+    def busy(self) -> bool:
+        """Whether a request is waiting for its answer."""
+        return bool(self._pending)
+
     def connect(self) -> asyncio.Future[socket.socket]:
         """A new connection to its server's bus (see ``request``)."""
         return self.request(self.bus_request)

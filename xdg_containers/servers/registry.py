@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING
 from xdg_containers.config import Limits
 
 if TYPE_CHECKING:
-    from xdg_containers.servers.server import ContainerServer
-    from xdg_containers.servers.server import ServerSession as Session
+    from xdg_containers.servers.adopted import AdoptedConnection
+    from xdg_containers.servers.server import ContainerServer, ServerSession
+
+    #: a confined connection: one of ours, or one the previous process still forwards
+    Session = ServerSession | AdoptedConnection
 
 SERVER_PATH_PREFIX = "/org/freedesktop/DBus/Containers1/c"
 
@@ -126,6 +129,24 @@ class ServerRegistry:
         if removed or not session.server.on_service_bus:
             for cb in self.on_connections_changed:
                 cb(session.server)
+
+    def adopt(self, conn: AdoptedConnection) -> None:
+        """A connection the previous service process still forwards (hand-over)."""
+        self._sessions[conn.unique_name] = conn
+        conn.server.adopted[conn.unique_name] = conn
+        for cb in self.on_connections_changed:
+            cb(conn.server)
+
+    def unique_name_gone(self, unique_name: str) -> None:
+        """A bus peer left: if it was an adopted connection, forget it."""
+        conn = self._sessions.get(unique_name)
+        if conn is None or unique_name not in conn.server.adopted:
+            return
+        del self._sessions[unique_name]
+        conn.close()  # type: ignore[union-attr]
+        for cb in self.on_connections_changed:
+            cb(conn.server)
+        conn.server.adopted_left(unique_name)
 
     def listening_changed(self, server: ContainerServer) -> None:
         """A server stopped listening."""

@@ -8,12 +8,10 @@ listens and its last connection is gone.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import secrets
 import socket
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,6 +25,7 @@ from xdg_containers.io.peercred import read_peer_credentials
 from xdg_containers.io.session import MessageFilter, Session
 from xdg_containers.io.spare import spares_for
 from xdg_containers.servers.denials import DenialLog
+from xdg_containers.servers.shortage import ACCEPT_SHORTAGE, note_shortage
 from xdg_containers.servers.spec import FilterSettings, ServerSpec, runtime_socket_dir
 from xdg_containers.wire.address import escape_value
 from xdg_containers.wire.header import Header
@@ -36,14 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: accept() errors meaning the process (or system) is out of fds or memory for one more.
-_ACCEPT_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: Seconds a server stops accepting after such an error: the listening socket is
 #: level-triggered, so watching it on would fail again at once, in a busy loop.
 ACCEPT_PAUSE = 0.25
-#: At most one line about the shortage per this many seconds, for the whole service.
-SHORTAGE_LOG_INTERVAL = 1.0
-_shortage = {"logged_at": -1e9, "refused": 0}
 
 class ServerSession(Session):
     """A session of a ContainerServer: the service asks it which server it came through."""
@@ -97,6 +91,8 @@ class ContainerServer:
         self.socket_id: tuple[int, int] | None = None
         self.listening = False
         self.sessions: set[ServerSession] = set()
+        #: connections forwarded by the previous service process, by unique name (hand-over)
+        self.adopted: dict[str, object] = {}
         self.messages_forwarded = 0
         self.messages_denied = 0
         self._service_names = service_names
@@ -171,7 +167,7 @@ class ContainerServer:
 
     def connection_names(self) -> list[str]:
         """Unique names of the live, named connections."""
-        return sorted(s.unique_name for s in self.sessions if s.unique_name)
+        return sorted([s.unique_name for s in self.sessions if s.unique_name] + [*self.adopted])
 
     # -- listening -------------------------------------------------------------------
 
@@ -255,7 +251,7 @@ class ContainerServer:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            if exc.errno in _ACCEPT_SHORTAGE:
+            if exc.errno in ACCEPT_SHORTAGE:
                 self._out_of_fds(exc)
             else:
                 log.warning("%s: accept failed: %s", self.path, exc)
@@ -273,7 +269,7 @@ class ContainerServer:
 
     def _accept_failed(self, conn: socket.socket, exc: Exception) -> None:
         """A fault while taking a new connection on: that connection goes, logged once."""
-        if isinstance(exc, OSError) and exc.errno in _ACCEPT_SHORTAGE:
+        if isinstance(exc, OSError) and exc.errno in ACCEPT_SHORTAGE:
             conn.close()
             self._out_of_fds(exc)
             return
@@ -290,17 +286,7 @@ class ContainerServer:
     def _out_of_fds(self, exc: OSError) -> None:
         """No fd (or memory) for one more connection: stop accepting for ACCEPT_PAUSE
         (waiting clients stay in the backlog), and say so at most once a second."""
-        _shortage["refused"] += 1
-        now = time.monotonic()
-        if now - _shortage["logged_at"] >= SHORTAGE_LOG_INTERVAL:
-            log.warning(
-                "refusing new connections for now: %s (%d refusals since the last such "
-                "line; raise the fd limit or lower max_connections_per_server)",
-                exc.strerror or exc,
-                _shortage["refused"],
-            )
-            _shortage["logged_at"] = now
-            _shortage["refused"] = 0
+        note_shortage(exc)
         sock = self._listen_sock
         if sock is None or self._accept_paused is not None:
             return
@@ -327,7 +313,7 @@ class ContainerServer:
             creds = read_peer_credentials(conn, complete=False)
         except OSError as exc:
             conn.close()
-            if exc.errno in _ACCEPT_SHORTAGE:
+            if exc.errno in ACCEPT_SHORTAGE:
                 self._out_of_fds(exc)  # no fd for its pidfd: as for accept itself
             else:
                 log.warning("%s: cannot read peer credentials: %s", self.path, exc)
@@ -351,8 +337,15 @@ class ContainerServer:
         session.start()
         self._starting = None
 
-    def stop_listening(self) -> None:
-        """Close and unlink the listening socket; existing connections carry on."""
+    @property
+    def handover_fds(self) -> tuple[int | None, int | None]:
+        """The listening socket's and StopOnNotify's fds (``serve --replace`` dups them)."""
+        sock = self._listen_sock
+        return (sock.fileno() if sock is not None else None), self._notify_fd
+
+    def stop_listening(self, unlink: bool = True) -> None:
+        """Close and unlink the listening socket; existing connections carry on.
+        ``unlink`` False: a new service process listens on it now."""
         if self._notify_fd is not None:
             self.loop.remove_reader(self._notify_fd)
             try:
@@ -370,7 +363,7 @@ class ContainerServer:
             if sock is not None:
                 watch_reads(self.loop, self._direct, sock.fileno(), None)
                 sock.close()
-            if self.socket_path is not None:
+            if self.socket_path is not None and unlink:
                 try:
                     os.unlink(self.socket_path)
                 except OSError:
@@ -386,7 +379,7 @@ class ContainerServer:
         self.stop_listening()
 
     def _maybe_finished(self) -> None:
-        if not self.listening and not self.sessions and not self._finished:
+        if not (self.listening or self.sessions or self.adopted or self._finished):
             self._finished = True
             self._handshakes.close()
             self.partials.close()
@@ -427,6 +420,11 @@ class ContainerServer:
     def session_named(self, session: ServerSession) -> None:
         """A session learned its unique name."""
         self.registry.session_named(session)
+
+    def adopted_left(self, unique_name: str) -> None:
+        """A connection of the previous service process ended."""
+        if self.adopted.pop(unique_name, None) is not None:
+            self._maybe_finished()
 
     def session_closed(self, session: ServerSession) -> None:
         """A session ended."""

@@ -74,6 +74,30 @@ class ServiceContext:
         #: The exported object of each live server, by path.
         self.server_objects: dict[str, ServiceInterface] = {}
         self._fd_replies: dict[int, Message] = {}
+        #: AddServer calls running (a hand-over waits for them: their servers go along)
+        self.adding = 0
+        self._added = asyncio.Event()
+        self._added.set()
+        #: set while calls to our objects wait (``serve --replace`` taking the servers over)
+        self.ready = asyncio.Event()
+        self.ready.set()
+        #: the process we took over from (its late ``Adopt`` calls are accepted)
+        self.predecessor: str | None = None
+
+    def add_server_started(self) -> None:
+        """An AddServer call began."""
+        self.adding += 1
+        self._added.clear()
+
+    def add_server_ended(self) -> None:
+        """An AddServer call ended (either way)."""
+        self.adding -= 1
+        if not self.adding:
+            self._added.set()
+
+    async def add_servers_done(self) -> None:
+        """Until no AddServer call is running."""
+        await self._added.wait()
 
     def service_names(self) -> frozenset[str]:
         """Our well-known and unique names."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import resource
@@ -34,6 +35,12 @@ from xdg_containers.service import (
     ManagerInterface,
     ServiceContext,
     install_dispatch_hooks,
+)
+from xdg_containers.service.handover import (
+    HandoverError,
+    HandoverSource,
+    adopt_message,
+    take_over,
 )
 from xdg_containers.service.persistence import Persistence, store_for_bus
 from xdg_containers.service.restore import restore_from_disk
@@ -98,8 +105,13 @@ class Service:
         bus_type: BusType,
         limits: Limits,
         filter_factory: Callable[[Session, FilterSettings], MessageFilter] | None = None,
+        replace: bool = False,
     ) -> None:
-        """Configure; ``start()`` connects."""
+        """Configure; ``start()`` connects. ``replace``: take over from a running service."""
+        self.replace = replace
+        #: set once this process handed its servers to a new one; it then drains
+        self.handed_over = False
+        self.drained = asyncio.Event()
         self.bus_address = bus_address
         self.bus_type = bus_type
         self.limits = limits
@@ -131,10 +143,14 @@ class Service:
         manager = ManagerInterface(ctx)
         self.manager = manager
         install_dispatch_hooks(ctx, manager)
+        self.source = HandoverSource(ctx, self._handed_over)
+        bus.add_message_handler(self.source.handle)
+        bus.add_message_handler(functools.partial(adopt_message, ctx))
         bus.export(PATH, manager)
         self.registry.on_removed.append(self._server_removed)
         self.registry.on_connections_changed.append(self._connections_changed)
         self.registry.on_listening_changed.append(self._listening_changed)
+        self.tracker.on_unique_gone.append(self.registry.unique_name_gone)
         await self._open_store(ctx)
         # Owner changes come on a connection of their own (io/ownerfeed.py); subscribed
         # (the bus answered the AddMatch) before the current owners are listed, so
@@ -150,14 +166,19 @@ class Service:
             ) from exc
         self.feed = feed
         await self._sync_names(ctx)
+        running = self.tracker.owner_of(NAME)
+        if self.replace and running:
+            await self._take_over(ctx, running)
+            log.info("serving %s on %s as %s", NAME, address, bus.unique_name)
+            return
         # Servers of a run that crashed come back before the name is taken, so that the
         # call that activated us finds them; never while another service owns the name.
-        if not self.tracker.owner_of(NAME):
+        if not running:
             restored = await restore_from_disk(ctx)
             if restored:
                 log.info("brought back %d server(s) of an earlier run", restored)
         remove_stale_sockets()
-        reply = await bus.request_name(NAME, NameFlag.DO_NOT_QUEUE)
+        reply = await bus.request_name(NAME, NameFlag.DO_NOT_QUEUE | NameFlag.ALLOW_REPLACEMENT)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             ctx.persistence = Persistence(None)  # the records are the name owner's
             self.shutdown()
@@ -170,6 +191,38 @@ class Service:
         log.info("serving %s on %s as %s", NAME, address, bus.unique_name)
         for limitation in limitations():
             log.warning("%s", limitation)
+
+    async def _take_over(self, ctx: ServiceContext, running: str) -> None:
+        """serve --replace: the name first (calls to us wait), then the servers of
+        ``running``, which keeps forwarding its live connections."""
+        assert self.bus is not None
+        ctx.ready.clear()
+        try:
+            flags = NameFlag.REPLACE_EXISTING | NameFlag.ALLOW_REPLACEMENT | NameFlag.DO_NOT_QUEUE
+            reply = await self.bus.request_name(NAME, flags)
+            if reply != RequestNameReply.PRIMARY_OWNER:
+                ctx.persistence = Persistence(None)
+                self.shutdown()
+                raise ServiceError(
+                    f"the running service ({running}) does not allow {NAME} to be taken over "
+                    "(started by a version without serve --replace?); stop it first",
+                    EXIT_NAME_TAKEN,
+                )
+            ctx.predecessor = running
+            try:
+                count = await take_over(ctx, running)
+            except (HandoverError, DBusError) as exc:
+                log.error("took the name, but not the servers of %s: %s", running, exc)
+                return
+            log.info("took over %d server(s) from %s", count, running)
+        finally:
+            ctx.ready.set()
+
+    def _handed_over(self) -> None:
+        """This process gave its servers away: it drains, and exits once they are gone."""
+        self.handed_over = True
+        if not len(self.registry):
+            self.drained.set()
 
     async def _sync_names(self, ctx: ServiceContext) -> None:
         """Learn the current owner of every well-known name (the tracker's start state)."""
@@ -203,12 +256,19 @@ class Service:
     def _server_removed(self, server: ContainerServer) -> None:
         assert self.bus is not None and self.manager is not None and self.ctx is not None
         log.info("%s: removed", server.path)
-        self.manager.ServerRemoved(server.path)
+        if self.handed_over:  # the new process announces it (once)
+            if not len(self.registry):
+                self.drained.set()
+        else:
+            self.manager.ServerRemoved(server.path)
         self.ctx.server_objects.pop(server.path, None)
         self._signalled_connections.pop(server.path, None)
         self.bus.unexport(server.path)
 
     def _connections_changed(self, server: ContainerServer) -> None:
+        if self.handed_over:
+            self.source.session_named(server)
+            return
         # Coalesced: at most one PropertiesChanged per server per CONNECTIONS_SIGNAL_DELAY,
         # however many connections came and went in it, and none when the list ends up
         # as last signalled (a connection that came and went in between).
@@ -232,6 +292,8 @@ class Service:
             obj.emit_properties_changed({"Connections": names})
 
     def _listening_changed(self, server: ContainerServer) -> None:
+        if self.handed_over:
+            return
         if self.ctx is not None:
             self.ctx.persistence.forget(server)
         obj = self._object(server)
@@ -307,10 +369,12 @@ async def serve(
     limits: Limits,
     ready_fd: int | None = None,
     filter_factory: Callable[[Session, FilterSettings], MessageFilter] | None = None,
+    replace: bool = False,
 ) -> int:
-    """Run until SIGTERM/SIGINT (exit 0) or until the bus goes away (non-zero)."""
+    """Run until SIGTERM/SIGINT (exit 0), until handed over and drained (exit 0) or until
+    the bus goes away (non-zero)."""
     raise_fd_limit()
-    service = Service(bus_address, bus_type, limits, filter_factory)
+    service = Service(bus_address, bus_type, limits, filter_factory, replace)
     await service.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -329,12 +393,19 @@ async def serve(
             )
     stop_task = asyncio.ensure_future(stop.wait())
     bus_task = asyncio.ensure_future(service.wait_for_disconnect())
-    done, _pending = await asyncio.wait({stop_task, bus_task}, return_when=asyncio.FIRST_COMPLETED)
-    for t in (stop_task, bus_task):
+    drained = asyncio.ensure_future(service.drained.wait())
+    done, _pending = await asyncio.wait(
+        {stop_task, bus_task, drained}, return_when=asyncio.FIRST_COMPLETED)
+    for t in (stop_task, bus_task, drained):
         if t not in done:
             t.cancel()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
+    if drained in done:
+        log.info("handed over, and the last connection forwarded by this process closed: "
+                 "exiting")
+        service.shutdown()
+        return 0
     if stop_task in done:
         log.info("stopping on SIGTERM/SIGINT: closing every server and removing its socket")
         service.shutdown()

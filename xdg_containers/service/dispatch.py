@@ -17,7 +17,7 @@ from typing import Any
 from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.service import ServiceInterface
 
-from xdg_containers.compat.dbusfast import Member
+from xdg_containers.compat.dbusfast import Member, redispatch
 from xdg_containers.io.endpoint import close_fds
 from xdg_containers.service import errors
 from xdg_containers.service.authorization import (
@@ -124,6 +124,14 @@ def _is_server_call(msg: Message, methods: dict[tuple[str, str], Member]) -> boo
     return (iface, msg.member or "") in methods and iface == SERVER_INTERFACE
 
 
+def _for_our_objects(msg: Message) -> bool:
+    """A method call to the manager or a server object (not the hand-over's own calls)."""
+    path = msg.path or ""
+    return (msg.message_type == MessageType.METHOD_CALL
+            and (path == PATH or is_server_path(path))
+            and msg.interface != "org.freedesktop.XdgContainers1.Handover")
+
+
 def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> None:
     """Record the current message for methods; answer what dbus-fast cannot (see above)."""
     bus = ctx.bus
@@ -136,7 +144,16 @@ def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> No
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
+    async def held(msg: Message) -> None:
+        await ctx.ready.wait()
+        redispatch(bus, msg)
+
     def pre_dispatch(msg: Message) -> Message | bool | None:
+        if not ctx.ready.is_set() and _for_our_objects(msg):
+            # Taking the servers over (serve --replace): answered once they are here,
+            # in order (the fds stay open until then).
+            run_task(held(msg))
+            return True
         if msg.unix_fds:
             fds = list(msg.unix_fds)
             # Close after the method's first step has dup'ed what it keeps.

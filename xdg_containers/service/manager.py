@@ -72,6 +72,7 @@ class ManagerInterface(ServiceInterface):
         # fds), not from ``named_arguments``: see attached_fd.
         raw_named: dict[str, Variant] = msg.body[4]
         dup_fds: dict[str, int] = {}
+        self.ctx.add_server_started()
         try:
             for key in FD_ARGUMENTS:
                 var = raw_named.get(key)
@@ -81,6 +82,7 @@ class ManagerInterface(ServiceInterface):
                 msg, container_type, app_id, instance_id, metadata, named_arguments, dup_fds
             )
         finally:
+            self.ctx.add_server_ended()
             for fd in dup_fds.values():
                 try:
                     os.close(fd)

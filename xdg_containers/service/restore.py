@@ -127,22 +127,24 @@ def spec_of(record: ServerRecord, ctx: ServiceContext) -> ServerSpec:
     )
 
 
-async def restore_server(ctx: ServiceContext, record: ServerRecord, kept: Kept) -> ContainerServer:
-    """Bring one server back, listening, exported and recorded; RestoreError if it cannot.
+async def restore_server(
+    ctx: ServiceContext, record: ServerRecord, kept: Kept, listening: bool = True
+) -> ContainerServer:
+    """Bring one server back, exported and recorded; RestoreError if it cannot.
 
-    ``kept`` is consumed (what is not used is closed).
+    ``kept`` is consumed (what is not used is closed). ``listening`` False: a
+    server that only has connections left (handed over; they are adopted next).
     """
     try:
+        if not listening:
+            anchor = await _anchor(ctx, record, kept)
+            return _install(ctx, record, spec_of(record, ctx), None, anchor)
         return await _restore(ctx, record, kept)
     finally:
         kept.close()
 
 
 async def _restore(ctx: ServiceContext, record: ServerRecord, kept: Kept) -> ContainerServer:
-    if record.creator_uid != os.getuid():
-        raise RestoreError(f"its creator uid {record.creator_uid} is not ours")
-    if ctx.registry.get(record.path) is not None:
-        raise RestoreError("a live server already has its path")
     if record.stop_on_notify and kept.notify_fd is None:
         raise RestoreError("its launcher's StopOnNotify fd did not survive; the launcher "
                            "must call AddServer again")
@@ -152,10 +154,6 @@ async def _restore(ctx: ServiceContext, record: ServerRecord, kept: Kept) -> Con
     if record.stop_on_disconnect and not await _on_bus(ctx, record.creator_name):
         raise RestoreError(f"its creator {record.creator_name} has left the bus")
     spec = spec_of(record, ctx)
-    try:
-        ctx.registry.check_can_add(spec.creator_uid)
-    except LimitError as exc:
-        raise RestoreError(str(exc)) from None
     listen = kept.listen or rebind(str(record.socket_path))
     kept.listen = None
     try:
@@ -163,6 +161,30 @@ async def _restore(ctx: ServiceContext, record: ServerRecord, kept: Kept) -> Con
     except BaseException:
         listen.close()
         raise
+    server = _install(ctx, record, spec, listen, anchor)
+    if kept.notify_fd is not None:
+        server.watch_notify_fd(kept.notify_fd)
+        kept.notify_fd = None
+    ctx.persistence.save(server)
+    return server
+
+
+def _install(
+    ctx: ServiceContext, record: ServerRecord, spec: ServerSpec,
+    listen: socket.socket | None, anchor: AnchorLink,
+) -> ContainerServer:
+    """The server in the registry and on the bus, at the record's path, with its guid."""
+    try:
+        if record.creator_uid != os.getuid():
+            raise RestoreError(f"its creator uid {record.creator_uid} is not ours")
+        if ctx.registry.get(record.path) is not None:
+            raise RestoreError("a live server already has its path")
+        ctx.registry.check_can_add(spec.creator_uid)
+    except (LimitError, RestoreError) as exc:
+        anchor.close()
+        if listen is not None:
+            listen.close()
+        raise RestoreError(str(exc)) from None
     server = ContainerServer(
         spec, record.path, ctx.registry,
         ctx.service_names if spec.on_service_bus else ctx.well_known_name_only,
@@ -171,14 +193,11 @@ async def _restore(ctx: ServiceContext, record: ServerRecord, kept: Kept) -> Con
     server.guid = record.guid
     server.socket_path = record.socket_path
     server.attach_anchor(anchor)
-    server.listen_on(listen)
+    if listen is not None:
+        server.listen_on(listen)
     ctx.registry.reserve(record.path)
     ctx.registry.add(server)
     export_server_object(ctx, server)
-    if kept.notify_fd is not None:
-        server.watch_notify_fd(kept.notify_fd)
-        kept.notify_fd = None
-    ctx.persistence.save(server)
     return server
 
 
