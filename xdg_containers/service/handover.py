@@ -129,6 +129,10 @@ class HandoverSource:
         ctx.persistence = Persistence(None)  # the records are the new process's now
         self.on_handed_over()
         for server in ctx.registry:
+            if server.anchor is not None:
+                # The anchor answers the new process now: an answer we read would be lost
+                # to it. (Its copy of the Connector keeps the anchor alive.)
+                server.anchor.close()
             server.stop_listening(unlink=False)
 
     async def _check_caller(self, msg: Message) -> None:

@@ -1,0 +1,193 @@
+"""``serve --replace`` hands every server to a new process and loses no message (SPEC 13).
+
+A sequence-checked stream of calls, each carrying an fd, runs through a filtered and an
+unfiltered server while the service is replaced; one client is half-way through a
+message at that moment. Every call arrives once, in order, with its fd; the old process
+keeps forwarding its connections and exits 0 once they close; the new one answers
+GetConnectionInfo and GetConnectionCredentials for them, takes new connections on the
+same sockets, and announces ServerRemoved once per server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from typing import Any
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from tests.conftest import add_server
+from tests.support.bus import PrivateBus
+from tests.support.commands import gdbus_call
+from tests.support.names import FILTER
+from tests.support.rawconn import RawConn, RawPeer
+from tests.support.wire import Received, method_call, method_return
+
+PEER = "org.example.Seq"
+POLICY = "org.freedesktop.XdgContainers1.Policy"
+MANAGER = "/org/freedesktop/DBus/Containers1"
+IFACE = "org.freedesktop.DBus.Containers1"
+CALLS = 200
+
+
+class Recorder:
+    """The peer's handler: Step(u seq, h fd) is recorded with the fd's bytes, answered."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[tuple[int, bytes]]] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, peer: RawPeer, call: Received) -> list[bytes] | None:
+        msg = call.msg
+        if msg.member != "Step" or not msg.sender:
+            return None
+        data = os.read(call.fds[0], 64) if call.fds else b""
+        with self.lock:
+            self.seen.setdefault(msg.sender, []).append((int(msg.body[0]), data))
+        return [method_return(peer.reply_serial(), msg.serial, msg.sender, "u", [msg.body[0]])]
+
+
+def _step(conn: RawConn, seq: int) -> bytes:
+    """The bytes of Step(seq, fd) and the fd to send with them."""
+    return method_call(conn.next_serial(), PEER, "/", PEER, "Step", "uh", [seq, 0], unix_fds=1)
+
+
+def _pipe_with(text: bytes) -> int:
+    r, w = os.pipe()
+    os.write(w, text)
+    os.close(w)
+    return r
+
+
+def _stream(conn: RawConn, errors: list[str], halfway: threading.Event) -> None:
+    """CALLS calls one after the other, each checked; ``halfway`` set at CALLS // 4."""
+    try:
+        for seq in range(CALLS):
+            if seq == CALLS // 4:
+                halfway.set()
+            fd = _pipe_with(str(seq).encode())
+            data = _step(conn, seq)
+            try:
+                conn.send(data, [fd])
+            finally:
+                os.close(fd)
+            reply = conn.read_reply(conn.serial, timeout=20)
+            if reply.msg.message_type != MessageType.METHOD_RETURN or reply.msg.body != [seq]:
+                errors.append(f"{conn.unique_name} call {seq}: {reply.msg.body}")
+                return
+            time.sleep(0.005)
+    except Exception as exc:
+        errors.append(f"{conn.unique_name}: {exc!r}")
+
+
+async def _info(address: str, name: str) -> str:
+    rc, out, err = await gdbus_call(address, MANAGER, f"{IFACE}.GetConnectionInfo", name)
+    assert rc == 0, err
+    return out
+
+
+async def test_replace_hands_over_without_losing_a_message(
+    service_factory: Any, manager_bus: MessageBus, bus: PrivateBus
+) -> None:
+    old = service_factory()
+    recorder = Recorder()
+    peer = RawPeer(bus.address, PEER, recorder)
+    removed: list[str] = []
+
+    def watch(msg: Message) -> None:
+        if msg.member == "ServerRemoved" and msg.interface == IFACE:
+            removed.append(str(msg.body[0]))
+
+    manager_bus.add_message_handler(watch)
+    await manager_bus.call(Message(
+        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+        body=[f"type='signal',interface='{IFACE}',member='ServerRemoved'"]))
+    plain, plain_res = await add_server(manager_bus, app_id="org.example.Plain")
+    filtered, filt_res = await add_server(
+        manager_bus, app_id="org.example.Filtered",
+        named={FILTER: Variant("b", True), POLICY: Variant("a{ss}", {PEER: "talk"})})
+    addresses = {plain: plain_res["Address"].value, filtered: filt_res["Address"].value}
+    clients = {path: RawConn(address, timeout=20).setup(fds=True)
+               for path, address in addresses.items()}
+    # Half of a message before the hand-over, the rest after it.
+    slow = RawConn(addresses[plain], timeout=20).setup(fds=True)
+    slow_fd = _pipe_with(b"slow")
+    slow_bytes = _step(slow, 7)
+    slow.send(slow_bytes[:20], [slow_fd])
+    os.close(slow_fd)
+
+    errors: list[str] = []
+    halfway = [threading.Event() for _ in clients]
+    threads = [threading.Thread(target=_stream, args=(c, errors, h))
+               for c, h in zip(clients.values(), halfway, strict=True)]
+    for t in threads:
+        t.start()
+    for h in halfway:
+        await asyncio.get_running_loop().run_in_executor(None, h.wait, 20)
+    new = service_factory("--replace")
+    assert "took over 2 server(s)" in new.log(), new.log()
+    slow.send(slow_bytes[20:])
+    reply = slow.read_reply(slow.serial, timeout=20)
+    assert reply.msg.body == [7], reply.msg
+    for t in threads:
+        await asyncio.get_running_loop().run_in_executor(None, t.join, 60)
+    assert errors == []
+    for path, conn in clients.items():
+        assert recorder.seen[conn.unique_name] == [(i, str(i).encode()) for i in range(CALLS)]
+        # The new process answers for connections the old one still forwards.
+        assert path in await _info(bus.address, conn.unique_name)
+        rc, out, err = await gdbus_call(bus.address, MANAGER,
+                                        f"{IFACE}.GetConnectionCredentials", conn.unique_name)
+        assert rc == 0 and f"'ProcessID': <uint32 {os.getpid()}>" in out, err + out
+    assert recorder.seen[slow.unique_name] == [(7, b"slow")]
+    assert old.process.poll() is None, "the old process keeps forwarding"
+
+    # New clients on the same sockets are the new process's, filtered as before; a
+    # few in a row, so that an anchor answer read by the old process would show.
+    for _ in range(5):
+        RawConn(addresses[plain], timeout=20).setup(fds=True).close()
+    late = RawConn(addresses[filtered], timeout=20).setup(fds=True)
+    names = late.driver("ListNames").body[0]
+    assert PEER in names and manager_bus.unique_name not in names
+    assert filtered in await _info(bus.address, late.unique_name)
+
+    for conn in (*clients.values(), slow):
+        conn.close()
+    deadline = time.monotonic() + 20
+    while old.process.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert old.process.poll() == 0, old.log()
+    assert removed == []
+    late.close()
+    for path in (plain, filtered):
+        rc, _, err = await gdbus_call(bus.address, MANAGER, f"{IFACE}.StopServer", path)
+        assert rc == 0, err
+    deadline = time.monotonic() + 5
+    while len(removed) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    assert sorted(removed) == sorted([plain, filtered])
+    peer.stop()
+
+
+async def test_begin_is_refused_to_anyone_but_the_new_owner(
+    service: Any, manager_bus: MessageBus, bus: PrivateBus
+) -> None:
+    """A peer of the same user that does not own the name cannot take the servers."""
+    await add_server(manager_bus, app_id="org.example.Kept")
+    owner = await manager_bus.call(Message(
+        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus", member="GetNameOwner", signature="s",
+        body=["org.freedesktop.DBus.Containers1"]))
+    assert owner is not None
+    reply = await manager_bus.call(Message(
+        destination=str(owner.body[0]), path=MANAGER,
+        interface="org.freedesktop.XdgContainers1.Handover", member="Begin"))
+    assert reply is not None and reply.error_name == "org.freedesktop.DBus.Error.AccessDenied"
+    assert "new owner" in str(reply.body[0])
+    rc, out, err = await gdbus_call(bus.address, MANAGER, f"{IFACE}.ListServers")
+    assert rc == 0 and "/c0" in out, err
