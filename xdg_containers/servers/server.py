@@ -231,9 +231,20 @@ class ContainerServer:
         self.stop(None)  # that line says it all: none per connection
 
     def watch_notify_fd(self, fd: int) -> None:
-        """StopOnNotify: stop listening once ``fd`` is readable or hung up."""
+        """StopOnNotify: stop listening once ``fd`` is readable or hung up (replacing an
+        earlier one: a launcher's re-registration)."""
+        self._unwatch_notify()
         self._notify_fd = fd
         self.loop.add_reader(fd, self._notified)
+
+    def _unwatch_notify(self) -> None:
+        if self._notify_fd is not None:
+            self.loop.remove_reader(self._notify_fd)
+            try:
+                os.close(self._notify_fd)
+            except OSError:
+                pass
+            self._notify_fd = None
 
     def _notified(self) -> None:
         log.info("%s: StopOnNotify fd became readable; stopping listening", self.path)
@@ -346,13 +357,7 @@ class ContainerServer:
     def stop_listening(self, unlink: bool = True) -> None:
         """Close and unlink the listening socket; existing connections carry on.
         ``unlink`` False: a new service process listens on it now."""
-        if self._notify_fd is not None:
-            self.loop.remove_reader(self._notify_fd)
-            try:
-                os.close(self._notify_fd)
-            except OSError:
-                pass
-            self._notify_fd = None
+        self._unwatch_notify()
         if self._accept_paused is not None:
             self._accept_paused.cancel()
             self._accept_paused = None

@@ -39,7 +39,13 @@ from xdg_containers.service.checks import (
     upstream_address,
 )
 from xdg_containers.service.context import INTERFACE, ServiceContext, current_message
-from xdg_containers.service.objects import credentials_dict, export_server_object, server_info_tuple
+from xdg_containers.service.objects import (
+    add_server_results,
+    credentials_dict,
+    export_server_object,
+    server_info_tuple,
+)
+from xdg_containers.service.reregister import reregister, server_on
 from xdg_containers.service.zygote import AnchorStartError
 from xdg_containers.wire.address import same_bus
 from xdg_containers.wire.names import is_valid_interface_name
@@ -144,6 +150,10 @@ class ManagerInterface(ServiceInterface):
                     f"uid {uid} may not create servers: this service runs as uid "
                     f"{os.getuid()} and would proxy with its credentials"
                 )
+            if listen_sock is not None:
+                served = server_on(ctx, listen_sock)
+                if served is not None:
+                    return reregister(served, (container_type, app_id, instance_id), dup_fds)
             try:
                 ctx.registry.check_can_add(uid)
             except LimitError as exc:
@@ -216,11 +226,7 @@ class ManagerInterface(ServiceInterface):
         if parsed.stop_on_disconnect and ctx.tracker.is_gone(sender):
             server.stop_listening()
         ctx.persistence.save(server)
-        results: dict[str, Variant] = {}
-        if server.socket_path is not None:
-            results["Address"] = Variant("s", server.address)
-            results["SocketPath"] = Variant("ay", os.fsencode(server.socket_path) + b"\0")
-        return [server.path, results]
+        return [server.path, add_server_results(server)]
 
     @dbus_method("o")
     async def StopServer(self, server_path: str) -> None:

@@ -29,6 +29,15 @@ def server_info_tuple(server: ContainerServer) -> list[Any]:
     return [s.creator, s.container_type, s.app_id, s.instance_id, s.metadata]
 
 
+def add_server_results(server: ContainerServer) -> dict[str, Variant]:
+    """AddServer's second return value: the address and path of a minted socket."""
+    results: dict[str, Variant] = {}
+    if server.socket_path is not None:
+        results["Address"] = Variant("s", server.address)
+        results["SocketPath"] = Variant("ay", os.fsencode(server.socket_path) + b"\0")
+    return results
+
+
 def credentials_dict(creds: PeerCredentials, server: ContainerServer) -> dict[str, Variant]:
     """GetConnectionCredentials' answer without the pidfd."""
     out: dict[str, Variant] = {
