@@ -191,3 +191,23 @@ async def test_begin_is_refused_to_anyone_but_the_new_owner(
     assert "new owner" in str(reply.body[0])
     rc, out, err = await gdbus_call(bus.address, MANAGER, f"{IFACE}.ListServers")
     assert rc == 0 and "/c0" in out, err
+
+
+async def test_stop_server_after_the_hand_over_closes_the_old_processes_connections(
+    service_factory: Any, manager_bus: MessageBus, bus: PrivateBus
+) -> None:
+    """StopServer closes every connection, those the old process forwards too; the
+    connections of another server stay."""
+    old = service_factory()
+    target, t_res = await add_server(manager_bus, app_id="org.example.Target")
+    _bystander, b_res = await add_server(manager_bus, app_id="org.example.Bystander")
+    victim = RawConn(t_res["Address"].value, timeout=10).setup()
+    other = RawConn(b_res["Address"].value, timeout=10).setup()
+    service_factory("--replace")
+    rc, _, err = await gdbus_call(bus.address, MANAGER, f"{IFACE}.StopServer", target)
+    assert rc == 0, err
+    assert await asyncio.get_running_loop().run_in_executor(None, victim.wait_eof, 10.0)
+    assert other.driver("GetId").body, "the other server's old connection is unharmed"
+    other.close()
+    victim.close()
+    assert await asyncio.get_running_loop().run_in_executor(None, old.process.wait, 20) == 0

@@ -18,6 +18,7 @@ from dbus_fast.service import ServiceInterface
 
 from xdg_containers.policy.tracker import NameTracker
 from xdg_containers.servers.registry import ServerRegistry
+from xdg_containers.servers.server import ContainerServer
 from xdg_containers.servers.server import ServerSession as Session
 from xdg_containers.servers.spec import FilterSettings
 from xdg_containers.service import errors
@@ -32,6 +33,8 @@ INTERFACE = "org.freedesktop.DBus.Containers1"
 SERVER_INTERFACE = "org.freedesktop.DBus.Containers1.Server"
 PATH_KEY = "org.freedesktop.DBus.Containers1.Path"
 BUS_DRIVER = "org.freedesktop.DBus"
+#: between two service processes during ``serve --replace`` (service/handover.py)
+HANDOVER_INTERFACE = "org.freedesktop.XdgContainers1.Handover"
 
 _current_message: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
     "xdg_containers_current_message", default=None
@@ -148,6 +151,15 @@ class ServiceContext:
             return await self.owner(bus_name)
         except DBusError:
             return None
+
+    def stop_server(self, server: ContainerServer) -> None:
+        """StopServer/Stop: stop listening and close every connection, including those
+        the previous process still forwards (it is asked to close them)."""
+        if server.adopted and self.predecessor is not None:
+            self.bus.send(Message(
+                destination=self.predecessor, path=PATH, interface=HANDOVER_INTERFACE,
+                member="Stop", signature="o", body=[server.path], flags=0x1))
+        server.stop()
 
     def peer_left(self, name: str) -> None:
         """A unique name left the bus: stop listening on the servers tied to it."""

@@ -28,6 +28,7 @@ from xdg_containers.service.authorization import (
     resolve_session,
 )
 from xdg_containers.service.context import (
+    HANDOVER_INTERFACE,
     INTERFACE,
     PATH,
     SERVER_INTERFACE,
@@ -129,7 +130,7 @@ def _for_our_objects(msg: Message) -> bool:
     path = msg.path or ""
     return (msg.message_type == MessageType.METHOD_CALL
             and (path == PATH or is_server_path(path))
-            and msg.interface != "org.freedesktop.XdgContainers1.Handover")
+            and msg.interface != HANDOVER_INTERFACE)
 
 
 def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> None:

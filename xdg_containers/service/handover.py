@@ -29,13 +29,12 @@ from xdg_containers.servers.adopted import AdoptedConnection
 from xdg_containers.servers.record import record_from_json
 from xdg_containers.servers.server import ContainerServer, ServerSession
 from xdg_containers.service import errors
-from xdg_containers.service.context import NAME, PATH, ServiceContext
+from xdg_containers.service.context import HANDOVER_INTERFACE, NAME, PATH, ServiceContext
 from xdg_containers.service.persistence import Persistence, record_of
 from xdg_containers.service.restore import Kept, RestoreError, restore_server
 
 log = logging.getLogger(__name__)
 
-HANDOVER_INTERFACE = "org.freedesktop.XdgContainers1.Handover"
 #: Seconds the old process waits for its running AddServer calls and anchor requests.
 SETTLE_TIMEOUT = 10.0
 
@@ -96,6 +95,12 @@ class HandoverSource:
         if (msg.message_type != MessageType.METHOD_CALL or msg.interface != HANDOVER_INTERFACE
                 or msg.path != PATH):
             return None
+        if msg.member == "Stop" and msg.signature == "o" and msg.sender == self.successor:
+            # The new process stopped a server: close the connections we still forward.
+            server = self.ctx.registry.get(str(msg.body[0]))
+            if server is not None:
+                server.stop()
+            return True
         if msg.member != "Begin" or msg.signature != "":
             self.ctx.bus.send(Message.new_error(
                 msg, errors.UNKNOWN_METHOD, f"{HANDOVER_INTERFACE} has only Begin(), no arguments"))

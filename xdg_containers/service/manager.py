@@ -233,7 +233,7 @@ class ManagerInterface(ServiceInterface):
         """Stop listening and disconnect every connection of the server."""
         msg = current_message()
         server = await check_may_stop(self.ctx, msg.sender, server_path)
-        server.stop()
+        self.ctx.stop_server(server)
 
     @dbus_method("o")
     async def StopListening(self, server_path: str) -> None:

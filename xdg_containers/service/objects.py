@@ -125,7 +125,7 @@ class ServerObject(ServiceInterface):
         """Same as the manager's StopServer for this server."""
         msg = current_message()
         server = await check_may_stop(self.ctx, msg.sender, self.server.path)
-        server.stop()
+        self.ctx.stop_server(server)
 
     @dbus_method()
     async def StopListening(self) -> None:
