@@ -211,3 +211,33 @@ async def test_stop_server_after_the_hand_over_closes_the_old_processes_connecti
     other.close()
     victim.close()
     assert await asyncio.get_running_loop().run_in_executor(None, old.process.wait, 20) == 0
+
+
+async def test_many_servers_go_over_in_batches_of_fds(
+    service_factory: Any, manager_bus: MessageBus, bus: PrivateBus
+) -> None:
+    """30 servers with a connection each (90 fds: more than one message may carry on a
+    strict bus): all come over and all answer."""
+    old = service_factory()
+    servers = [await add_server(manager_bus, app_id=f"org.example.Many{i}") for i in range(30)]
+    conns = [RawConn(res["Address"].value, timeout=10).setup() for _, res in servers]
+    owner = await manager_bus.call(Message(
+        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus", member="GetNameOwner", signature="s", body=[IFACE]))
+    assert owner is not None
+    old_name = str(owner.body[0])
+    new = service_factory("--replace")
+    assert "took over 30 server(s)" in new.log(), new.log()
+    for conn in conns:
+        assert conn.driver("GetId").body
+    for path, res in servers:
+        with RawConn(res["Address"].value, timeout=10).setup() as fresh:
+            assert path in await _info(bus.address, fresh.unique_name)
+    # Fds (the batches) is answered to the new process only.
+    reply = await manager_bus.call(Message(
+        destination=old_name, path=MANAGER, interface="org.freedesktop.XdgContainers1.Handover",
+        member="Fds", signature="uu", body=[0, 1]))
+    assert reply is not None and reply.error_name == "org.freedesktop.DBus.Error.AccessDenied"
+    for conn in conns:
+        conn.close()
+    assert await asyncio.get_running_loop().run_in_executor(None, old.process.wait, 20) == 0

@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 
 #: Seconds the old process waits for its running AddServer calls and anchor requests.
 SETTLE_TIMEOUT = 10.0
+#: fds per ``Fds`` reply: the kernel passes at most 253 per message, and a system bus
+#: may allow as few as 16 (dbus-daemon's max_message_unix_fds).
+FDS_PER_CALL = 16
+#: Seconds the old process keeps the handed-over fds for the new one to fetch.
+FETCH_TIMEOUT = 60.0
 
 
 class HandoverError(Exception):
@@ -57,12 +62,12 @@ def _connection(session: ServerSession, fds: list[int]) -> dict[str, Any]:
     return entry
 
 
-def _close_later(fds: list[int]) -> None:
+def _close_later(fds: list[int], delay: float = 10.0) -> None:
     """Close our dups once the message carrying them has surely been written."""
     def close() -> None:
         for fd in fds:
             os.close(fd)
-    asyncio.get_running_loop().call_later(10.0, close)
+    asyncio.get_running_loop().call_later(delay, close)
 
 
 def _fd_index(fd: int | None, fds: list[int]) -> int | None:
@@ -89,6 +94,7 @@ class HandoverSource:
         self.successor: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._sent: dict[str, set[str]] = {}  # server path -> names the successor knows
+        self._fds: list[int] = []
 
     def handle(self, msg: Message) -> bool | None:
         """The message handler: Begin at the manager's path (anything else goes on)."""
@@ -101,9 +107,12 @@ class HandoverSource:
             if server is not None:
                 server.stop()
             return True
+        if msg.member == "Fds" and msg.signature == "uu":
+            self._send_fds(msg)
+            return True
         if msg.member != "Begin" or msg.signature != "":
             self.ctx.bus.send(Message.new_error(
-                msg, errors.UNKNOWN_METHOD, f"{HANDOVER_INTERFACE} has only Begin(), no arguments"))
+                msg, errors.UNKNOWN_METHOD, f"{HANDOVER_INTERFACE}: Begin(), Fds(uu), Stop(o)"))
             return True
         task = asyncio.get_running_loop().create_task(self._begin(msg))
         self._tasks.add(task)
@@ -127,8 +136,10 @@ class HandoverSource:
         self.successor = msg.sender
         for server in ctx.registry:
             self._sent[server.path] = set(server.connection_names())
-        ctx.bus.send(Message.new_method_return(msg, "s", [body], fds))
-        _close_later(fds)
+        # The fds go in batches (Fds): one message could not carry them all.
+        self._fds = fds
+        ctx.bus.send(Message.new_method_return(msg, "su", [body, len(fds)]))
+        _close_later(fds, FETCH_TIMEOUT)
         log.info("handed %d server(s) over to %s; forwarding the live connections until "
                  "they close", len(ctx.registry), msg.sender)
         ctx.persistence = Persistence(None)  # the records are the new process's now
@@ -139,6 +150,19 @@ class HandoverSource:
                 # to it. (Its copy of the Connector keeps the anchor alive.)
                 server.anchor.close()
             server.stop_listening(unlink=False)
+
+    def _send_fds(self, msg: Message) -> None:
+        """Fds(first, count): the handed-over fds [first, first + count), to the successor."""
+        first, count = int(msg.body[0]), int(msg.body[1])
+        if msg.sender != self.successor or self.successor is None:
+            reply = Message.new_error(msg, errors.ACCESS_DENIED, "only the new process may ask")
+        elif count > FDS_PER_CALL or first + count > len(self._fds):
+            reply = Message.new_error(msg, errors.INVALID_ARGS, f"at most {FDS_PER_CALL} of "
+                                      f"the {len(self._fds)} fds")
+        else:
+            chunk = self._fds[first:first + count]
+            reply = Message.new_method_return(msg, "ah", [list(range(count))], chunk)
+        self.ctx.bus.send(reply)
 
     async def _check_caller(self, msg: Message) -> None:
         ctx = self.ctx
@@ -216,19 +240,33 @@ def adopt(ctx: ServiceContext, server: ContainerServer, entry: dict[str, Any],
 
 async def take_over(ctx: ServiceContext, old_owner: str) -> int:
     """Ask ``old_owner`` for its servers and bring each back here; how many came."""
-    reply = await ctx.bus.call(Message(
-        destination=old_owner, path=PATH, interface=HANDOVER_INTERFACE, member="Begin"))
-    assert reply is not None
-    if reply.message_type == MessageType.ERROR:
-        text = str(reply.body[0]) if reply.body else ""
-        raise HandoverError(f"{old_owner} refused the hand-over: {reply.error_name}: {text}")
-    # Our own copies at once: the dispatch hook closes the reply's fds soon.
-    fds = [os.dup(fd) for fd in reply.unix_fds]
+    reply = await _call(ctx, old_owner, "Begin", "", [])
+    body, total = str(reply.body[0]), int(reply.body[1])
+    fds: list[int] = []
     try:
-        return await _restore_all(ctx, json.loads(str(reply.body[0])), fds)
+        while len(fds) < total:
+            count = min(FDS_PER_CALL, total - len(fds))
+            chunk = await _call(ctx, old_owner, "Fds", "uu", [len(fds), count])
+            # Our own copies at once: the dispatch hook closes the reply's fds soon.
+            fds += [os.dup(fd) for fd in chunk.unix_fds]
+            if len(chunk.unix_fds) != count:
+                raise HandoverError(f"{old_owner} sent {len(chunk.unix_fds)} fds, not {count}")
+        return await _restore_all(ctx, json.loads(body), fds)
     finally:
         for fd in fds:
             os.close(fd)
+
+
+async def _call(ctx: ServiceContext, old_owner: str, member: str, signature: str,
+                body: list[Any]) -> Message:
+    reply = await ctx.bus.call(Message(
+        destination=old_owner, path=PATH, interface=HANDOVER_INTERFACE, member=member,
+        signature=signature, body=body))
+    assert reply is not None
+    if reply.message_type == MessageType.ERROR:
+        text = str(reply.body[0]) if reply.body else ""
+        raise HandoverError(f"{old_owner} refused {member}: {reply.error_name}: {text}")
+    return reply
 
 
 def _kept(entry: dict[str, Any], fds: list[int]) -> Kept:
