@@ -128,8 +128,27 @@ async def test_replace_hands_over_without_losing_a_message(
         t.start()
     for h in halfway:
         await asyncio.get_running_loop().run_in_executor(None, h.wait, 20)
-    new = service_factory("--replace")
+    # Manager calls all through the hand-over: each answered, none lost to the switch
+    # (the new process holds them until it has the servers).
+    answers: list[str] = []
+    replaced = threading.Event()
+
+    async def ask() -> None:
+        while not replaced.is_set():
+            reply = await manager_bus.call(Message(
+                destination="org.freedesktop.DBus.Containers1", path=MANAGER, interface=IFACE,
+                member="GetServerInfo", signature="o", body=[filtered]))
+            assert reply is not None
+            answers.append(reply.error_name or "ok")
+            await asyncio.sleep(0.002)
+
+    asker = asyncio.ensure_future(ask())
+    new = await asyncio.get_running_loop().run_in_executor(None, service_factory, "--replace")
+    await asyncio.sleep(0.2)
+    replaced.set()
+    await asker
     assert "took over 2 server(s)" in new.log(), new.log()
+    assert answers and set(answers) == {"ok"}, answers
     slow.send(slow_bytes[20:])
     reply = slow.read_reply(slow.serial, timeout=20)
     assert reply.msg.body == [7], reply.msg

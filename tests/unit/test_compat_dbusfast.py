@@ -269,3 +269,25 @@ def test_ascii_safe() -> None:
     assert err is not None and err.body == ["bad 'caf\\xe9'"] and err.error_name == "org.example.E"
     signal = Message.new_signal("/p", "org.example.I", "S", "s", ["\u00e9"])
     assert dbusfast.ascii_safe(signal) is None
+
+
+def test_redispatch_finds_the_buses_message_processing() -> None:
+    """redispatch() relies on MessageBus._process_message (what dbus-fast's reader calls)."""
+    from dbus_fast.aio import MessageBus
+
+    assert callable(getattr(MessageBus, "_process_message", None)), (
+        "dbus-fast: MessageBus._process_message is gone; compat.redispatch must change")
+
+
+def test_keep_message_gives_the_message_an_fd_list_of_its_own() -> None:
+    """A kept message must not share the reader's fd list (see keep_message)."""
+    from dbus_fast import Message
+
+    from xdg_containers.compat.dbusfast import keep_message
+
+    shared: list[int] = []
+    msg = Message(destination="a.b", path="/", interface="a.b", member="X")
+    msg.unix_fds = shared
+    assert keep_message(msg) is msg
+    shared.extend([7, 8])  # what the reader does with the next message's fds
+    assert msg.unix_fds == []

@@ -318,3 +318,15 @@ def redispatch(bus: MessageBus, msg: Message) -> None:
         raise RuntimeError("dbus-fast: MessageBus._process_message is gone; held calls "
                            "cannot be dispatched (update compat/dbusfast.py)")
     process(msg)
+
+
+def keep_message(msg: Message) -> Message:
+    """Make ``msg`` safe to keep past its dispatch (a call held during ``serve --replace``).
+
+    dbus-fast's reader hands a message without fds its own empty fd list and extends
+    that same list with the next message's fds (5.x: ``Unmarshaller._unix_fds`` is only
+    replaced when non-empty), so a message kept for later would show, and have closed,
+    fds of another message. The message gets a list of its own.
+    """
+    msg.unix_fds = list(msg.unix_fds)
+    return msg

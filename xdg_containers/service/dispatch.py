@@ -17,7 +17,7 @@ from typing import Any
 from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.service import ServiceInterface
 
-from xdg_containers.compat.dbusfast import Member, redispatch
+from xdg_containers.compat.dbusfast import Member, keep_message, redispatch
 from xdg_containers.io.endpoint import close_fds
 from xdg_containers.service import errors
 from xdg_containers.service.authorization import (
@@ -153,7 +153,7 @@ def install_dispatch_hooks(ctx: ServiceContext, manager: ManagerInterface) -> No
         if not ctx.ready.is_set() and _for_our_objects(msg):
             # Taking the servers over (serve --replace): answered once they are here,
             # in order (the fds stay open until then).
-            run_task(held(msg))
+            run_task(held(keep_message(msg)))
             return True
         if msg.unix_fds:
             fds = list(msg.unix_fds)
