@@ -154,15 +154,22 @@ async def test_runtime_dir_holds_no_socket_after_exit(
 
 
 async def test_restart_after_kill_cleans_stale_sockets(
-    service_factory: Any, manager_bus: MessageBus, runtime_dir: str
+    service_factory: Any, manager_bus: MessageBus, bus: PrivateBus, runtime_dir: str
 ) -> None:
-    """A service killed hard leaves sockets behind; the next instance removes them."""
+    """A service killed hard leaves sockets behind; the next instance serves those of the
+    servers it brings back (SPEC 13) and removes the others (here: a server whose
+    creator left meanwhile, so it would have stopped listening)."""
     sp: ServiceProcess = service_factory()
-    _path, results = await add_server(manager_bus)
+    creator = await MessageBus(bus_address=bus.address).connect()
+    _path, results = await add_server(creator)
     stale = socket_path_of(results)
+    _kept_path, kept_results = await add_server(manager_bus, app_id="org.example.Kept")
+    kept = socket_path_of(kept_results)
     sp.process.kill()
     sp.process.wait(5)
     assert os.path.exists(stale)
+    creator.disconnect()
+    await creator.wait_for_disconnect()
     service_factory()
     await wait_until(lambda: not os.path.exists(stale), "the stale socket to be removed")
-    assert sockets_under(runtime_dir) == []
+    assert sockets_under(runtime_dir) == [kept]

@@ -260,3 +260,42 @@ async def test_many_servers_go_over_in_batches_of_fds(
     for conn in conns:
         conn.close()
     assert await asyncio.get_running_loop().run_in_executor(None, old.process.wait, 20) == 0
+
+
+async def test_replace_detach_returns_once_the_new_service_serves(
+    service_factory: Any, manager_bus: MessageBus, bus: PrivateBus, runtime_dir: str
+) -> None:
+    """``serve --replace --detach`` (the unit's ExecReload) exits 0 once the new process
+    has the name and the servers; the new one keeps running, the old one exits."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    old = service_factory()
+    path, res = await add_server(manager_bus, app_id="org.example.Reloaded")
+    env = dict(os.environ, XDG_RUNTIME_DIR=runtime_dir,
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # Output to a file: the detached service keeps it open (a pipe would never end).
+    log = os.path.join(runtime_dir, "detached.log")
+    with open(log, "wb") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "xdg_containers", "serve", "--address", bus.address,
+             "--replace", "--detach"], env=env, cwd=REPO, stdout=out, stderr=out, timeout=60)
+    with open(log) as fh:
+        assert done.returncode == 0, fh.read()
+    assert await asyncio.get_running_loop().run_in_executor(None, old.process.wait, 20) == 0
+    owner = await manager_bus.call(Message(
+        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus", member="GetConnectionUnixProcessID",
+        signature="s", body=["org.freedesktop.DBus.Containers1"]))
+    assert owner is not None and owner.message_type == MessageType.METHOD_RETURN
+    new_pid = int(owner.body[0])
+    try:
+        with RawConn(res["Address"].value, timeout=10).setup() as conn:
+            assert path in await _info(bus.address, conn.unique_name)
+    finally:
+        os.kill(new_pid, 15)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{new_pid}") and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)

@@ -61,13 +61,13 @@ async def test_add_server_again_with_the_same_socket_is_the_same_server(
         assert conn.unique_name
 
     # After serve --replace the new process answers the same way.
-    service_factory("--replace")
+    new = service_factory("--replace")
     assert old.process.wait(20) == 0  # it had no connection left to forward
     again, _ = await add_server(manager_bus, app_id="org.example.Launched", named=named,
                                 unix_fds=[sock.fileno()])
     assert again == first
     out = await _servers(bus.address)
-    assert out.count("/c") == 2 and bystander in out, out
+    assert out.count("/c") == 2 and bystander in out, out + new.log()
     with RawConn(f"unix:path={path}").setup() as conn:
         assert conn.unique_name
     sock.close()

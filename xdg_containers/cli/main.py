@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="take over from the running service: its name, servers and sockets; it keeps "
         "forwarding its live connections until they close, then exits (upgrades, reload)",
     )
+    serve.add_argument(
+        "--detach", action="store_true",
+        help="return once the service is ready (exit 0), leaving it running in the "
+        "background (the unit's ExecReload: serve --replace --detach)",
+    )
 
     from xdg_containers.app.launcher import add_run_parser
     from xdg_containers.cli.admin import add_admin_parsers
@@ -91,6 +96,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"xdg-containers: {exc}", file=sys.stderr)
         return 2
+    if args.detach:
+        if args.ready_fd is not None or args.private:
+            print("xdg-containers: --detach cannot go with --ready-fd or --private",
+                  file=sys.stderr)
+            return 2
+        from xdg_containers.cli import detach
+
+        status, args.ready_fd = detach.detach()
+        if status is not None:
+            return status
     private: PrivateBus | None = None
     bus_type = BusType.SESSION
     address: str | None = None

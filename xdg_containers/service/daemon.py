@@ -218,6 +218,12 @@ class Service:
         finally:
             ctx.ready.set()
 
+    async def wait_drained(self) -> None:
+        """Until this process handed its servers over, the new one has their fds, and
+        the last connection it still forwarded has closed."""
+        await self.drained.wait()
+        await self.source.fds_fetched()
+
     def _handed_over(self) -> None:
         """This process gave its servers away: it drains, and exits once they are gone."""
         self.handed_over = True
@@ -393,7 +399,7 @@ async def serve(
             )
     stop_task = asyncio.ensure_future(stop.wait())
     bus_task = asyncio.ensure_future(service.wait_for_disconnect())
-    drained = asyncio.ensure_future(service.drained.wait())
+    drained = asyncio.ensure_future(service.wait_drained())
     done, _pending = await asyncio.wait(
         {stop_task, bus_task, drained}, return_when=asyncio.FIRST_COMPLETED)
     for t in (stop_task, bus_task, drained):

@@ -95,6 +95,8 @@ class HandoverSource:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sent: dict[str, set[str]] = {}  # server path -> names the successor knows
         self._fds: list[int] = []
+        #: set once the successor fetched every fd (or gave up): only then may we exit
+        self.fetched = asyncio.Event()
 
     def handle(self, msg: Message) -> bool | None:
         """The message handler: Begin at the manager's path (anything else goes on)."""
@@ -138,6 +140,8 @@ class HandoverSource:
             self._sent[server.path] = set(server.connection_names())
         # The fds go in batches (Fds): one message could not carry them all.
         self._fds = fds
+        if not fds:
+            self.fetched.set()
         ctx.bus.send(Message.new_method_return(msg, "su", [body, len(fds)]))
         _close_later(fds, FETCH_TIMEOUT)
         log.info("handed %d server(s) over to %s; forwarding the live connections until "
@@ -151,6 +155,15 @@ class HandoverSource:
                 server.anchor.close()
             server.stop_listening(unlink=False)
 
+    async def fds_fetched(self) -> None:
+        """Until the successor has every fd (or FETCH_TIMEOUT passed): before that, this
+        process must stay on the bus, even with nothing left to forward."""
+        try:
+            await asyncio.wait_for(self.fetched.wait(), FETCH_TIMEOUT)
+        except TimeoutError:
+            log.warning("the new process did not fetch the servers' fds within %.0f s",
+                        FETCH_TIMEOUT)
+
     def _send_fds(self, msg: Message) -> None:
         """Fds(first, count): the handed-over fds [first, first + count), to the successor."""
         first, count = int(msg.body[0]), int(msg.body[1])
@@ -162,6 +175,8 @@ class HandoverSource:
         else:
             chunk = self._fds[first:first + count]
             reply = Message.new_method_return(msg, "ah", [list(range(count))], chunk)
+            if first + count == len(self._fds):
+                self.fetched.set()
         self.ctx.bus.send(reply)
 
     async def _check_caller(self, msg: Message) -> None:
