@@ -195,3 +195,19 @@ async def test_a_crash_in_the_middle_of_add_server_calls_leaves_a_consistent_reg
         assert rc == 0, err
     socks = os.listdir(os.path.join(runtime_dir, "dbus-1", "containers"))
     assert sorted(socks) == sorted(os.path.basename(str(r.socket_path)) for r in records)
+
+
+async def test_replace_with_nothing_running_is_a_plain_start_that_restores(
+    service_factory: object, manager_bus: MessageBus, bus: PrivateBus
+) -> None:
+    """ExecReload after a crash: `serve --replace` finds no service and starts as the
+    next activation would, bringing the servers back."""
+    first = service_factory()  # type: ignore[operator]
+    path, _ = await add_server(manager_bus, app_id="org.example.Reloaded")
+    os.kill(first.pid, signal.SIGKILL)
+    first.process.wait()
+    second = service_factory("--replace")  # type: ignore[operator]
+    assert "brought back 1 server(s)" in second.log()
+    rc, out, err = await gdbus_call(bus.address, MANAGER,
+                                    "org.freedesktop.DBus.Containers1.ListServers")
+    assert rc == 0 and path in out, err

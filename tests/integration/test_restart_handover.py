@@ -11,6 +11,7 @@ same sockets, and announces ServerRemoved once per server.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -299,3 +300,41 @@ async def test_replace_detach_returns_once_the_new_service_serves(
     deadline = time.monotonic() + 10
     while os.path.exists(f"/proc/{new_pid}") and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+
+
+async def test_handover_calls_from_a_confined_client_change_nothing(
+    service: Any, manager_bus: MessageBus, bus: PrivateBus
+) -> None:
+    """The attacker, a client of one server, calls every Handover member on the service's
+    unique name; a bystander on another server is unharmed and nothing is handed over,
+    stopped or adopted."""
+    attacker_server, a_res = await add_server(manager_bus, app_id="org.example.Attacker")
+    bystander_server, b_res = await add_server(manager_bus, app_id="org.example.Bystander")
+    bystander = RawConn(b_res["Address"].value, timeout=10).setup()
+    owner = await manager_bus.call(Message(
+        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus", member="GetNameOwner", signature="s",
+        body=["org.freedesktop.DBus.Containers1"]))
+    assert owner is not None
+    service_name = str(owner.body[0])
+    handover = "org.freedesktop.XdgContainers1.Handover"
+    with RawConn(a_res["Address"].value, timeout=10).setup(fds=True) as attacker:
+        begin = attacker.call(service_name, MANAGER, handover, "Begin").msg
+        assert begin.error_name == "org.freedesktop.DBus.Error.AccessDenied", begin
+        fds = attacker.call(service_name, MANAGER, handover, "Fds", "uu", [0, 16]).msg
+        assert fds.error_name == "org.freedesktop.DBus.Error.AccessDenied", fds
+        stop = attacker.call(service_name, MANAGER, handover, "Stop", "o",
+                             [bystander_server]).msg
+        assert stop.message_type == MessageType.ERROR, stop
+        adopt = json.dumps({"path": attacker_server, "name": manager_bus.unique_name,
+                            "pid": 1, "uid": 0, "gid": 0})
+        attacker.send_call(service_name, MANAGER, handover, "Adopt", "s", [adopt])
+        assert attacker.driver("GetId").body  # the attacker's own connection still works
+    # Nothing changed: the bystander is served, both servers live, nobody adopted.
+    assert bystander.driver("GetId").body
+    rc, out, err = await gdbus_call(bus.address, MANAGER, f"{IFACE}.ListServers")
+    assert rc == 0 and attacker_server in out and bystander_server in out, err
+    rc, out, err = await gdbus_call(bus.address, MANAGER, f"{IFACE}.GetConnectionInfo",
+                                    str(manager_bus.unique_name))
+    assert rc != 0 and "NotContainer" in err, out
+    bystander.close()
