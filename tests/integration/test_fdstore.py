@@ -289,23 +289,9 @@ def test_keeper_refuses_a_peer_of_another_uid(rig: Rig, runtime_dir: str) -> Non
         assert out.stdout.strip() in ("b''", "ConnectionResetError", "BrokenPipeError"), out
     assert rig.log_text().count("refused a client of uid 65534") == 1, rig.log_text()
     assert alive(keeper)
-    assert_keeper_holds(runtime_dir, "scope4", NAMES)
+    assert set(held(runtime_dir, "scope4")) == NAMES
     proc.terminate()
     wait_for(lambda: not alive(keeper), "the keeper to exit", SLOW)
-
-
-def assert_keeper_holds(runtime_dir: str, scope: str, names: set[str]) -> None:
-    """The keeper of ``scope`` hands over exactly ``names`` (we close our copies and
-    hang up without a clean stop, so it keeps them)."""
-    store = open_fd_store(scope)
-    assert store is not None
-    got = store.take_inherited()
-    for fd in got.values():
-        os.close(fd)
-    conn = getattr(store, "conn", None)
-    if conn is not None:
-        conn.close()
-    assert set(got) == names
 
 
 GARBAGE: list[tuple[bytes, int]] = [
@@ -349,9 +335,71 @@ def test_keeper_shrugs_off_garbage(rig: Rig, runtime_dir: str) -> None:
             os.close(fd)
     assert rig.log_text().count("ignored a bad packet") == 1, rig.log_text()
     assert alive(keeper) and alive(bystander_keeper)
-    assert_keeper_holds(runtime_dir, "scope5", NAMES)
-    assert_keeper_holds(runtime_dir, "scope6", NAMES)
+    assert set(held(runtime_dir, "scope5")) == NAMES
+    assert set(held(runtime_dir, "scope6")) == NAMES
     for proc in (target, bystander):
         proc.terminate()
         assert proc.wait(timeout=SLOW) == 0
     wait_for(lambda: not keepers(runtime_dir), "both keepers to exit", SLOW)
+
+
+def test_keeper_replaces_a_name_and_drops_an_fd_whose_peer_hung_up(runtime_dir: str) -> None:
+    """As systemd: a second store of a name replaces the first, and a kept socket whose
+    peer hung up (an anchor's Connector after the anchor died) is dropped (POLLHUP)."""
+    store = open_fd_store("scope7")
+    assert store is not None
+    first, second = (socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2))
+    ours, anchors = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        for sock in (first, second):
+            sock.bind(os.path.join(runtime_dir, f"{sock.fileno()}.sock"))
+            sock.listen()
+        store.store("c1.listen", first.fileno())
+        store.store("c1.listen", second.fileno())
+        store.store("c1.connector", ours.fileno())
+        keeper = the_keeper(runtime_dir, "scope7")
+        ours.close()
+        anchors.close()
+        wait_for(lambda: held(runtime_dir, "scope7") == {
+            "c1.listen": os.fstat(second.fileno()).st_ino}, "c1.connector dropped", SLOW)
+    finally:
+        for sock in (first, second, ours, anchors):
+            sock.close()
+        store.close()
+    wait_for(lambda: not alive(keeper), "the keeper to exit after a clean stop", SLOW)
+
+
+def held(runtime_dir: str, scope: str) -> dict[str, int]:
+    """What the keeper of ``scope`` holds: name -> inode (it keeps its copies)."""
+    store = open_fd_store(scope)
+    assert store is not None
+    got = store.take_inherited()
+    inodes = {name: os.fstat(fd).st_ino for name, fd in got.items()}
+    for fd in got.values():
+        os.close(fd)
+    conn = getattr(store, "conn", None)
+    if conn is not None:
+        conn.close()
+    return inodes
+
+
+def test_keeper_keeps_the_fds_when_a_replaced_service_stops(runtime_dir: str) -> None:
+    """``serve --replace``: the old service's clean stop while its successor is connected
+    ends only the old one's connection; the successor's clean stop ends the keeper."""
+    old, new = open_fd_store("scope8"), open_fd_store("scope8")
+    assert old is not None and new is not None
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(os.path.join(runtime_dir, "replaced.sock"))
+        listener.listen()
+        old.store("c1.listen", listener.fileno())
+        for fd in new.take_inherited().values():
+            os.close(fd)
+        keeper = the_keeper(runtime_dir, "scope8")
+        old.close()
+        assert set(held(runtime_dir, "scope8")) == {"c1.listen"}
+        assert alive(keeper)
+        new.close()
+        wait_for(lambda: not alive(keeper), "the keeper to exit after a clean stop", SLOW)
+    finally:
+        listener.close()

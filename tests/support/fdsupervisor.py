@@ -83,7 +83,13 @@ class Supervisor:
         self.event("started", pid=pid, fds=len(fds), names=names)
 
     def reap(self) -> None:
-        """The main process ended: restart it on failure, stop on a clean exit."""
+        """The main process ended: restart it on failure, stop on a clean exit. What it
+        sent before it ended is read first, as systemd does."""
+        while True:
+            try:
+                self.receive(socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
         _, status = os.waitpid(self.pid, 0)
         os.close(self.pidfd)
         self.pidfd = -1
@@ -95,10 +101,11 @@ class Supervisor:
         else:
             self.restart_at = time.monotonic() + self.restart_sec
 
-    def receive(self) -> None:
+    def receive(self, flags: int = 0) -> None:
         """One notify datagram."""
         data, anc, _flags, _ = self.sock.recvmsg(
-            4096, socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12), socket.MSG_CMSG_CLOEXEC
+            4096, socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12),
+            socket.MSG_CMSG_CLOEXEC | flags,
         )
         fds: list[int] = []
         sender = 0

@@ -157,7 +157,7 @@ class Keeper:
         elif fields.get("FDGET") == "1":
             self.hand_over(conn)
         elif fields.get("STOPPING") == "1":
-            if len(self.ready - {conn.fileno()}) == 0:
+            if not self.others_connected(conn):
                 for held in list(self.held):
                     self.drop(held)
                 self.stop = True
@@ -166,6 +166,15 @@ class Keeper:
             raise ValueError(f"unknown request {sorted(fields)[:4]}")
         if fds:
             raise ValueError(f"{len(fds)} unexpected fds")
+
+    def others_connected(self, conn: socket.socket) -> bool:
+        """Whether a service other than ``conn`` is connected (one that hung up but whose
+        EOF is not read yet does not count)."""
+        poller = select.poll()
+        for fd in self.ready - {conn.fileno()}:
+            poller.register(fd, 0)
+        gone = {fd for fd, _ in poller.poll(0)}
+        return bool(self.ready - {conn.fileno()} - gone)
 
     def hand_over(self, conn: socket.socket) -> None:
         """Send copies of every held fd (we keep ours: a second crash restores them too)."""
