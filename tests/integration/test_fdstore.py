@@ -2,10 +2,11 @@
 
 A stand-in service (tests/support/fdstore_program.py) keeps three listening sockets,
 is killed with SIGKILL, and its next run gets the same sockets back: same inode, and a
-client that connected during the outage is served. Under systemd's protocol (the
-supervisor in tests/support/fdsupervisor.py: a real ``systemd --user`` cannot run safely
-here) and with the fd keeper, whose activation on demand goes through a real
-dbus-daemon; the keeper refuses other uids and shrugs off garbage.
+client that connected during the outage is served. Under a real ``systemd --user``
+(fenced: tests/support/usermanager.py), under a supervisor speaking systemd's protocol
+that records every message (tests/support/fdsupervisor.py), and with the fd keeper,
+whose activation on demand goes through a real dbus-daemon; the keeper refuses other
+uids and shrugs off garbage.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pytest
 from tests.conftest import REPO
 from tests.support.bus import started_bus
 from tests.support.processes import alive, rss_kib, wait_for
+from tests.support.usermanager import UserManager, usable
 from xdg_containers.service.fdkeeperlink import KEEPER
 from xdg_containers.service.fdstore import open_fd_store
 
@@ -164,6 +166,7 @@ def test_systemd_store_brings_the_sockets_back_after_sigkill(rig: Rig) -> None:
     queued_at = time.monotonic()
     second = rig.state(2)
     assert wait_event(log, 2, event="started")["t"] > queued_at, "the client did not queue"
+    assert second["t0"] > queued_at
     assert second["inherited"] == first["created"]
     assert second["cloexec"] and second["listen_env"] == []
     assert second["served"] == {"c1.listen": 1, "c2.listen": 0, "c3.listen": 0}
@@ -178,6 +181,65 @@ def test_systemd_store_brings_the_sockets_back_after_sigkill(rig: Rig) -> None:
     ends = [(e["event"], e.get("name")) for e in events(log)][-4:]
     assert ends[:2] == [("removed", "c1.listen"), ("removed", "c3.listen")], ends
     assert ends[-2:] == [("exited", None), ("stopped", None)], ends
+
+
+UNIT = Path(REPO) / "data" / "systemd" / "user" / "xdg-containers.service.in"
+TEST_UNIT = """[Unit]
+DefaultDependencies=no
+[Service]
+Type=simple
+Environment=PYTHONPATH={repo}
+WorkingDirectory={repo}
+ExecStart={command}
+RestartSec=1
+StandardOutput=append:{log}
+StandardError=append:{log}
+{shipped}
+"""
+
+
+def test_real_systemd_brings_the_sockets_back_after_sigkill(rig: Rig, runtime_dir: str,
+                                                            tmp_path: Path) -> None:
+    """The same under a real ``systemd --user`` (fenced in a cgroup of its own) with the
+    shipped unit's Restart=, FileDescriptorStoreMax= and NotifyAccess=: the restart after
+    SIGKILL gets the same sockets and serves the client queued meanwhile; a removed name
+    does not come back; a clean stop is not restarted."""
+    why = usable()
+    assert why is None, f"a fenced systemd --user cannot run here: {why}"
+    shipped = [line for line in UNIT.read_text().splitlines()
+               if line.startswith(("Restart=", "FileDescriptorStoreMax=", "NotifyAccess="))]
+    assert len(shipped) == 3, shipped
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "xdgc-fdtest.service").write_text(TEST_UNIT.format(
+        repo=REPO, command=" ".join(rig.command("scope9")), log=rig.log,
+        shipped="\n".join(shipped)))
+    manager = UserManager(str(units), runtime_dir, "xdgc-fdtest.service", str(rig.log))
+    try:
+        first = rig.state(1)
+        manager.check_fence()
+        assert first["backend"] == "SystemdFdStore" and set(first["created"]) == NAMES
+        (rig.dir / "remove").write_text("c2.listen\n")
+        rig.kill9(first["pid"])
+        client = rig.client("c1.listen")
+        queued_at = time.monotonic()
+        second = rig.state(2)
+        assert second["t0"] > queued_at, "the client did not queue during the outage"
+        assert second["inherited"] == first["created"]
+        assert second["cloexec"] and second["listen_env"] == []
+        assert second["served"] == {"c1.listen": 1, "c2.listen": 0, "c3.listen": 0}
+        assert client.recv(100) == b"served by run 2"
+        rig.kill9(second["pid"])
+        third = rig.state(3)
+        assert third["inherited"] == {
+            k: v for k, v in first["created"].items() if k != "c2.listen"}
+        os.kill(third["pid"], signal.SIGTERM)
+        wait_for(lambda: not alive(third["pid"]), "the clean stop", SLOW)
+        time.sleep(2.5)  # RestartSec=1: a restart would have happened by now
+        assert not (rig.dir / "run-4.json").exists(), "a clean stop was restarted"
+        manager.check_fence()
+    finally:
+        manager.stop()
 
 
 def test_keeper_brings_the_sockets_back_after_sigkill(rig: Rig, runtime_dir: str) -> None:

@@ -5,7 +5,8 @@ earlier run kept; on the first run (nothing inherited) binds ``DIR/cN.sock`` (N 
 and stores them as ``cN.listen``; on later runs accepts every queued client on the
 inherited sockets and answers ``served by run R``. Names listed in ``DIR/remove`` are
 then removed from the store. Writes ``DIR/run-R.json`` (its pid, the inodes it created
-and inherited, who it served) when done, then waits; SIGTERM is a clean stop (close()).
+and inherited, who it served; ``t0``, CLOCK_MONOTONIC at its start) when done, then
+waits; SIGTERM is a clean stop (close()).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from xdg_containers.service.fdstore import open_fd_store
 
@@ -40,6 +42,7 @@ def serve_queued(fd: int, run: int) -> int:
 
 def main(argv: list[str]) -> int:
     """One run of the stand-in service."""
+    t0 = time.monotonic()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="program[%(process)d] %(levelname)s %(message)s")
     directory, scope = argv[1], argv[2]
@@ -48,7 +51,7 @@ def main(argv: list[str]) -> int:
     run = 1 + sum(1 for n in os.listdir(directory) if n.startswith("run-"))
     inherited = store.take_inherited()
     state: dict[str, object] = {
-        "pid": os.getpid(), "backend": type(store).__name__,
+        "pid": os.getpid(), "t0": t0, "backend": type(store).__name__,
         "inherited": {name: os.fstat(fd).st_ino for name, fd in inherited.items()},
         "cloexec": all(os.get_inheritable(fd) is False for fd in inherited.values()),
         "listen_env": sorted(k for k in os.environ if k.startswith("LISTEN_")),

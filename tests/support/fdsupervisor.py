@@ -1,8 +1,8 @@
 """A stand-in for systemd's service manager, as far as the fd store goes.
 
-A real ``systemd --user`` cannot be run safely here: without systemd as PID 1 it
-believes it sits at the cgroup root and moves every process of the machine into its
-``init.scope``. This supervisor speaks the same protocol to one program:
+The real one runs in tests too (``usermanager``, root and cgroups needed); this one
+needs neither and records every message it gets. It speaks the same protocol to one
+program:
 
 - it binds ``$NOTIFY_SOCKET`` (``@abstract``, SO_PASSCRED) and takes datagrams from the
   main pid only (NotifyAccess=main); ``FDSTORE=1`` keeps the attached fds under
