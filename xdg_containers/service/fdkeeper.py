@@ -50,6 +50,8 @@ START_GRACE = 30.0
 #: Seconds between checks that our socket path still exists.
 PATH_CHECK = 30.0
 _POLL_BAD = select.POLLHUP | select.POLLERR
+#: Packets of one client read per poll round at most (others get their turn).
+BURST = 256
 
 
 class Keeper:
@@ -111,30 +113,44 @@ class Keeper:
             self.once(f"uid{uid}", f"refused a client of uid {uid} (pid {pid}): not ours")
             conn.close()
             return
-        conn.setblocking(True)
-        conn.settimeout(5.0)
+        conn.setblocking(False)
         self.clients[conn.fileno()] = conn
 
     def receive(self, conn: socket.socket) -> None:
-        """Handle one packet of ``conn`` (EOF: it is gone)."""
+        """Handle what ``conn`` sent (EOF: it is gone). A burst is read in one round: a
+        round costs a poll over every held fd."""
+        for _ in range(BURST):
+            try:
+                data, fds, flags = fdproto.recv_packet(conn)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds, flags = b"", [], 0
+            if not data and not fds:
+                self.disconnect(conn)
+                return
+            try:
+                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    raise ValueError("packet or its fds truncated")
+                self.handle(conn, fdproto.parse_fields(data), fds)
+            except (ValueError, UnicodeDecodeError) as exc:
+                self.once("garbage", f"ignored a bad packet (and any more like it): {exc}")
+            except OSError as exc:
+                self.once(f"send{exc.errno}", f"cannot answer a client: {exc}")
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if conn.fileno() < 0:  # STOPPING closed it
+                return
+
+    @staticmethod
+    def answer(conn: socket.socket, text: str, fds: list[int]) -> None:
+        """Send one packet, waiting at most 5 s for room (clients are non-blocking)."""
+        conn.settimeout(5.0)
         try:
-            data, fds, flags = fdproto.recv_packet(conn)
-        except OSError:
-            data, fds, flags = b"", [], 0
-        if not data and not fds:
-            self.disconnect(conn)
-            return
-        try:
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                raise ValueError("packet or its fds truncated")
-            self.handle(conn, fdproto.parse_fields(data), fds)
-        except (ValueError, UnicodeDecodeError) as exc:
-            self.once("garbage", f"ignored a bad packet (and any more like it): {exc}")
-        except OSError as exc:
-            self.once(f"send{exc.errno}", f"cannot answer a client: {exc}")
+            socket.send_fds(conn, [text.encode()], fds)
         finally:
-            for fd in fds:
-                os.close(fd)
+            conn.setblocking(False)
 
     def handle(self, conn: socket.socket, fields: dict[str, str], fds: list[int]) -> None:
         """Act on one parsed packet; fds it keeps are taken out of ``fds``."""
@@ -151,7 +167,7 @@ class Keeper:
         elif fields.get("FDSTOREREMOVE") == "1":
             self.drop(name)
         elif fields.get("HELLO") == "1":
-            conn.send(f"READY=1\nPID={os.getpid()}".encode())
+            self.answer(conn, f"READY=1\nPID={os.getpid()}", [])
             self.ready.add(conn.fileno())
             self.had_client = True
         elif fields.get("FDGET") == "1":
@@ -182,8 +198,8 @@ class Keeper:
         for start in range(0, max(len(items), 1), fdproto.MAX_FDS):
             chunk = items[start : start + fdproto.MAX_FDS]
             more = int(start + fdproto.MAX_FDS < len(items))
-            text = f"FDNAMES={':'.join(n for n, _ in chunk)}\nMORE={more}".encode()
-            socket.send_fds(conn, [text], [fd for _, fd in chunk])
+            text = f"FDNAMES={':'.join(n for n, _ in chunk)}\nMORE={more}"
+            self.answer(conn, text, [fd for _, fd in chunk])
 
     def disconnect(self, conn: socket.socket) -> None:
         """Forget a client; with none left, activation watches the listening sockets."""
