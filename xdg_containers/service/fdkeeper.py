@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import select
 import socket
 import struct
@@ -324,6 +325,10 @@ def main(argv: list[str]) -> int:
         return 0 if status == b"1" else 1
     os.close(ready_r)
     os.setsid()
+    # It holds every server's fds (three each): the soft limit (often 1024) is too low.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         bound = bind(path)
     except OSError as exc:
