@@ -12,11 +12,13 @@ import asyncio
 import os
 import signal
 import time
+from typing import Any
 
+import pytest
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from tests.conftest import NAME, add_server
+from tests.conftest import NAME, add_server, start_service
 from tests.integration.test_activation import (  # noqa: F401 (a fixture)
     ActivatableBus,
     _gdbus,
@@ -98,28 +100,46 @@ async def test_kill_9_then_restart_brings_every_listening_server_back(
     assert int(newer.rsplit("c", 1)[1]) > max(numbers)
 
 
+@pytest.mark.parametrize("fd_store", [True, False], ids=["keeper", "no-fd-store"])
 async def test_restored_server_identifies_its_clients(
-    service_factory: object, manager_bus: MessageBus, bus: PrivateBus, runtime_dir: str
+    service_factory: Any, manager_bus: MessageBus, bus: PrivateBus, runtime_dir: str,
+    fd_store: bool,
 ) -> None:
-    """GetConnectionInfo after the restart names the same path and app for a new client."""
-    first = service_factory()  # type: ignore[operator]
+    """GetConnectionInfo after the restart names the same path and app for a new client,
+    whether the socket was kept (the keeper) or bound again at its path (no fd store)."""
+    def start() -> Any:
+        return service_factory() if fd_store else no_fd_store(runtime_dir, bus)
+
+    first = start()
     path, res = await add_server(manager_bus, app_id="org.example.Ident", instance_id="i-9")
     sock = bytes(res["SocketPath"].value).rstrip(b"\0").decode()
     os.kill(first.pid, signal.SIGKILL)
     first.process.wait()
-    service_factory()  # type: ignore[operator]
+    second = start()
+    assert ("bound again" in second.log()) != fd_store, second.log()
     client = await MessageBus(bus_address=f"unix:path={sock}").connect()
     try:
         out = await _info(bus.address, str(client.unique_name))
         assert path in out and "org.example.Ident" in out and "'i-9'" in out
     finally:
         client.disconnect()
+        if not fd_store:
+            assert second.terminate() == 0
 
 
-async def test_servers_whose_creator_left_or_launcher_fds_died_do_not_come_back(
-    service_factory: object, bus: PrivateBus, runtime_dir: str
+def no_fd_store(runtime_dir: str, bus: PrivateBus) -> Any:
+    """A service started as under a systemd unit with FileDescriptorStoreMax=0: no fd
+    store, so nothing but the records survives a crash."""
+    env = dict(os.environ, NOTIFY_SOCKET="@xdgc-test-nobody-listens", FDSTORE="0")
+    return start_service(bus.address, runtime_dir, env=env)
+
+
+async def test_without_fd_store_servers_on_a_launchers_fds_do_not_come_back(
+    bus: PrivateBus, runtime_dir: str
 ) -> None:
-    first = service_factory()  # type: ignore[operator]
+    """No fd store: a server whose creator left, or that lived on a launcher's
+    StopOnNotify fd, is not brought back; its record goes."""
+    first = no_fd_store(runtime_dir, bus)
     store = await store_of(bus, runtime_dir)
     creator = await MessageBus(bus_address=bus.address, negotiate_unix_fd=True).connect()
     await add_server(creator, app_id="org.example.TiedToCreator")
@@ -130,15 +150,57 @@ async def test_servers_whose_creator_left_or_launcher_fds_died_do_not_come_back(
                                 "StopOnNotify": Variant("h", 0)}, unix_fds=[r])
     finally:
         os.close(r)
+    assert "no fd store" in first.log()
     os.kill(first.pid, signal.SIGKILL)
     first.process.wait()
     creator.disconnect()
     await creator.wait_for_disconnect()
-    second = service_factory()  # type: ignore[operator]
-    log = second.log()
-    assert "has left the bus" in log and "StopOnNotify" in log, log
+    second = no_fd_store(runtime_dir, bus)
+    try:
+        log = second.log()
+        assert "has left the bus" in log and "StopOnNotify" in log, log
+        assert store.load() == ([], [])
+    finally:
+        assert second.terminate() == 0
+        os.close(w)
+
+
+async def test_with_the_fd_keeper_a_stop_on_notify_server_comes_back_and_still_stops(
+    service_factory: Any, bus: PrivateBus, runtime_dir: str
+) -> None:
+    """The keeper held the socket and the launcher's StopOnNotify fd: the server comes
+    back on the same socket (same inode), and the launcher's notify still stops it; a
+    server whose creator left does not come back."""
+    first = service_factory()
+    store = await store_of(bus, runtime_dir)
+    creator = await MessageBus(bus_address=bus.address, negotiate_unix_fd=True).connect()
+    await add_server(creator, app_id="org.example.TiedToCreator")
+    r, w = os.pipe()
+    try:
+        path, res = await add_server(
+            creator, app_id="org.example.Notify",
+            named={"StopOnDisconnect": Variant("b", False), "StopOnNotify": Variant("h", 0)},
+            unix_fds=[r])
+    finally:
+        os.close(r)
+    sock = bytes(res["SocketPath"].value).rstrip(b"\0").decode()
+    inode = os.stat(sock).st_ino
+    os.kill(first.pid, signal.SIGKILL)
+    first.process.wait()
+    creator.disconnect()
+    await creator.wait_for_disconnect()
+    second = service_factory()
+    assert "has left the bus" in second.log()
+    assert [r.path for r in store.load()[0]] == [path]
+    assert os.stat(sock).st_ino == inode
+    rc, _, err = await _through(sock, "org.freedesktop.DBus.GetId")
+    assert rc == 0, err
+    os.close(w)  # the launcher ends: the server stops listening
+    deadline = time.monotonic() + 10
+    while os.path.exists(sock) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not os.path.exists(sock)
     assert store.load() == ([], [])
-    os.close(w)
 
 
 def test_the_next_call_activates_a_service_that_brings_the_servers_back(

@@ -201,4 +201,4 @@ def test_the_user_unit_keeps_an_fd_store_big_enough_and_restarts_on_failure() ->
     assert int(settings["FileDescriptorStoreMax"]) >= 3 * Limits().max_servers
     assert settings["Restart"] == "on-failure"
     assert settings["NotifyAccess"] == "all"
-    assert settings["ExecReload"] == "@bindir@/xdg-containers serve --replace"
+    assert settings["ExecReload"] == "@bindir@/xdg-containers serve --replace --detach"

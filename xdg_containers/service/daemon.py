@@ -36,6 +36,8 @@ from xdg_containers.service import (
     ServiceContext,
     install_dispatch_hooks,
 )
+from xdg_containers.service.fdstore import open_fd_store
+from xdg_containers.service.fdsystemd import sd_notify
 from xdg_containers.service.handover import (
     HandoverError,
     HandoverSource,
@@ -43,7 +45,7 @@ from xdg_containers.service.handover import (
     take_over,
 )
 from xdg_containers.service.persistence import Persistence, store_for_bus
-from xdg_containers.service.restore import restore_from_disk
+from xdg_containers.service.restore import kept_from_store, restore_from_disk
 from xdg_containers.wire.address import session_bus_address, system_bus_address
 
 log = logging.getLogger(__name__)
@@ -151,7 +153,7 @@ class Service:
         self.registry.on_connections_changed.append(self._connections_changed)
         self.registry.on_listening_changed.append(self._listening_changed)
         self.tracker.on_unique_gone.append(self.registry.unique_name_gone)
-        await self._open_store(ctx)
+        await self._open_store(ctx, address)
         # Owner changes come on a connection of their own (io/ownerfeed.py); subscribed
         # (the bus answered the AddMatch) before the current owners are listed, so
         # no change falls between the two.
@@ -174,9 +176,7 @@ class Service:
         # Servers of a run that crashed come back before the name is taken, so that the
         # call that activated us finds them; never while another service owns the name.
         if not running:
-            restored = await restore_from_disk(ctx)
-            if restored:
-                log.info("brought back %d server(s) of an earlier run", restored)
+            await self._restore(ctx)
         remove_stale_sockets()
         reply = await bus.request_name(NAME, NameFlag.DO_NOT_QUEUE | NameFlag.ALLOW_REPLACEMENT)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
@@ -215,6 +215,9 @@ class Service:
                 log.error("took the name, but not the servers of %s: %s", running, exc)
                 return
             log.info("took over %d server(s) from %s", count, running)
+            # Under systemd (NotifyAccess=all) this process is the unit's main one now:
+            # the old one will exit, and the unit must not end with it.
+            sd_notify(f"MAINPID={os.getpid()}")
         finally:
             ctx.ready.set()
 
@@ -251,13 +254,28 @@ class Service:
         if not self._feed_gone.done():
             self._feed_gone.set_result(reason)
 
-    async def _open_store(self, ctx: ServiceContext) -> None:
-        """Keep the registry on disk, in a directory of this bus's own (by its id)."""
+    async def _open_store(self, ctx: ServiceContext, address: str) -> None:
+        """Keep the registry on disk, in a directory of this bus's own (by its id), and
+        the servers' sockets in a fd store of that bus's (systemd's, or a keeper)."""
         try:
             reply = await ctx.bus_call("GetId", "", [])
-            ctx.persistence = Persistence(store_for_bus(str(reply.body[0])))
+            bus_id = str(reply.body[0])
+            store = store_for_bus(bus_id)
         except (OSError, ValueError, DBusError) as exc:
             log.warning("servers will not be kept for a restart: %s", exc)
+            return
+        ctx.persistence = Persistence(store, open_fd_store(bus_id, address))
+
+    async def _restore(self, ctx: ServiceContext) -> None:
+        """Bring back the servers of a run that crashed, with the fds the store kept."""
+        fds = ctx.persistence.fds
+        kept, stray = kept_from_store(fds.take_inherited()) if fds is not None else ({}, [])
+        for name in stray:
+            assert fds is not None
+            fds.remove(name)
+        restored = await restore_from_disk(ctx, kept)
+        if restored:
+            log.info("brought back %d server(s) of an earlier run", restored)
 
     def _server_removed(self, server: ContainerServer) -> None:
         assert self.bus is not None and self.manager is not None and self.ctx is not None
@@ -317,6 +335,7 @@ class Service:
         for server in self.registry:
             server.stop()
         if self.ctx is not None:
+            self.ctx.persistence.close()  # nothing is to come back from a stop
             self.ctx.anchors.close()
         if self.feed is not None:
             self.feed.close()

@@ -121,3 +121,19 @@ class SystemdFdStore:
             self._send(f"FDSTOREREMOVE=1\nFDNAME={name}", [])
         self.names.clear()
         self.sock.close()
+
+
+def sd_notify(text: str) -> bool:
+    """Send one notify datagram to ``$NOTIFY_SOCKET`` (no fds); False when not under
+    systemd or when it cannot be sent."""
+    value = os.environ.get("NOTIFY_SOCKET")
+    if not value:
+        return False
+    try:
+        address = notify_address(value)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(text.encode("ascii"), address)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot tell systemd %s: %s", text, exc)
+        return False
+    return True

@@ -153,7 +153,9 @@ class ManagerInterface(ServiceInterface):
             if listen_sock is not None:
                 served = server_on(ctx, listen_sock)
                 if served is not None:
-                    return reregister(served, (container_type, app_id, instance_id), dup_fds)
+                    answer = reregister(served, (container_type, app_id, instance_id), dup_fds)
+                    ctx.persistence.save(served)  # its new Connector kept for a restart
+                    return answer
             try:
                 ctx.registry.check_can_add(uid)
             except LimitError as exc:

@@ -24,7 +24,7 @@ from dbus_fast import DBusError
 from xdg_containers.io.anchor_link import AnchorLink
 from xdg_containers.servers.arguments import ArgumentError, parse_policy_arguments
 from xdg_containers.servers.record import ServerRecord
-from xdg_containers.servers.registry import LimitError
+from xdg_containers.servers.registry import SERVER_PATH_PREFIX, LimitError
 from xdg_containers.servers.server import ContainerServer
 from xdg_containers.servers.spec import FilterSettings, ServerSpec, runtime_socket_dir
 from xdg_containers.service.context import ServiceContext
@@ -35,6 +35,8 @@ from xdg_containers.wire.address import same_bus
 log = logging.getLogger(__name__)
 
 _MINTED_NAME = re.compile(r"dbus-[0-9a-f]{16}")
+#: A name in the fd store (service/persistence.py): the server's cN and the fd's kind.
+_KEPT_NAME = re.compile(r"c(0|[1-9][0-9]{0,17})\.(listen|connector|notify)")
 
 
 class RestoreError(Exception):
@@ -57,6 +59,40 @@ class Kept:
         if self.notify_fd is not None:
             os.close(self.notify_fd)
         self.listen = self.connector = self.notify_fd = None
+
+
+def kept_from_store(inherited: dict[str, int]) -> tuple[dict[str, Kept], list[str]]:
+    """What a fd store gave back, by server path, each fd checked for its kind; and the
+    names that fit nothing (their fds closed: the caller removes them from the store)."""
+    kept: dict[str, Kept] = {}
+    stray: list[str] = []
+    for name, fd in sorted(inherited.items()):
+        match = _KEPT_NAME.fullmatch(name)
+        if match is None:
+            os.close(fd)
+            stray.append(name)
+            continue
+        k = kept.setdefault(SERVER_PATH_PREFIX + match[1], Kept())
+        kind = match[2]
+        if kind == "notify":
+            k.notify_fd = fd
+            continue
+        sock = socket.socket(fileno=fd)
+        want = socket.SOCK_STREAM if kind == "listen" else socket.SOCK_SEQPACKET
+        try:
+            ok = sock.family == socket.AF_UNIX and sock.type == want and (
+                kind != "listen" or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        except OSError:
+            ok = False
+        if not ok:
+            log.warning("fd store: %s is not the socket its name says; ignored", name)
+            sock.close()
+            stray.append(name)
+        elif kind == "listen":
+            k.listen = sock
+        else:
+            k.connector = sock
+    return kept, stray
 
 
 def rebind(socket_path: str) -> socket.socket:
@@ -153,8 +189,17 @@ async def _restore(ctx: ServiceContext, record: ServerRecord, kept: Kept) -> Con
                            "survive; the launcher must call AddServer again")
     if record.stop_on_disconnect and not await _on_bus(ctx, record.creator_name):
         raise RestoreError(f"its creator {record.creator_name} has left the bus")
+    if kept.listen is not None and record.socket_path is not None:
+        bound = kept.listen.getsockname()
+        if os.fsdecode(bound) != record.socket_path:
+            raise RestoreError(f"the kept listening socket is bound at {bound!r}, not at "
+                               f"{record.socket_path}")
     spec = spec_of(record, ctx)
-    listen = kept.listen or rebind(str(record.socket_path))
+    listen = kept.listen
+    if listen is None:
+        listen = rebind(str(record.socket_path))
+        log.info("%s: its socket was not kept; bound again at %s", record.path,
+                 record.socket_path)
     kept.listen = None
     try:
         anchor = await _anchor(ctx, record, kept)
@@ -238,12 +283,13 @@ async def restore_from_disk(ctx: ServiceContext, kept: dict[str, Kept] | None = 
         except (RestoreError, OSError) as exc:
             log.warning("%s (%s %r): not brought back: %s", record.path,
                         record.container_type, record.app_id, exc)
-            store.remove(record.path)
+            ctx.persistence.drop(record.path)
             continue
         restored += 1
         log.info("%s: brought back for %s %r instance %r, %s", server.path,
                  record.container_type, record.app_id, record.instance_id,
                  f"socket {server.socket_path}" if server.socket_path else "caller's socket")
-    for left in kept.values():
-        left.close()
+    for path, left in kept.items():
+        left.close()  # no record: nothing to bring back
+        ctx.persistence.drop(path)
     return restored
