@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import re
+import select
 import socket
 import stat
 from dataclasses import dataclass
@@ -246,10 +247,23 @@ def _install(
     return server
 
 
+def anchor_gone(sock: socket.socket) -> bool:
+    """Whether the anchor at the other end of a kept Connector is gone."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return any(ev & (select.POLLHUP | select.POLLERR) for _fd, ev in poller.poll(0))
+
+
 async def _anchor(ctx: ServiceContext, record: ServerRecord, kept: Kept) -> AnchorLink:
     if kept.connector is not None:
         sock, kept.connector = kept.connector, None
-        return AnchorLink(asyncio.get_running_loop(), sock)
+        if not anchor_gone(sock):
+            return AnchorLink(asyncio.get_running_loop(), sock)
+        # Its anchor died with us (systemd stops a failed unit's whole cgroup).
+        sock.close()
+        if record.connector:
+            raise RestoreError("its launcher's anchor is gone")
+        log.info("%s: its anchor is gone; starting a new one", record.path)
     try:
         return await ctx.anchors.start_anchor(
             record.container_type, record.app_id, record.instance_id)
