@@ -125,6 +125,17 @@ def rebind(socket_path: str) -> socket.socket:
     return sock
 
 
+def _unlink_minted(socket_path: str) -> None:
+    """Remove a socket this service minted (only such a path, only a socket)."""
+    try:
+        if (os.path.dirname(socket_path) == runtime_socket_dir()
+                and _MINTED_NAME.fullmatch(os.path.basename(socket_path))
+                and stat.S_ISSOCK(os.lstat(socket_path).st_mode)):
+            os.unlink(socket_path)
+    except OSError:
+        pass
+
+
 def _remove_stale(socket_path: str) -> None:
     if not stat.S_ISSOCK(os.lstat(socket_path).st_mode):
         raise RestoreError(f"{socket_path} exists and is not a socket")
@@ -298,6 +309,9 @@ async def restore_from_disk(ctx: ServiceContext, kept: dict[str, Kept] | None = 
             log.warning("%s (%s %r): not brought back: %s", record.path,
                         record.container_type, record.app_id, exc)
             ctx.persistence.drop(record.path)
+            if record.socket_path is not None:
+                # Ours, and the fd store may still hold it open (a probe would connect).
+                _unlink_minted(record.socket_path)
             continue
         restored += 1
         log.info("%s: brought back for %s %r instance %r, %s", server.path,
