@@ -294,13 +294,46 @@ static void on_term (int sig)
   terminated = 1;
 }
 
-/* --anchor-loop SYNC_FD BUS_FD CONNECTOR_FD... -- PATH...: serve the Connectors until
-   the sync fd's reader goes away (or SIGTERM), then unlink the PATHs; exit 0. */
+/* Something the loop cannot judge (a Connector closed: the service stopped the server,
+   or crashed; or the bus sent a message: the service's name lost its owner): hand the
+   process back to the Python drop-in (app/dropin/recovery.py), same pid and fds, which
+   re-registers the groups or serves them itself. Returns only if the exec failed. */
+static void resume_python (int bus_fd, const int *connectors, int n, char **rest)
+{
+  char list[(MAX_GROUPS + 1) * 12 + 1];
+  size_t used = 0;
+  int i, nrest = 0;
+  char **argv;
+
+  used += (size_t) snprintf (list, sizeof list, "%d", bus_fd);
+  for (i = 0; i < n; i++)
+    used += (size_t) snprintf (list + used, sizeof list - used, ",%d", connectors[i]);
+  while (rest[nrest] != NULL)
+    nrest++;
+  argv = calloc ((size_t) nrest + 2, sizeof *argv);
+  if (argv == NULL)
+    return;
+  argv[0] = (char *) DROPIN_SCRIPT;
+  for (i = 0; i < nrest; i++)
+    argv[i + 1] = rest[i];
+  setenv ("XDG_CONTAINERS_DROPIN_RESUME", list, 1);
+  execv (DROPIN_SCRIPT, argv);
+  fprintf (stderr, "xdg-containers-dbus-proxy: cannot run %s: %s\n", DROPIN_SCRIPT,
+           strerror (errno));
+  unsetenv ("XDG_CONTAINERS_DROPIN_RESUME");
+  free (argv);
+}
+
+/* --anchor-loop SYNC_FD BUS_FD CONNECTOR_FD... -- PATH... -- ARG... (one PATH per
+   CONNECTOR; app/dropin/anchorloop.py writes it): serve the Connectors until the sync
+   fd's reader goes away (or SIGTERM), then unlink the PATHs; exit 0. */
 static int anchor_loop (int argc, char **argv)
 {
   struct pollfd pfd[MAX_GROUPS + 2];
-  char **paths = NULL;
+  int connectors[MAX_GROUPS];
+  char **paths = NULL, **rest = NULL;
   int n = 0, i, sync_fd = -1, bus_fd = -1;
+  bool resumable = true;
   static unsigned char request[65536];
   struct sigaction sa;
 
@@ -313,6 +346,11 @@ static int anchor_loop (int argc, char **argv)
       if (strcmp (argv[i], "--") == 0)
         {
           paths = argv + i + 1;
+          if (i + 1 + n < argc && strcmp (argv[i + 1 + n], "--") == 0)
+            {
+              argv[i + 1 + n] = NULL; /* ends the PATHs; ARGs follow */
+              rest = argv + i + 2 + n;
+            }
           break;
         }
       int fd = atoi (argv[i]);
@@ -322,17 +360,21 @@ static int anchor_loop (int argc, char **argv)
         bus_fd = fd;
       else if (n < MAX_GROUPS)
         {
+          connectors[n] = fd;
           pfd[2 + n].fd = fd;
           pfd[2 + n].events = POLLIN;
           n++;
         }
     }
+  if (rest == NULL || bus_fd < 0)
+    resumable = false;
   pfd[0].fd = sync_fd; /* POLLERR/POLLHUP are reported without asking */
   pfd[0].events = 0;
-  pfd[1].fd = bus_fd; /* read and dropped: NameAcquired and the like */
+  pfd[1].fd = bus_fd; /* only the name-loss signal is routed to us; never read here */
   pfd[1].events = POLLIN;
   while (!terminated)
     {
+      bool trouble = false;
       if (poll (pfd, (nfds_t) (2 + n), -1) < 0)
         {
           if (errno == EINTR)
@@ -341,14 +383,9 @@ static int anchor_loop (int argc, char **argv)
         }
       if (pfd[0].fd >= 0 && pfd[0].revents)
         break;
-      if (pfd[1].revents)
-        {
-          char buf[4096];
-          ssize_t got = recv (pfd[1].fd, buf, sizeof buf, MSG_DONTWAIT);
-          if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR))
-            pfd[1].fd = -1; /* the bus went away: keep serving what we can */
-        }
-      for (i = 2; i < 2 + n; i++)
+      if (pfd[1].fd >= 0 && pfd[1].revents)
+        trouble = true;
+      for (i = 2; i < 2 + n && !trouble; i++)
         {
           if (!pfd[i].revents)
             continue;
@@ -359,11 +396,22 @@ static int anchor_loop (int argc, char **argv)
               (void) anchor_answer (pfd[i].fd, request, (size_t) got);
             }
           else if (got == 0 || (errno != EAGAIN && errno != EINTR))
-            {
-              close (pfd[i].fd); /* the service dropped this server */
-              pfd[i].fd = -1;
-            }
+            trouble = true; /* left open: Python reads the same EOF again */
         }
+      if (!trouble)
+        continue;
+      if (resumable)
+        resume_python (bus_fd, connectors, n, rest);
+      /* No Python to turn to: keep serving what still works, as before resuming was. */
+      resumable = false;
+      if (pfd[1].revents)
+        pfd[1].fd = -1;
+      for (i = 2; i < 2 + n; i++)
+        if (pfd[i].revents & (POLLHUP | POLLERR))
+          {
+            close (pfd[i].fd);
+            pfd[i].fd = -1;
+          }
     }
   for (i = 0; paths && paths[i]; i++)
     unlink (paths[i]);
