@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -328,9 +329,63 @@ def test_not_activatable_serves_in_process_then_hands_back(
         assert call_echo(bus.address, "org.example.First.Meanwhile")
         assert client.poll() is None
         assert first.alive() and second.alive()
+        _stop(client)
+        client = None
+        if form == "front":  # nothing served in-process any more: the anchor loop again
+            _wait("the front's anchor loop again", lambda: all(
+                b"--anchor-loop" in d.cmdline() for d in (first, second)))
     finally:
         if client is not None:
             _stop(client)
         first.close()
         second.close()
     assert first.proc.returncode == 0 and second.proc.returncode == 0
+
+
+def _server_path(bus_address: str, path: str, name: str) -> str:
+    """The object path of the server behind ``path`` (GetConnectionInfo of a client)."""
+    client = echo(path, name)
+    try:
+        _wait(f"{name} owned", lambda: owned(bus_address, name))
+        info = connection_info(bus_address, name)
+    finally:
+        _stop(client)
+    return info.split('object path "', 1)[1].split('"', 1)[0]
+
+
+def test_a_server_the_service_stops_ends(
+    bus: PrivateBus, service: ServiceProcess, programs: dict[str, str], form: str,
+    tmp_path: Any,
+) -> None:
+    """The service, still running, stops one of the drop-in's servers (Server.Stop): that
+    group ends as before (its socket refuses), it is not registered again, and the other
+    group carries on with the service."""
+    tmp = str(tmp_path)
+    first, second = _start_pair(programs[form], tmp, bus.address)
+    try:
+        ffilt, funfilt = first.paths
+        server = _server_path(bus.address, ffilt, "org.example.First.Before")
+        done = subprocess.run(
+            ["dbus-send", f"--bus={bus.address}", "--print-reply", f"--dest={C1}", server,
+             f"{C1}.Server.Stop"], capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 0, done.stderr
+        first.wait_said(f"the service stopped the server of {ffilt}; it ends")
+
+        def refused() -> bool:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(ffilt)
+                except ConnectionRefusedError:
+                    return True
+            return False
+
+        _wait("the stopped group's socket refuses", refused)
+        _registered(bus.address, funfilt, "org.example.First.Other", "org.example.First")
+        assert "registered again" not in first.stderr()
+        assert first.proc.poll() is None and os.path.exists(funfilt)
+        if form == "front":
+            _wait("the front's anchor loop again", lambda: b"--anchor-loop" in first.cmdline())
+    finally:
+        first.close()
+        second.close()
+    assert first.proc.returncode == 0

@@ -4,7 +4,8 @@ No asyncio and no dbus-fast: the drop-in lives as long as its app, so it keeps
 to a blocking handshake on one raw bus connection and a ``poll()`` loop that
 answers the service's Connector requests (anchor/program.py ``answer``) and
 watches the sync fd. The bus connection stays open so that the servers end
-with this process (``StopOnDisconnect``).
+with this process (``StopOnDisconnect``). A Connector's EOF or a message on the
+bus (the service's name lost its owner) is trouble for recovery.py.
 """
 
 from __future__ import annotations

@@ -19,7 +19,10 @@
  * Connector requests: connect to the bus, pass the socket back), holding the bus
  * connection, and watching the sync fd. Python then execs this program again as
  * "--anchor-loop" (the same pid, so the bus still sees the drop-in), which does
- * that in ~100 KiB instead of an interpreter's ~6 MiB (anchor_loop below).
+ * that in ~100 KiB instead of an interpreter's ~6 MiB (anchor_loop below). When the
+ * service goes away (a Connector closes, or the bus says its name lost its owner),
+ * the loop execs the Python drop-in again (resume_python), which registers the
+ * groups again or serves them itself (app/dropin/recovery.py), then comes back here.
  *
  * Built by meson (and by the tests) with -DDROPIN_SCRIPT="path of the Python
  * drop-in script". libc only.

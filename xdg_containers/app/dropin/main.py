@@ -6,6 +6,8 @@ the servers are set up wait in the listen backlog, as they would while
 xdg-dbus-proxy's main loop starts). Serving comes after: by the Containers1
 service (backed.py, no asyncio) or, when it cannot be reached within 2 s or
 ``--log`` is given, in this process (inprocess.py, asyncio imported then).
+Should the service go away later, recovery.py registers the groups again and
+serves them meanwhile.
 """
 
 from __future__ import annotations

@@ -76,6 +76,7 @@ class Recovery:
         self.front_exe = front_exe
         self.args = list(args)
         self.bus: socket.socket | None = None
+        self._bus_data = bytearray()  # a message not whole yet
         self.connectors: dict[int, socket.socket] = {}
         self.service_name = ""
         self.closed: set[int] = set()  # groups whose Connector closed, not judged yet
@@ -84,6 +85,7 @@ class Recovery:
         self.engine: Engine | None = None
         self.watch = ServiceWatch(bus_address)
         self.serving_said = False
+        self._failure = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done = asyncio.Event()
         self._trouble = asyncio.Event()
@@ -93,6 +95,7 @@ class Recovery:
     ) -> None:
         """The registration in force: its bus connection and each group's Connector."""
         self.bus = bus
+        self._bus_data = bytearray()
         self.connectors = dict(connectors)
         self.service_name = service_name
 
@@ -163,7 +166,7 @@ class Recovery:
 
     def _bus_readable(self) -> None:
         assert self.bus is not None and self._loop is not None
-        data = bytearray()
+        data = self._bus_data
         try:
             while True:
                 chunk = self.bus.recv(65536)
@@ -175,10 +178,10 @@ class Recovery:
         except OSError:
             self._loop.remove_reader(self.bus.fileno())
             self.lost = True
-        # Only the loss notice is routed to us (backed.LOSS_MATCH); the rest is noise,
-        # and a message split across reads is that notice at worst a second later
-        # (its Connectors close too).
-        if service_lost(bytes(data)):
+        # Only the loss notice is routed to us (backed.LOSS_MATCH); the rest is noise.
+        lost, used = service_lost(bytes(data))
+        del data[:used]
+        if lost:
             self.lost = True
         if self.lost:
             self._trouble.set()
@@ -252,6 +255,8 @@ class Recovery:
         if not live:
             return
         say("the xdg-containers service went away; registering again")
+        self.watch.owner_appeared.clear()
+        self._failure = ""
         grace_end = time.monotonic() + GRACE
         delay = FIRST_RETRY
         while not self._done.is_set():
@@ -274,7 +279,9 @@ class Recovery:
         try:
             await asyncio.to_thread(backed.setup, listeners, deadline)
         except SetupError as exc:
-            say(f"registering again failed ({exc}); trying again")
+            if str(exc) != self._failure:  # once per reason, not once per retry
+                self._failure = str(exc)
+                say(f"registering again failed ({exc}); trying again")
             return False
         assert backed.bus is not None
         self.adopt(backed.bus, dict(zip(live, backed.connectors, strict=True)),

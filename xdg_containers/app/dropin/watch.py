@@ -34,15 +34,17 @@ OWNER_MATCH = (
 )
 
 
-def service_lost(data: bytes) -> bool:
-    """Whether ``data`` (whole messages from the bus) holds NameOwnerChanged saying the
-    service's name has no owner any more."""
+def service_lost(data: bytes) -> tuple[bool, int]:
+    """Whether ``data`` (messages from the bus) holds NameOwnerChanged saying the service's
+    name has no owner any more; and how many bytes of it were whole messages (the rest
+    waits for more; all of it when it is no message at all)."""
     pos = 0
+    lost = False
     while len(data) - pos >= 16:
         try:
             end = pos + message_length(data[pos:])
             if end > len(data):
-                return False
+                break
             msg, pos = data[pos:end], end
             hdr = parse_header(msg)
             if (
@@ -57,10 +59,10 @@ def service_lost(data: bytes) -> bool:
             _old, at = read_string(msg, at, hdr.little_endian)
             new, at = read_string(msg, at, hdr.little_endian)
         except (MessageError, SignatureError, ValueError):
-            return False
+            return lost, len(data)
         if name == SERVICE and new == "":
-            return True
-    return False
+            lost = True
+    return lost, pos
 
 
 class ServiceWatch:
