@@ -268,6 +268,8 @@ def test_kill_9_activates_and_registers_again(
     try:
         ffilt, funfilt = first.paths
         _registered(ab.address, ffilt, "org.example.First.Before", "org.example.First")
+        _registered(ab.address, second.paths[0], "org.example.Second.Before",
+                    "org.example.Second")
         old = service_pid(ab.address)
         assert old is not None
         os.kill(old, signal.SIGKILL)
@@ -309,6 +311,8 @@ def test_not_activatable_serves_in_process_then_hands_back(
     try:
         ffilt = first.paths[0]
         _registered(bus.address, ffilt, "org.example.First.Before", "org.example.First")
+        _registered(bus.address, second.paths[0], "org.example.Second.Before",
+                    "org.example.Second")
         sp.process.kill()
         sp.process.wait()
         for d in (first, second):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 FRONT_FDS = "XDG_CONTAINERS_DROPIN_FDS"
 FRONT_EXE = "XDG_CONTAINERS_DROPIN_FRONT"
@@ -49,13 +48,16 @@ def parse_fd_list(text: str, count: int) -> list[int]:
     return fds
 
 
-@dataclass
 class Resumed:
-    """What the anchor loop handed back: the bus and Connector fds (``-1``: no more)."""
+    """What the anchor loop handed back: the bus and Connector fds (``-1``: no more).
 
-    bus_fd: int
-    connector_fds: list[int]
-    service_name: str
+    A plain class: this module is on the start-up path (no dataclasses)."""
+
+    def __init__(self, bus_fd: int, connector_fds: list[int], service_name: str) -> None:
+        """``service_name`` took the groups last."""
+        self.bus_fd = bus_fd
+        self.connector_fds = connector_fds
+        self.service_name = service_name
 
 
 def parse_resume(text: str, groups: int, service_name: str) -> Resumed:
