@@ -84,20 +84,27 @@ static void remove_arg (size_t pos)
   args[nargs] = NULL;
 }
 
-/* Hand everything to the Python drop-in (it decides, prints, and serves). */
-static void exec_python (void)
+/* Exec the Python drop-in with these N arguments; returns only if that failed (said). */
+static void exec_script (char **list, size_t n)
 {
   size_t i;
-  char **argv = calloc (nargs + 2, sizeof *argv);
+  char **argv = calloc (n + 2, sizeof *argv);
   if (argv == NULL)
     out_of_memory ();
   argv[0] = (char *) DROPIN_SCRIPT;
-  for (i = 0; i < nargs; i++)
-    argv[i + 1] = args[i];
-  setenv ("XDG_CONTAINERS_DROPIN_ARGV0", argv0, 1);
+  for (i = 0; i < n; i++)
+    argv[i + 1] = list[i];
   execv (DROPIN_SCRIPT, argv);
   fprintf (stderr, "xdg-containers-dbus-proxy: cannot run %s: %s\n", DROPIN_SCRIPT,
            strerror (errno));
+  free (argv);
+}
+
+/* Hand everything to the Python drop-in (it decides, prints, and serves). */
+static void exec_python (void)
+{
+  setenv ("XDG_CONTAINERS_DROPIN_ARGV0", argv0, 1);
+  exec_script (args, nargs);
   exit (1);
 }
 
@@ -304,27 +311,17 @@ static void on_term (int sig)
 static void resume_python (int bus_fd, const int *connectors, int n, char **rest)
 {
   char list[(MAX_GROUPS + 1) * 12 + 1];
-  size_t used = 0;
-  int i, nrest = 0;
-  char **argv;
+  size_t used = 0, nrest = 0;
+  int i;
 
   used += (size_t) snprintf (list, sizeof list, "%d", bus_fd);
   for (i = 0; i < n; i++)
     used += (size_t) snprintf (list + used, sizeof list - used, ",%d", connectors[i]);
   while (rest[nrest] != NULL)
     nrest++;
-  argv = calloc ((size_t) nrest + 2, sizeof *argv);
-  if (argv == NULL)
-    return;
-  argv[0] = (char *) DROPIN_SCRIPT;
-  for (i = 0; i < nrest; i++)
-    argv[i + 1] = rest[i];
   setenv ("XDG_CONTAINERS_DROPIN_RESUME", list, 1);
-  execv (DROPIN_SCRIPT, argv);
-  fprintf (stderr, "xdg-containers-dbus-proxy: cannot run %s: %s\n", DROPIN_SCRIPT,
-           strerror (errno));
+  exec_script (rest, nrest);
   unsetenv ("XDG_CONTAINERS_DROPIN_RESUME");
-  free (argv);
 }
 
 /* --anchor-loop SYNC_FD BUS_FD CONNECTOR_FD... -- PATH... -- ARG... (one PATH per
