@@ -91,6 +91,10 @@ def test_flatpak_app_outlives_a_service_crash(
         proc.stdin.write("\n")
         proc.stdin.flush()
         out, err = proc.communicate(timeout=30)
+    except AssertionError as exc:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _out, err = proc.communicate(timeout=30)
+        raise AssertionError(f"{exc}\nflatpak's stderr:\n{err}") from None
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -208,8 +208,22 @@ def _recover(
     _full_python()
     from xdg_containers.app.dropin.recovery import recover
 
-    return recover(address, groups, read_identity(os.getpid()), listeners, registration,
-                   sync_fd, front_exe, args)
+    identity = read_identity(os.getpid())
+    try:
+        return recover(address, groups, identity, listeners, registration, sync_fd,
+                       front_exe, args)
+    except Exception:
+        # A fault of ours must not cost the app its bus: its sockets are still open.
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.write(f"{PREFIX}internal error while the service was away; serving in "
+                         "this process from now on\n")
+    from xdg_containers.app.dropin.inprocess import run
+
+    alive = [i for i, sock in enumerate(listeners) if sock is not None]
+    return run([groups[i] for i in alive], [s for s in listeners if s is not None], identity,
+               sync_fd)
 
 
 def _serve(

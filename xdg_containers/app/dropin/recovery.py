@@ -351,9 +351,8 @@ class Recovery:
             self.engine.close()
         if self._loop is not None:
             self._drop_registration()
-        for sock in self.listeners:
-            if sock is not None:
-                sock.close()
+        # The listening sockets stay open: the process exits next (main.py unlinks their
+        # paths), or, after a fault of ours, serves them in-process.
 
 
 def recover(
