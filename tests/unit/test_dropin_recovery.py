@@ -3,10 +3,15 @@ command line and the state it hands back (app/dropin/watch.py, anchorloop.py).""
 
 from __future__ import annotations
 
+import os
+import socket
+from typing import Any
+
 import pytest
 
 from xdg_containers.app.dropin.anchorloop import anchor_loop_argv, parse_fd_list, parse_resume
-from xdg_containers.app.dropin.backed import SERVICE
+from xdg_containers.app.dropin.backed import SERVICE, TROUBLE, ServiceBacked
+from xdg_containers.app.dropin.identity import Identity
 from xdg_containers.app.dropin.watch import service_lost
 from xdg_containers.wire.build import build_message
 from xdg_containers.wire.header import (
@@ -81,3 +86,24 @@ def test_resume_state() -> None:
             parse_resume(text, count, "")
     with pytest.raises(ValueError):
         parse_resume("-1,5", 1, "")
+
+
+def test_a_request_whose_asker_is_gone_is_trouble_not_a_crash(tmp_path: Any) -> None:
+    """The service asked for a (spare) connection and died before the answer: the answer
+    fails with EPIPE, and the service-backed loop hands over (TROUBLE) instead of dying
+    with the app's sockets."""
+    target = os.path.join(str(tmp_path), "bus")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bus_listener:
+        bus_listener.bind(target)
+        bus_listener.listen(4)
+        backed = ServiceBacked("unix:path=/unused", [], Identity())
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        bus_mine, bus_theirs = socket.socketpair()
+        backed.bus, backed.connectors = bus_mine, [mine]
+        theirs.send(f"unix:path={target}".encode())
+        theirs.close()
+        try:
+            assert backed.run(None) == TROUBLE
+        finally:
+            backed.close()
+            bus_theirs.close()

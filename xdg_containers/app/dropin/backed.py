@@ -307,7 +307,10 @@ class ServiceBacked:
                     return TROUBLE
                 if not request:
                     return TROUBLE  # the EOF stays: recv says it again
-                answer(conn, request)
+                try:
+                    answer(conn, request)
+                except OSError:
+                    return TROUBLE  # the service went away mid-request (a spare)
 
     def close(self) -> None:
         """Leave the bus and close the connectors (the servers end with them)."""
