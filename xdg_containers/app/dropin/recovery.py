@@ -7,7 +7,9 @@ never close and never move: clients that connect meanwhile wait in the backlog.
 - The service stopped a server itself (it still runs, same unique name, answers a
   Ping): that group ends as before (its socket closes, so clients are refused).
 - The service is gone (crash, kill, or an exit): every remaining group is registered
-  again with AddServer (same socket as ListenFD, a fresh Connector, same arguments),
+  again with AddServer (same socket as ListenFD, a fresh Connector, same arguments;
+  the old Connectors are still answered until then, for a service restored from a
+  fd store or keeper that kept their other ends),
   which activates the service; retried every 0.2 s doubling to 2 s, at once when the
   name gets an owner. If that has not worked within ``GRACE``, the groups are served in
   this process (inprocess.py's engine) until it does; then this process stops
@@ -80,6 +82,7 @@ class Recovery:
         self.connectors: dict[int, socket.socket] = {}
         self.service_name = ""
         self.closed: set[int] = set()  # groups whose Connector closed, not judged yet
+        self.retired: list[socket.socket] = []  # a gone service's Connectors and bus
         self.lost = False  # the registration is gone as a whole
         self.accepting: dict[int, ContainerServer] = {}
         self.engine: Engine | None = None
@@ -205,19 +208,42 @@ class Recovery:
         self.closed.add(i)
         self._trouble.set()
 
-    def _drop_registration(self) -> None:
-        """Close the registration's bus connection and Connectors (its service is gone)."""
+    def _retire_registration(self) -> None:
+        """Set the registration aside: its Connectors are still answered (a service
+        restored from a fd store or keeper may use them until we register again) and
+        closed on EOF or once registered again; its bus connection closes then too."""
         assert self._loop is not None
         for conn in self.connectors.values():
             self._loop.remove_reader(conn.fileno())
-            conn.close()
-        self.connectors = {}
+            self.retired.append(conn)
+            self._loop.add_reader(conn.fileno(), self._retired_readable, conn)
         if self.bus is not None:
             self._loop.remove_reader(self.bus.fileno())
-            self.bus.close()
-            self.bus = None
+            self.retired.append(self.bus)
+        self.connectors = {}
+        self.bus = None
         self.closed.clear()
         self.lost = False
+
+    def _retired_readable(self, conn: socket.socket) -> None:
+        try:
+            request = conn.recv(65536)
+            if request:
+                answer(conn, request)
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._close_retired(conn)
+
+    def _close_retired(self, only: socket.socket | None = None) -> None:
+        assert self._loop is not None
+        for sock in list(self.retired):
+            if only is None or sock is only:
+                self._loop.remove_reader(sock.fileno())
+                self.retired.remove(sock)
+                sock.close()
 
     # -- judging ----------------------------------------------------------------------------
 
@@ -250,9 +276,10 @@ class Recovery:
 
     async def _recover(self) -> None:
         """Register every remaining group again; serve them here after ``GRACE``."""
-        self._drop_registration()
+        self._retire_registration()
         live = self._live()
         if not live:
+            self._close_retired()
             return
         say("the xdg-containers service went away; registering again")
         self.watch.owner_appeared.clear()
@@ -287,6 +314,7 @@ class Recovery:
         self.adopt(backed.bus, dict(zip(live, backed.connectors, strict=True)),
                    backed.service_name)
         self._watch_registration()
+        self._close_retired()  # the service has the new Connectors now
         say("registered again with the xdg-containers service: " + " ".join(backed.server_paths))
         return True
 
@@ -315,7 +343,7 @@ class Recovery:
 
     def _settled(self) -> bool:
         """Every group with the service and nothing served here any more."""
-        if self.bus is None or self.closed or self.lost or self.accepting:
+        if self.bus is None or self.closed or self.lost or self.accepting or self.retired:
             return False
         if self.engine is not None and len(self.engine.registry):
             return False
@@ -350,7 +378,8 @@ class Recovery:
         if self.engine is not None:
             self.engine.close()
         if self._loop is not None:
-            self._drop_registration()
+            self._retire_registration()
+            self._close_retired()
         # The listening sockets stay open: the process exits next (main.py unlinks their
         # paths), or, after a fault of ours, serves them in-process.
 
