@@ -83,6 +83,7 @@ class Recovery:
         self.service_name = ""
         self.closed: set[int] = set()  # groups whose Connector closed, not judged yet
         self.retired: list[socket.socket] = []  # a gone service's Connectors and bus
+        self.kept_buses: list[socket.socket] = []  # see _close_retired
         self.lost = False  # the registration is gone as a whole
         self.accepting: dict[int, ContainerServer] = {}
         self.engine: Engine | None = None
@@ -238,12 +239,20 @@ class Recovery:
         self._close_retired(conn)
 
     def _close_retired(self, only: socket.socket | None = None) -> None:
+        """Close the retired Connectors (or ``only`` that one); a retired bus connection
+        stays open for the process's life: a server restored from a fd store may still
+        name it as its creator, and StopOnDisconnect would end it with that connection.
+        It is inheritable, so it survives the execs to and from the anchor loop."""
         assert self._loop is not None
         for sock in list(self.retired):
             if only is None or sock is only:
                 self._loop.remove_reader(sock.fileno())
                 self.retired.remove(sock)
-                sock.close()
+                if sock.type == socket.SOCK_STREAM:
+                    sock.set_inheritable(True)
+                    self.kept_buses.append(sock)
+                else:
+                    sock.close()
 
     # -- judging ----------------------------------------------------------------------------
 
