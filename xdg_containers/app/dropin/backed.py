@@ -4,7 +4,8 @@ No asyncio and no dbus-fast: the drop-in lives as long as its app, so it keeps
 to a blocking handshake on one raw bus connection and a ``poll()`` loop that
 answers the service's Connector requests (anchor/program.py ``answer``) and
 watches the sync fd. The bus connection stays open so that the servers end
-with this process (``StopOnDisconnect``).
+with this process (``StopOnDisconnect``). A Connector's EOF or a message on the
+bus (the service's name lost its owner) is trouble for recovery.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 import select
 import socket
 import struct
-import sys
 import time
 from collections.abc import Sequence
 
@@ -45,6 +45,17 @@ SERVICE = "org.freedesktop.DBus.Containers1"
 SERVICE_PATH = "/org/freedesktop/DBus/Containers1"
 EXT = "org.freedesktop.XdgContainers1."
 _HELLO_SERIAL = 1
+_MATCH_SERIAL = 2
+_FIRST_ADD_SERIAL = 3
+#: The one signal the bus sends us: the service's name lost its owner (it exited or
+#: crashed; a hand-over passes the name straight to the new process, arg2 not empty).
+#: With systemd's fd store holding the Connectors' other ends this is the only sign.
+LOSS_MATCH = (
+    "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+    f"member='NameOwnerChanged',arg0='{SERVICE}',arg2=''"
+)
+#: ``run``'s answer when something needs a look: a Connector closed, or the bus spoke.
+TROUBLE = -1
 
 #: A named-argument value: (D-Bus signature, Python value).
 Value = tuple[str, object]
@@ -198,6 +209,8 @@ class ServiceBacked:
         self.bus: socket.socket | None = None
         self.connectors: list[socket.socket] = []
         self.server_paths: list[str] = []
+        #: The unique name of the service that answered AddServer.
+        self.service_name = ""
 
     def setup(self, listeners: Sequence[socket.socket], deadline: float) -> None:
         """AddServer for every group; SetupError (everything closed) if any fails."""
@@ -217,14 +230,19 @@ class ServiceBacked:
         bus.settimeout(max(0.001, deadline - time.monotonic()))
         # AUTH, NEGOTIATE_UNIX_FD, BEGIN and Hello pipelined; the fd-carrying calls
         # wait for AGREE_UNIX_FD.
-        bus.sendall(sasl.start() + sasl.begin(True) + bus_call(_HELLO_SERIAL, "Hello"))
+        bus.sendall(
+            sasl.start()
+            + sasl.begin(True)
+            + bus_call(_HELLO_SERIAL, "Hello")
+            + bus_call(_MATCH_SERIAL, "AddMatch", arg=LOSS_MATCH)
+        )
         while not sasl.done:
             sasl.feed(_recv(bus, deadline))
         if not sasl.unix_fd_agreed:
             raise SetupError("the bus does not pass file descriptors")
         reader = _Reader(bus)
         reader.feed(sasl.leftover)
-        pending: dict[int, int] = {}
+        pending: dict[int, int] = {_MATCH_SERIAL: -1}
         theirs: list[socket.socket] = []
         try:
             for i, (group, listener) in enumerate(zip(self.groups, listeners, strict=True)):
@@ -233,7 +251,7 @@ class ServiceBacked:
                 )
                 self.connectors.append(mine)
                 theirs.append(other)
-                serial = _HELLO_SERIAL + 1 + i
+                serial = _FIRST_ADD_SERIAL + i
                 data = add_server_message(serial, self.identity, group)
                 fds = array.array("i", [listener.fileno(), other.fileno()])
                 bus.sendmsg(
@@ -251,17 +269,20 @@ class ServiceBacked:
                 if rs is None or rs not in pending:
                     continue
                 i = pending.pop(rs)
+                what = "AddMatch" if i < 0 else "AddServer"
                 if hdr.message_type == ERROR:
-                    raise SetupError(f"AddServer: {_error_text(msg, hdr)}")
-                if hdr.message_type == METHOD_RETURN and hdr.signature == "oa{sv}":
+                    raise SetupError(f"{what}: {_error_text(msg, hdr)}")
+                if i >= 0 and hdr.message_type == METHOD_RETURN and hdr.signature == "oa{sv}":
                     self.server_paths[i] = read_string(msg, hdr.body_offset, hdr.little_endian)[0]
+                    self.service_name = hdr.sender or ""
         finally:
             for other in theirs:
                 other.close()
         bus.setblocking(False)
 
     def run(self, sync_fd: int | None) -> int:
-        """Answer Connector requests until the sync fd's reader goes away; 0 then."""
+        """Answer Connector requests until the sync fd's reader goes away (0), or until
+        a Connector closes or the bus sends something (TROUBLE: recovery.py looks)."""
         assert self.bus is not None
         poller = select.poll()
         if sync_fd is not None:
@@ -269,63 +290,27 @@ class ServiceBacked:
         by_fd = {c.fileno(): c for c in self.connectors}
         for fd in by_fd:
             poller.register(fd, select.POLLIN)
-        bus_fd = self.bus.fileno()
-        poller.register(bus_fd, select.POLLIN)
+        # Nothing is read here: what the bus sent stays for recovery.py to parse.
+        poller.register(self.bus.fileno(), select.POLLIN)
         while True:
             for fd, _events in poller.poll():
                 if fd == sync_fd:
                     return 0
-                if fd == bus_fd:
-                    if not self._drain_bus():
-                        poller.unregister(bus_fd)
-                    continue
                 conn = by_fd.get(fd)
                 if conn is None:
-                    continue
+                    return TROUBLE
                 try:
-                    request = conn.recv(65536)
-                    if request:
-                        answer(conn, request)
-                        continue
+                    request = conn.recv(65536, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
                 except OSError:
-                    pass
-                # The service dropped this server (StopServer, or it exited): nothing
-                # more will be asked on it.
-                poller.unregister(fd)
-                del by_fd[fd]
-                conn.close()
-
-    def exec_anchor_loop(self, program: str, sync_fd: int | None, paths: list[str]) -> None:
-        """Become ``program --anchor-loop`` (the C front's loop: the same job as ``run``,
-        in a fraction of the memory); returns only if the exec failed."""
-        assert self.bus is not None
-        fds = [self.bus.fileno(), *(c.fileno() for c in self.connectors)]
-        argv = [program, "--anchor-loop", str(-1 if sync_fd is None else sync_fd)]
-        argv += [str(fd) for fd in fds]
-        argv += ["--", *paths]
-        for fd in fds:
-            os.set_inheritable(fd, True)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        try:
-            os.execv(program, argv)
-        except OSError as exc:
-            sys.stderr.write(f"xdg-containers-dbus-proxy: cannot run {program}: {exc}\n")
-            for fd in fds:
-                os.set_inheritable(fd, False)
-
-    def _drain_bus(self) -> bool:
-        """Read and drop what the bus sends us (NameAcquired and the like)."""
-        assert self.bus is not None
-        try:
-            while True:
-                data = self.bus.recv(65536)
-                if not data:
-                    return False
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
+                    return TROUBLE
+                if not request:
+                    return TROUBLE  # the EOF stays: recv says it again
+                try:
+                    answer(conn, request)
+                except OSError:
+                    return TROUBLE  # the service went away mid-request (a spare)
 
     def close(self) -> None:
         """Leave the bus and close the connectors (the servers end with them)."""

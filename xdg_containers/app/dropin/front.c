@@ -19,7 +19,10 @@
  * Connector requests: connect to the bus, pass the socket back), holding the bus
  * connection, and watching the sync fd. Python then execs this program again as
  * "--anchor-loop" (the same pid, so the bus still sees the drop-in), which does
- * that in ~100 KiB instead of an interpreter's ~6 MiB (anchor_loop below).
+ * that in ~100 KiB instead of an interpreter's ~6 MiB (anchor_loop below). When the
+ * service goes away (a Connector closes, or the bus says its name lost its owner),
+ * the loop execs the Python drop-in again (resume_python), which registers the
+ * groups again or serves them itself (app/dropin/recovery.py), then comes back here.
  *
  * Built by meson (and by the tests) with -DDROPIN_SCRIPT="path of the Python
  * drop-in script". libc only.
@@ -81,20 +84,27 @@ static void remove_arg (size_t pos)
   args[nargs] = NULL;
 }
 
-/* Hand everything to the Python drop-in (it decides, prints, and serves). */
-static void exec_python (void)
+/* Exec the Python drop-in with these N arguments; returns only if that failed (said). */
+static void exec_script (char **list, size_t n)
 {
   size_t i;
-  char **argv = calloc (nargs + 2, sizeof *argv);
+  char **argv = calloc (n + 2, sizeof *argv);
   if (argv == NULL)
     out_of_memory ();
   argv[0] = (char *) DROPIN_SCRIPT;
-  for (i = 0; i < nargs; i++)
-    argv[i + 1] = args[i];
-  setenv ("XDG_CONTAINERS_DROPIN_ARGV0", argv0, 1);
+  for (i = 0; i < n; i++)
+    argv[i + 1] = list[i];
   execv (DROPIN_SCRIPT, argv);
   fprintf (stderr, "xdg-containers-dbus-proxy: cannot run %s: %s\n", DROPIN_SCRIPT,
            strerror (errno));
+  free (argv);
+}
+
+/* Hand everything to the Python drop-in (it decides, prints, and serves). */
+static void exec_python (void)
+{
+  setenv ("XDG_CONTAINERS_DROPIN_ARGV0", argv0, 1);
+  exec_script (args, nargs);
   exit (1);
 }
 
@@ -294,13 +304,36 @@ static void on_term (int sig)
   terminated = 1;
 }
 
-/* --anchor-loop SYNC_FD BUS_FD CONNECTOR_FD... -- PATH...: serve the Connectors until
-   the sync fd's reader goes away (or SIGTERM), then unlink the PATHs; exit 0. */
+/* Something the loop cannot judge (a Connector closed: the service stopped the server,
+   or crashed; or the bus sent a message: the service's name lost its owner): hand the
+   process back to the Python drop-in (app/dropin/recovery.py), same pid and fds, which
+   re-registers the groups or serves them itself. Returns only if the exec failed. */
+static void resume_python (int bus_fd, const int *connectors, int n, char **rest)
+{
+  char list[(MAX_GROUPS + 1) * 12 + 1];
+  size_t used = 0, nrest = 0;
+  int i;
+
+  used += (size_t) snprintf (list, sizeof list, "%d", bus_fd);
+  for (i = 0; i < n; i++)
+    used += (size_t) snprintf (list + used, sizeof list - used, ",%d", connectors[i]);
+  while (rest[nrest] != NULL)
+    nrest++;
+  setenv ("XDG_CONTAINERS_DROPIN_RESUME", list, 1);
+  exec_script (rest, nrest);
+  unsetenv ("XDG_CONTAINERS_DROPIN_RESUME");
+}
+
+/* --anchor-loop SYNC_FD BUS_FD CONNECTOR_FD... -- PATH... -- ARG... (one PATH per
+   CONNECTOR; app/dropin/anchorloop.py writes it): serve the Connectors until the sync
+   fd's reader goes away (or SIGTERM), then unlink the PATHs; exit 0. */
 static int anchor_loop (int argc, char **argv)
 {
   struct pollfd pfd[MAX_GROUPS + 2];
-  char **paths = NULL;
+  int connectors[MAX_GROUPS];
+  char **paths = NULL, **rest = NULL;
   int n = 0, i, sync_fd = -1, bus_fd = -1;
+  bool resumable = true;
   static unsigned char request[65536];
   struct sigaction sa;
 
@@ -313,6 +346,11 @@ static int anchor_loop (int argc, char **argv)
       if (strcmp (argv[i], "--") == 0)
         {
           paths = argv + i + 1;
+          if (i + 1 + n < argc && strcmp (argv[i + 1 + n], "--") == 0)
+            {
+              argv[i + 1 + n] = NULL; /* ends the PATHs; ARGs follow */
+              rest = argv + i + 2 + n;
+            }
           break;
         }
       int fd = atoi (argv[i]);
@@ -322,17 +360,21 @@ static int anchor_loop (int argc, char **argv)
         bus_fd = fd;
       else if (n < MAX_GROUPS)
         {
+          connectors[n] = fd;
           pfd[2 + n].fd = fd;
           pfd[2 + n].events = POLLIN;
           n++;
         }
     }
+  if (rest == NULL || bus_fd < 0)
+    resumable = false;
   pfd[0].fd = sync_fd; /* POLLERR/POLLHUP are reported without asking */
   pfd[0].events = 0;
-  pfd[1].fd = bus_fd; /* read and dropped: NameAcquired and the like */
+  pfd[1].fd = bus_fd; /* only the name-loss signal is routed to us; never read here */
   pfd[1].events = POLLIN;
   while (!terminated)
     {
+      bool trouble = false;
       if (poll (pfd, (nfds_t) (2 + n), -1) < 0)
         {
           if (errno == EINTR)
@@ -341,14 +383,9 @@ static int anchor_loop (int argc, char **argv)
         }
       if (pfd[0].fd >= 0 && pfd[0].revents)
         break;
-      if (pfd[1].revents)
-        {
-          char buf[4096];
-          ssize_t got = recv (pfd[1].fd, buf, sizeof buf, MSG_DONTWAIT);
-          if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR))
-            pfd[1].fd = -1; /* the bus went away: keep serving what we can */
-        }
-      for (i = 2; i < 2 + n; i++)
+      if (pfd[1].fd >= 0 && pfd[1].revents)
+        trouble = true;
+      for (i = 2; i < 2 + n && !trouble; i++)
         {
           if (!pfd[i].revents)
             continue;
@@ -359,11 +396,22 @@ static int anchor_loop (int argc, char **argv)
               (void) anchor_answer (pfd[i].fd, request, (size_t) got);
             }
           else if (got == 0 || (errno != EAGAIN && errno != EINTR))
-            {
-              close (pfd[i].fd); /* the service dropped this server */
-              pfd[i].fd = -1;
-            }
+            trouble = true; /* left open: Python reads the same EOF again */
         }
+      if (!trouble)
+        continue;
+      if (resumable)
+        resume_python (bus_fd, connectors, n, rest);
+      /* No Python to turn to: keep serving what still works, as before resuming was. */
+      resumable = false;
+      if (pfd[1].revents)
+        pfd[1].fd = -1;
+      for (i = 2; i < 2 + n; i++)
+        if (pfd[i].revents & (POLLHUP | POLLERR))
+          {
+            close (pfd[i].fd);
+            pfd[i].fd = -1;
+          }
     }
   for (i = 0; paths && paths[i]; i++)
     unlink (paths[i]);

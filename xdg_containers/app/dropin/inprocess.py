@@ -27,7 +27,7 @@ from xdg_containers.io.spare import spares_for
 from xdg_containers.policy import policy_from_named_arguments
 from xdg_containers.policy.tracker import NameTracker
 from xdg_containers.servers.filtering import PolicyFilterFactory
-from xdg_containers.servers.registry import SERVER_PATH_PREFIX, ServerRegistry
+from xdg_containers.servers.registry import ServerRegistry
 from xdg_containers.servers.server import ContainerServer
 from xdg_containers.servers.spec import FilterSettings, ServerSpec
 
@@ -111,27 +111,36 @@ class _Bus:
             log.warning("cannot watch name owners on %s: %s", address, exc)
 
 
-async def serve(
-    groups: Sequence[Group],
-    listeners: Sequence[socket.socket],
-    identity: Identity,
-    sync_fd: int | None,
-) -> int:
-    """Serve every group on its listening socket until the sync fd's reader is gone."""
-    loop = asyncio.get_running_loop()
-    registry = ServerRegistry(Limits())
-    buses: dict[str, _Bus] = {}
-    for group in groups:
-        if group.address not in buses:
-            buses[group.address] = _Bus()
-    await asyncio.gather(*(b.start(addr) for addr, b in buses.items()))
-    names = frozenset({SERVICE_NAME})
-    for i, (group, listener) in enumerate(zip(groups, listeners, strict=True)):
+class Engine:
+    """The service's engine in this process: servers for groups, made on demand.
+
+    Used for the whole life of a drop-in that serves in-process from the start, and
+    by recovery.py while the service is away.
+    """
+
+    def __init__(self, identity: Identity, loop: asyncio.AbstractEventLoop) -> None:
+        """No bus is watched until ``prepare``."""
+        self.identity = identity
+        self.loop = loop
+        self.registry = ServerRegistry(Limits())
+        self.buses: dict[str, _Bus] = {}
+        self.names = frozenset({SERVICE_NAME})
+
+    async def prepare(self, groups: Sequence[Group]) -> None:
+        """Watch the name owners of every bus of ``groups`` not watched yet."""
+        new = {g.address: _Bus() for g in groups if g.address not in self.buses}
+        self.buses.update(new)
+        await asyncio.gather(*(b.start(addr) for addr, b in new.items()))
+
+    def serve(self, group: Group, listener: socket.socket) -> ContainerServer:
+        """A server for ``group`` accepting on ``listener`` (which it closes when it stops
+        listening); ``prepare`` must have seen the group."""
         policy = None
         if group.filter:
             policy = policy_from_named_arguments(
                 group.policy(), group.rules("call"), group.rules("broadcast")
             )
+        identity = self.identity
         spec = ServerSpec(
             container_type=identity.container_type,
             app_id=identity.app_id,
@@ -145,12 +154,37 @@ async def serve(
             log_messages=group.log,
             filter=FilterSettings(group.filter, policy),
         )
+        names = self.names
         server = ContainerServer(
-            spec, f"{SERVER_PATH_PREFIX}{i}", registry, lambda: names,
-            buses[group.address].factory, loop,
+            spec, self.registry.allocate_path(), self.registry, lambda: names,
+            self.buses[group.address].factory, self.loop,
         )
         server.listen_on(listener)
-        registry.add(server)
+        self.registry.add(server)
+        return server
+
+    def close(self) -> None:
+        """Stop every server (their connections too) and the name-owner feeds."""
+        spares_for(self.loop).close()
+        for server in self.registry:
+            server.stop()
+        for b in self.buses.values():
+            if b.feed is not None:
+                b.feed.close()
+
+
+async def serve(
+    groups: Sequence[Group],
+    listeners: Sequence[socket.socket],
+    identity: Identity,
+    sync_fd: int | None,
+) -> int:
+    """Serve every group on its listening socket until the sync fd's reader is gone."""
+    loop = asyncio.get_running_loop()
+    engine = Engine(identity, loop)
+    await engine.prepare(groups)
+    for group, listener in zip(groups, listeners, strict=True):
+        engine.serve(group, listener)
     stop = asyncio.Event()
     if sync_fd is not None:
         # A pipe's write end: its reader going away is EPOLLERR, seen as readable.
@@ -160,12 +194,7 @@ async def serve(
     await stop.wait()
     if sync_fd is not None:
         loop.remove_reader(sync_fd)
-    spares_for(loop).close()
-    for server in registry:
-        server.stop()
-    for b in buses.values():
-        if b.feed is not None:
-            b.feed.close()
+    engine.close()
     return 0
 
 
