@@ -4,6 +4,7 @@ one socket; a socket served for another app instance is refused (SPEC 13)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from typing import Any
@@ -70,4 +71,35 @@ async def test_add_server_again_with_the_same_socket_is_the_same_server(
     assert out.count("/c") == 2 and bystander in out, out + new.log()
     with RawConn(f"unix:path={path}").setup() as conn:
         assert conn.unique_name
+    sock.close()
+
+
+async def test_a_registration_from_another_connection_moves_stop_on_disconnect(
+    service: Any, bus: PrivateBus, tmp_path: str
+) -> None:
+    """The launcher registers again from a new connection (its old one went with the
+    service): the server follows the new one for StopOnDisconnect, not the old."""
+    sock, _path = _listening(str(tmp_path))
+    named = {LISTEN_FD: Variant("h", 0)}  # StopOnDisconnect: the default, true
+    old_conn = await MessageBus(bus_address=bus.address, negotiate_unix_fd=True).connect()
+    new_conn = await MessageBus(bus_address=bus.address, negotiate_unix_fd=True).connect()
+    first, _ = await add_server(old_conn, app_id="org.example.Moved", named=named,
+                                unix_fds=[sock.fileno()])
+    again, _ = await add_server(new_conn, app_id="org.example.Moved", named=named,
+                                unix_fds=[sock.fileno()])
+    assert again == first
+    old_conn.disconnect()
+    await old_conn.wait_for_disconnect()
+    rc, out, err = await gdbus_call(bus.address, first,
+                                    "org.freedesktop.DBus.Properties.Get",
+                                    f"{IFACE}.Server", "Listening")
+    assert rc == 0 and "true" in out, err + out
+    new_conn.disconnect()
+    await new_conn.wait_for_disconnect()
+    for _ in range(100):
+        rc, out, _err = await gdbus_call(bus.address, MANAGER, f"{IFACE}.ListServers")
+        if first not in out:
+            break
+        await asyncio.sleep(0.05)
+    assert first not in out
     sock.close()

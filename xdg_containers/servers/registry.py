@@ -73,6 +73,17 @@ class ServerRegistry:
         self._by_creator.setdefault(server.creator_name, {})[server.path] = server
         self._per_uid[server.creator_uid] = self._per_uid.get(server.creator_uid, 0) + 1
 
+    def change_creator(self, server: ContainerServer, unique_name: str) -> None:
+        """``server`` belongs to ``unique_name`` now (its launcher registered it again
+        from another connection): StopOnDisconnect follows that connection."""
+        mine = self._by_creator.get(server.creator_name)
+        if mine is not None:
+            mine.pop(server.path, None)
+            if not mine:
+                del self._by_creator[server.creator_name]
+        server.spec.creator_name = unique_name
+        self._by_creator.setdefault(unique_name, {})[server.path] = server
+
     def get(self, path: str) -> ContainerServer | None:
         """The live server at ``path``."""
         return self._servers.get(path)

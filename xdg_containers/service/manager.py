@@ -153,7 +153,8 @@ class ManagerInterface(ServiceInterface):
             if listen_sock is not None:
                 served = server_on(ctx, listen_sock)
                 if served is not None:
-                    answer = reregister(served, (container_type, app_id, instance_id), dup_fds)
+                    answer = reregister(ctx, served, (container_type, app_id, instance_id),
+                                        dup_fds, sender, creator)
                     ctx.persistence.save(served)  # its new Connector kept for a restart
                     return answer
             try:

@@ -16,6 +16,8 @@ import os
 import socket
 from typing import Any
 
+from dbus_fast import Variant
+
 from xdg_containers.io.anchor_link import AnchorLink
 from xdg_containers.servers.arguments import CONNECTOR
 from xdg_containers.servers.server import ContainerServer
@@ -37,10 +39,12 @@ def server_on(ctx: ServiceContext, sock: socket.socket) -> ContainerServer | Non
 
 
 def reregister(
-    server: ContainerServer, identity: tuple[str, str, str], dup_fds: dict[str, int]
+    ctx: ServiceContext, server: ContainerServer, identity: tuple[str, str, str],
+    dup_fds: dict[str, int], caller: str, creator: dict[str, Variant],
 ) -> list[Any]:
-    """AddServer's answer for ``server``, re-registered with (type, app id, instance id)
-    ``identity``; takes the Connector and StopOnNotify fds out of ``dup_fds``."""
+    """AddServer's answer for ``server``, re-registered by ``caller`` (whose credentials
+    are ``creator``) with (type, app id, instance id) ``identity``; takes the Connector
+    and StopOnNotify fds out of ``dup_fds``."""
     spec = server.spec
     if identity != (spec.container_type, spec.app_id, spec.instance_id):
         raise errors.invalid_args(
@@ -55,5 +59,10 @@ def reregister(
             AnchorLink(asyncio.get_running_loop(), socket.socket(fileno=dup_fds.pop(CONNECTOR))))
     if "StopOnNotify" in dup_fds:
         server.watch_notify_fd(dup_fds.pop("StopOnNotify"))
+    if caller != server.creator_name:
+        # The launcher's connection now: its old one (gone with a crash, or closed
+        # once it registered again) must not stop the server it just got back.
+        server.spec.creator = dict(creator)
+        ctx.registry.change_creator(server, caller)
     log.info("%s: registered again by its launcher (same listening socket)", server.path)
     return [server.path, add_server_results(server)]
