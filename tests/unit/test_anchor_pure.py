@@ -159,3 +159,31 @@ async def test_link_answers_in_order_discards_late_answers_and_reports_loss() ->
     assert len(lost) == 1 and link.closed
     a.close()
     b.close()
+
+
+async def test_pending_requests_pass_to_a_new_anchor() -> None:
+    """A launcher registered again: a client waiting on the old anchor is answered by the
+    new one, not failed by the swap."""
+    import array
+    import asyncio
+
+    from xdg_containers.io.anchor_link import AnchorLink
+
+    loop = asyncio.get_running_loop()
+    old_ours, old_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    new_ours, new_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    old, new = AnchorLink(loop, old_ours), AnchorLink(loop, new_ours)
+    old.bus_request = "unix:path=/nowhere"
+    waiting = old.connect()
+    assert old_theirs.recv(100) == b"unix:path=/nowhere"
+    old.pass_pending_to(new)
+    old.close()
+    assert new_theirs.recv(100) == b"unix:path=/nowhere"
+    a, b = _connected_stream()
+    new_theirs.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                  array.array("i", [a.fileno()]))])
+    got = await asyncio.wait_for(waiting, 5)
+    assert got.type == socket.SOCK_STREAM
+    for s in (got, a, b, old_theirs, new_theirs):
+        s.close()
+    new.close()

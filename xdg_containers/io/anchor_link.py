@@ -100,6 +100,20 @@ def _unattached(reason: str) -> None:
     log.info("an anchor ended before its server started: %s", reason)
 
 
+def _relay(to: asyncio.Future[socket.socket], got: asyncio.Future[socket.socket]) -> None:
+    """Settle ``to`` as ``got`` was (a request passed on to another anchor)."""
+    if to.done():
+        if not got.cancelled() and got.exception() is None:
+            got.result().close()
+        return
+    if got.cancelled():
+        to.cancel()
+    elif (exc := got.exception()) is not None:
+        to.set_exception(exc)
+    else:
+        to.set_result(got.result())
+
+
 class AnchorLink:
     """One Connector socket: ordered requests, checked answers, one ``on_lost``."""
 
@@ -161,10 +175,9 @@ class AnchorLink:
         return fut
 
     def _timed_out(self, fut: asyncio.Future[socket.socket]) -> None:
-        if fut.done():
-            return
+        if fut.done() or self._pending is None:
+            return  # answered, or passed on to another anchor (pass_pending_to)
         try:
-            assert self._pending is not None
             self._pending.remove(fut)
         except ValueError:
             return
@@ -204,6 +217,16 @@ class AnchorLink:
             sock.close()
         else:
             fut.set_result(sock)
+
+    def pass_pending_to(self, other: AnchorLink) -> None:
+        """The server has a new anchor (its launcher registered again): what is waiting
+        here is asked of ``other`` instead, so no client waiting for a bus connection is
+        failed by the swap."""
+        pending, self._pending = self._pending or collections.deque(), None
+        for fut in pending:
+            if not fut.done():
+                other.request(self.bus_request).add_done_callback(
+                    functools.partial(_relay, fut))
 
     def _lost(self, reason: str) -> None:
         if self.closed:

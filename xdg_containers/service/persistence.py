@@ -80,9 +80,12 @@ class Persistence:
         self.fds = fds
         self._kept: dict[str, dict[str, int | None]] = {}  # path -> fds last stored
 
-    def save(self, server: ContainerServer) -> None:
+    def save(self, server: ContainerServer, new_fds: bool = False) -> None:
         """Write ``server``'s record (after AddServer, SetPolicy, a restore or a
-        re-registration) and keep its fds, if it still listens."""
+        re-registration) and keep its fds, if it still listens. ``new_fds``: some of its
+        fds were replaced (a new fd may reuse the number of the one it replaced)."""
+        if new_fds:
+            self._kept.pop(server.path, None)
         if self.store is None or not server.listening:
             return
         try:

@@ -52,11 +52,13 @@ def reregister(
             f"{spec.app_id!r} instance {spec.instance_id!r}, not for this instance")
     if CONNECTOR in dup_fds:
         old = server.anchor
+        new = AnchorLink(asyncio.get_running_loop(), socket.socket(fileno=dup_fds.pop(CONNECTOR)))
+        server.attach_anchor(new)
         if old is not None:
             server.spares.forget(old)
+            # Clients accepted meanwhile may wait for the old anchor: the new one answers.
+            old.pass_pending_to(new)
             old.close()
-        server.attach_anchor(
-            AnchorLink(asyncio.get_running_loop(), socket.socket(fileno=dup_fds.pop(CONNECTOR))))
     if "StopOnNotify" in dup_fds:
         server.watch_notify_fd(dup_fds.pop("StopOnNotify"))
     if caller != server.creator_name:
