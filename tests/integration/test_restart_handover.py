@@ -338,3 +338,58 @@ async def test_handover_calls_from_a_confined_client_change_nothing(
                                     str(manager_bus.unique_name))
     assert rc != 0 and "NotContainer" in err, out
     bystander.close()
+
+
+def test_a_private_bus_outlives_the_service_that_started_it_when_replaced(
+    runtime_dir: str,
+) -> None:
+    """``serve --private`` started the bus; ``serve --replace`` on that bus takes over:
+    the first process keeps the bus (the new service is on it) until it is stopped."""
+    import select
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = dict(os.environ, XDG_RUNTIME_DIR=runtime_dir,
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+    first = subprocess.Popen([sys.executable, "-m", "xdg_containers", "serve", "--private"],
+                             env=env, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+    try:
+        assert first.stdout is not None
+        ready, _, _ = select.select([first.stdout], [], [], 30)
+        assert ready
+        line = first.stdout.readline().decode()
+        assert line.startswith("DBUS_SESSION_BUS_ADDRESS="), line
+        address = line.split("=", 1)[1].strip()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the first service owns its name
+            r = subprocess.run(["gdbus", "call", "--address", address, "-d",
+                                "org.freedesktop.DBus.Containers1", "-o", MANAGER, "-m",
+                                f"{IFACE}.ListServers"], capture_output=True, timeout=30)
+            if r.returncode == 0:
+                break
+            time.sleep(0.1)
+        done = subprocess.run([sys.executable, "-m", "xdg_containers", "serve", "--address",
+                               address, "--replace", "--detach"], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=60)
+        assert done.returncode == 0
+        time.sleep(0.5)
+        assert first.poll() is None, "the bus must stay while the new service uses it"
+        r = subprocess.run(["gdbus", "call", "--address", address, "-d",
+                            "org.freedesktop.DBus.Containers1", "-o", MANAGER, "-m",
+                            f"{IFACE}.AddServer", "org.example.T", "org.example.App", "i",
+                            "{}", "{'StopOnDisconnect': <false>}"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        first.terminate()
+        assert first.wait(20) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        if first.stdout is not None:
+            first.stdout.close()

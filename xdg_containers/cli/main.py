@@ -88,7 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the service until signalled; start a private bus when asked or when none exists."""
     from xdg_containers.cli.privatebus import PrivateBus
     from xdg_containers.io.dispatch import new_event_loop
-    from xdg_containers.service.daemon import ServiceError, serve
+    from xdg_containers.service.daemon import HANDED_OVER, ServiceError, serve
     from xdg_containers.service.memtune import tune_malloc
 
     try:
@@ -151,8 +151,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tune_malloc()
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(serve(address, bus_type, limits, args.ready_fd,
-                                    replace=args.replace))
+            status = runner.run(serve(address, bus_type, limits, args.ready_fd,
+                                      replace=args.replace))
+        if status == HANDED_OVER:
+            if private is not None:
+                # The service that took over serves on the bus this process started:
+                # it must outlive our service, until we are told to stop.
+                print("xdg-containers: handed over to a new service; keeping the private "
+                      f"bus at {address} until SIGTERM", file=sys.stderr)
+                wait_for_stop_signal()
+            return 0
+        return status
     except ServiceError as exc:
         print(f"xdg-containers: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -161,6 +170,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if private is not None:
             private.stop()
+
+
+def wait_for_stop_signal() -> None:
+    """Block until SIGTERM or SIGINT."""
+    signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    signal.sigwait(signals)
 
 
 def reader_gone() -> int:

@@ -55,6 +55,9 @@ EXIT_NAME_TAKEN = 3
 #: from a launching app cost one signal per window, not two per connection).
 CONNECTIONS_SIGNAL_DELAY = 0.02
 EXIT_BUS_LOST = 4
+#: What ``serve`` returns once it handed over and drained (the process exits 0); the
+#: caller may still hold something the new service needs (``serve --private``'s bus).
+HANDED_OVER = -1
 
 
 class ServiceError(Exception):
@@ -430,7 +433,7 @@ async def serve(
         log.info("handed over, and the last connection forwarded by this process closed: "
                  "exiting")
         service.shutdown()
-        return 0
+        return HANDED_OVER
     if stop_task in done:
         log.info("stopping on SIGTERM/SIGINT: closing every server and removing its socket")
         service.shutdown()
