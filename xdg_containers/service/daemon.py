@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import logging
 import os
 import resource
 import signal
-import socket
-import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +25,8 @@ from xdg_containers.policy.tracker import NameTracker
 from xdg_containers.servers.filtering import PolicyFilterFactory
 from xdg_containers.servers.registry import ServerRegistry
 from xdg_containers.servers.server import ContainerServer
-from xdg_containers.servers.spec import FilterSettings, runtime_socket_dir
+from xdg_containers.servers.spec import FilterSettings
+from xdg_containers.servers.stale import remove_stale_sockets
 from xdg_containers.service import (
     NAME,
     PATH,
@@ -67,38 +65,6 @@ class ServiceError(Exception):
         """``exit_code`` is what the process should exit with."""
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def remove_stale_sockets() -> int:
-    """Unlink sockets in our runtime dir that nobody listens on (a killed earlier run)."""
-    try:
-        directory = runtime_socket_dir()
-    except OSError:
-        return 0
-    removed = 0
-    for entry in os.scandir(directory):
-        if not entry.name.startswith("dbus-") or not stat.S_ISSOCK(entry.stat().st_mode):
-            continue
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(entry.path)
-        except OSError as exc:
-            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                try:
-                    os.unlink(entry.path)
-                    removed += 1
-                except OSError:
-                    pass
-        finally:
-            probe.close()
-    if removed:
-        log.info(
-            "removed %d stale socket(s) from %s (left by an earlier run that did not stop "
-            "cleanly; their clients had already lost their connection)",
-            removed,
-            directory,
-        )
-    return removed
 
 
 class Service:
