@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from xdg_containers.io.peercred import PeerCredentials
 
 if TYPE_CHECKING:
-    from xdg_containers.servers.server import ContainerServer
+    from xdg_containers.servers.server import ContainerServer, ServerSession
 
 
 @dataclass(eq=False)
@@ -28,3 +28,8 @@ class AdoptedConnection:
     def close(self) -> None:
         """It ended: release the client's pidfd."""
         self.creds.close()
+
+
+if TYPE_CHECKING:
+    #: a confined connection: one of ours, or one the previous process still forwards
+    Confined = ServerSession | AdoptedConnection

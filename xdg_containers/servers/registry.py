@@ -11,13 +11,11 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from xdg_containers.config import Limits
+from xdg_containers.servers.adopted import AdoptedConnection
 
 if TYPE_CHECKING:
-    from xdg_containers.servers.adopted import AdoptedConnection
-    from xdg_containers.servers.server import ContainerServer, ServerSession
-
-    #: a confined connection: one of ours, or one the previous process still forwards
-    Session = ServerSession | AdoptedConnection
+    from xdg_containers.servers.adopted import Confined as Session
+    from xdg_containers.servers.server import ContainerServer
 
 SERVER_PATH_PREFIX = "/org/freedesktop/DBus/Containers1/c"
 
@@ -151,10 +149,10 @@ class ServerRegistry:
     def unique_name_gone(self, unique_name: str) -> None:
         """A bus peer left: if it was an adopted connection, forget it."""
         conn = self._sessions.get(unique_name)
-        if conn is None or unique_name not in conn.server.adopted:
+        if not isinstance(conn, AdoptedConnection):
             return
         del self._sessions[unique_name]
-        conn.close()  # type: ignore[union-attr]
+        conn.close()
         for cb in self.on_connections_changed:
             cb(conn.server)
         conn.server.adopted_left(unique_name)

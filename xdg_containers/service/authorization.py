@@ -3,15 +3,16 @@ server and create nothing; only a server's creator (by uid) may stop or change i
 
 from __future__ import annotations
 
-from xdg_containers.servers.adopted import AdoptedConnection
+from typing import TYPE_CHECKING
+
 from xdg_containers.servers.registry import SERVER_PATH_PREFIX
-from xdg_containers.servers.server import ContainerServer, ServerSession
+from xdg_containers.servers.server import ContainerServer
 from xdg_containers.service import errors
 from xdg_containers.service.context import BUS_DRIVER, ServiceContext
 from xdg_containers.wire.names import is_valid_bus_name
 
-#: a confined connection: one of ours, or one the previous service process still forwards
-Session = ServerSession | AdoptedConnection
+if TYPE_CHECKING:
+    from xdg_containers.servers.adopted import Confined as Session
 
 
 def is_server_path(path: str) -> bool:

@@ -43,7 +43,7 @@ from xdg_containers.service.handover import (
     take_over,
 )
 from xdg_containers.service.persistence import Persistence, store_for_bus
-from xdg_containers.service.restore import kept_from_store, restore_from_disk
+from xdg_containers.service.restore import Kept, kept_from_store, restore_from_disk
 from xdg_containers.wire.address import session_bus_address, system_bus_address
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,10 @@ class Service:
     def _handed_over(self) -> None:
         """This process gave its servers away: it drains, and exits once they are gone."""
         self.handed_over = True
-        if not len(self.registry):
+        self._maybe_drained()
+
+    def _maybe_drained(self) -> None:
+        if self.handed_over and not len(self.registry):
             self.drained.set()
 
     async def _sync_names(self, ctx: ServiceContext) -> None:
@@ -238,10 +241,11 @@ class Service:
     async def _restore(self, ctx: ServiceContext) -> None:
         """Bring back the servers of a run that crashed, with the fds the store kept."""
         fds = ctx.persistence.fds
-        kept, stray = kept_from_store(fds.take_inherited()) if fds is not None else ({}, [])
-        for name in stray:
-            assert fds is not None
-            fds.remove(name)
+        kept: dict[str, Kept] = {}
+        if fds is not None:
+            kept, stray = kept_from_store(fds.take_inherited())
+            for name in stray:
+                fds.remove(name)
         restored = await restore_from_disk(ctx, kept)
         if restored:
             log.info("brought back %d server(s) of an earlier run", restored)
@@ -250,8 +254,7 @@ class Service:
         assert self.bus is not None and self.manager is not None and self.ctx is not None
         log.info("%s: removed", server.path)
         if self.handed_over:  # the new process announces it (once)
-            if not len(self.registry):
-                self.drained.set()
+            self._maybe_drained()
         else:
             self.manager.ServerRemoved(server.path)
         self.ctx.server_objects.pop(server.path, None)

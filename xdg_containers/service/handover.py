@@ -30,7 +30,7 @@ from xdg_containers.servers.record import record_from_json
 from xdg_containers.servers.server import ContainerServer, ServerSession
 from xdg_containers.service import errors
 from xdg_containers.service.context import HANDOVER_INTERFACE, NAME, PATH, ServiceContext
-from xdg_containers.service.persistence import Persistence, record_of
+from xdg_containers.service.persistence import Persistence, kept_fds, record_of
 from xdg_containers.service.restore import Kept, RestoreError, restore_server
 
 log = logging.getLogger(__name__)
@@ -201,16 +201,13 @@ class HandoverSource:
         fds: list[int] = []
         servers = []
         for server in self.ctx.registry:
-            listen_fd, notify_fd = server.handover_fds
-            servers.append({
-                "record": record_of(server).to_json(),
-                "listening": server.listening,
-                "listen": _fd_index(listen_fd, fds),
-                "connector": _fd_index(server.anchor.sock.fileno() if server.anchor else None,
-                                       fds),
-                "notify": _fd_index(notify_fd, fds),
-                "connections": [_connection(s, fds) for s in server.sessions if s.unique_name],
-            })
+            # The same fds a fd store keeps for a crash: listen, connector, notify.
+            entry: dict[str, Any] = {
+                kind: _fd_index(fd, fds) for kind, fd in kept_fds(server).items()}
+            entry.update(
+                record=record_of(server).to_json(), listening=server.listening,
+                connections=[_connection(s, fds) for s in server.sessions if s.unique_name])
+            servers.append(entry)
         return json.dumps({"servers": servers}), fds
 
     def session_named(self, server: ContainerServer) -> None:

@@ -155,7 +155,7 @@ class ManagerInterface(ServiceInterface):
                 if served is not None:
                     answer = reregister(ctx, served, (container_type, app_id, instance_id),
                                         dup_fds, sender, creator)
-                    ctx.persistence.save(served, new_fds=True)  # the new Connector kept
+                    ctx.persistence.save(served)  # its new Connector kept for a restart
                     return answer
             try:
                 ctx.registry.check_can_add(uid)

@@ -62,6 +62,14 @@ def record_of(server: ContainerServer) -> ServerRecord:
 KEPT_FDS = ("listen", "connector", "notify")
 
 
+def _identity(fd: int | None) -> tuple[int, int, int] | None:
+    """An fd and the open file it is (a new fd may reuse an old one's number)."""
+    if fd is None:
+        return None
+    st = os.fstat(fd)
+    return (fd, st.st_dev, st.st_ino)
+
+
 def kept_fds(server: ContainerServer) -> dict[str, int | None]:
     """The fds of ``server`` a restart needs, by kind (None: it has none of that kind)."""
     listen, notify = server.handover_fds
@@ -78,14 +86,12 @@ class Persistence:
         ``fds`` None: no fd store (listening sockets die with the process)."""
         self.store = store
         self.fds = fds
-        self._kept: dict[str, dict[str, int | None]] = {}  # path -> fds last stored
+        # path -> what was last stored, by kind (fd, device, inode)
+        self._kept: dict[str, dict[str, tuple[int, int, int] | None]] = {}
 
-    def save(self, server: ContainerServer, new_fds: bool = False) -> None:
+    def save(self, server: ContainerServer) -> None:
         """Write ``server``'s record (after AddServer, SetPolicy, a restore or a
-        re-registration) and keep its fds, if it still listens. ``new_fds``: some of its
-        fds were replaced (a new fd may reuse the number of the one it replaced)."""
-        if new_fds:
-            self._kept.pop(server.path, None)
+        re-registration) and keep its fds, if it still listens."""
         if self.store is None or not server.listening:
             return
         try:
@@ -103,15 +109,15 @@ class Persistence:
         if self.fds is None:
             return
         number = server.path.rsplit("/", 1)[-1]
-        now = kept_fds(server)
+        now = {kind: _identity(fd) for kind, fd in kept_fds(server).items()}
         before = self._kept.get(server.path, {})
-        for kind, fd in now.items():
-            if fd == before.get(kind):
-                continue  # the same fd is kept already (SetPolicy changes no fd)
-            if fd is None:
+        for kind, ident in now.items():
+            if ident == before.get(kind):
+                continue  # kept already (SetPolicy changes no fd)
+            if ident is None:
                 self.fds.remove(f"{number}.{kind}")
             else:
-                self.fds.store(f"{number}.{kind}", fd)
+                self.fds.store(f"{number}.{kind}", ident[0])
         self._kept[server.path] = now
 
     def forget(self, server: ContainerServer) -> None:

@@ -27,7 +27,8 @@ from xdg_containers.servers.arguments import ArgumentError, parse_policy_argumen
 from xdg_containers.servers.record import ServerRecord
 from xdg_containers.servers.registry import SERVER_PATH_PREFIX, LimitError
 from xdg_containers.servers.server import ContainerServer
-from xdg_containers.servers.spec import FilterSettings, ServerSpec, runtime_socket_dir
+from xdg_containers.servers.spec import FilterSettings, ServerSpec
+from xdg_containers.servers.stale import is_minted, nobody_listens
 from xdg_containers.service.context import ServiceContext
 from xdg_containers.service.objects import export_server_object
 from xdg_containers.service.zygote import AnchorStartError
@@ -35,7 +36,6 @@ from xdg_containers.wire.address import same_bus
 
 log = logging.getLogger(__name__)
 
-_MINTED_NAME = re.compile(r"dbus-[0-9a-f]{16}")
 #: A name in the fd store (service/persistence.py): the server's cN and the fd's kind.
 _KEPT_NAME = re.compile(r"c(0|[1-9][0-9]{0,17})\.(listen|connector|notify)")
 
@@ -103,9 +103,7 @@ def rebind(socket_path: str) -> socket.socket:
     when nobody listens there: a stale socket file is replaced, anything else
     (a live socket, a file that is not a socket) is left alone.
     """
-    directory = runtime_socket_dir()
-    if (os.path.dirname(socket_path) != directory
-            or not _MINTED_NAME.fullmatch(os.path.basename(socket_path))):
+    if not is_minted(socket_path):
         raise RestoreError(f"{socket_path!r} is not a socket this service mints")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -128,9 +126,7 @@ def rebind(socket_path: str) -> socket.socket:
 def _unlink_minted(socket_path: str) -> None:
     """Remove a socket this service minted (only such a path, only a socket)."""
     try:
-        if (os.path.dirname(socket_path) == runtime_socket_dir()
-                and _MINTED_NAME.fullmatch(os.path.basename(socket_path))
-                and stat.S_ISSOCK(os.lstat(socket_path).st_mode)):
+        if is_minted(socket_path) and stat.S_ISSOCK(os.lstat(socket_path).st_mode):
             os.unlink(socket_path)
     except OSError:
         pass
@@ -139,15 +135,9 @@ def _unlink_minted(socket_path: str) -> None:
 def _remove_stale(socket_path: str) -> None:
     if not stat.S_ISSOCK(os.lstat(socket_path).st_mode):
         raise RestoreError(f"{socket_path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(socket_path)
-    except ConnectionRefusedError:
-        os.unlink(socket_path)
-        return
-    finally:
-        probe.close()
-    raise RestoreError(f"something already listens at {socket_path}")
+    if not nobody_listens(socket_path):
+        raise RestoreError(f"something already listens at {socket_path}")
+    os.unlink(socket_path)
 
 
 def spec_of(record: ServerRecord, ctx: ServiceContext) -> ServerSpec:
